@@ -18,6 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class BeagleError(Exception):
+    """A user-facing problem (bad checkpoint, wrong target, prompt too long...): scripts print it as one line."""
+
+
 @dataclass
 class ModelArgs:
     dim: int = 576
