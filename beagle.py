@@ -1,0 +1,214 @@
+"""
+The Beagle draft: one cross-attention decoder layer (Zhong et al., "Cross-Attention Speculative Decoding",
+arXiv 2505.24544), its training masks, and its checkpoint format.
+
+    python train.py --stage 1 --data sharegpt.jsonl --out runs/s1            # trains it (see train.py)
+    python decode.py --draft runs/s1/draft.safetensors ...                   # uses it (see decode.py)
+
+Queries come from the target's token embeddings e(t_i), keys/values from the target's top-layer states h_j
+(and, while drafting, from the draft's own states); the embedding and the LM head are the target's, frozen and
+shared, and are never stored in the draft checkpoint:
+
+    y_i     = Attn(q = norm(e(t_i)), k/v = norm(h_j) for visible j) + e(t_i)
+    hat_h_i = FFN(norm(y_i)) + y_i          # the draft's estimate of h_i; logits = target.output(hat_h_i)
+
+Choices where the paper is silent (PAPER.md, "ambiguous"):
+- h is the target state AFTER its final RMSNorm (what the LM head reads, as in EAGLE); llama.py returns that.
+- A query with no visible key (position 0, the partial window before the first full one) gets attention
+  output 0: we unmask one dummy key so SDPA never sees an all-False row (no NaN forward or backward) and zero
+  the result, so hat_h = FFN(norm(e)) + e. train.py gives such positions no loss: a position is trained only
+  when it sees at least one TRUE target state, as every query does when drafting after a prompt.
+- RoPE: queries at their own absolute positions, every key (true state or draft state) at the absolute
+  position of the token it belongs to, so a draft state is the exact stand-in for the true state it estimates.
+- Window positions are 1-based; the positions before `offset` form a partial window starting at 0 (they see
+  no true key, so they carry no loss).
+- Init: every linear weight ~ N(0, 0.02), wo and w2 (the two projections that write into the residual)
+  ~ N(0, 0.02 / sqrt(2)), norms at 1 (nanoGPT's rule for one layer): hat_h starts close to e(t_i) + small.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llama import BeagleError, FeedForward, RMSNorm, apply_rope, rope, rope_frequencies
+
+
+@dataclass
+class DraftArgs:
+    dim: int = 576
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    hidden_dim: int = 1536
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    vocab_size: int = 49152  # the target's; the draft has no vocabulary weights of its own
+
+    @classmethod
+    def from_target(cls, args):  # the draft layer has the shape of one target layer
+        return cls(dim=args.dim, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
+                   hidden_dim=args.hidden_dim, norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+                   rope_scaling=args.rope_scaling, vocab_size=args.vocab_size)
+
+
+class Beagle(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.query_norm = RMSNorm(args.dim, args.norm_eps)  # on e(t)
+        self.kv_norm = RMSNorm(args.dim, args.norm_eps)  # on target (or draft) states
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:  # linears; residual-writing projections scaled down (see module docstring)
+                std = 0.02 / math.sqrt(2) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def kv(self, states, positions):
+        """states (B, S, dim) at absolute positions (S,) -> k, v (B, Hkv, S, D), RoPE applied to k."""
+        B, S, _ = states.shape
+        x = self.kv_norm(states)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope(self.inv_freq, positions, k.dtype)
+        return apply_rope(k, cos, sin), v
+
+    def attend(self, emb, positions, k, v, mask):
+        """emb (B, T, dim) = target.tok_embeddings(query tokens) at positions (T,); k, v (B, Hkv, S, D);
+        mask bool (B|1, 1, T, S), True = may attend. Returns hat_h (B, T, dim)."""
+        B, T, _ = emb.shape
+        q = self.wq(self.query_norm(emb)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        cos, sin = rope(self.inv_freq, positions, q.dtype)
+        q = apply_rope(q, cos, sin)
+        if k.shape[2] == 0:  # no keys at all: every row is a no-visible-key row
+            y = torch.zeros_like(q)
+        else:
+            seen = mask.any(-1, keepdim=True)  # (B|1, 1, T, 1): rows with at least one visible key
+            # An all-False row makes SDPA's softmax 0/0 = NaN (forward and backward): let such rows see key 0
+            # and zero their output below, so they get exactly 0 and no gradient flows through them.
+            first = torch.zeros_like(mask[..., :1, :])  # (.., 1, S)
+            first[..., 0] = True
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | (first & ~seen),
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            y = torch.where(seen, y, 0.0)  # (B, H, T, D)
+        y = self.wo(y.transpose(1, 2).reshape(B, T, -1)) + emb
+        return self.feed_forward(self.ffn_norm(y)) + y
+
+    def forward(self, emb, q_positions, states, k_positions, mask):
+        return self.attend(emb, q_positions, *self.kv(states, k_positions), mask)
+
+
+# -----------------------------------------------------------------------------
+# masks (True = may attend). One sequence is cut into windows of `window` positions; the first full window
+# starts at `offset` (0 <= offset < window) and positions 0..offset-1 form a partial window starting at 0.
+
+def window_start(seq_len, window, offset, device=None):
+    """(seq_len,) first position of each position's window."""
+    assert 0 <= offset < window, f"offset {offset} must be in [0, {window})"
+    i = torch.arange(seq_len, device=device)
+    return torch.where(i < offset, 0, i - (i - offset) % window)
+
+
+def window_positions(seq_len, window, offset, device=None):
+    """(seq_len,) 1-based position of each position inside its window (the draft step it simulates)."""
+    i = torch.arange(seq_len, device=device)
+    return i - window_start(seq_len, window, offset, device) + 1
+
+
+def block_mask(seq_len, window, offset, device=None):
+    """Stage 1, inverse block attention: (seq_len, seq_len), query i sees key j iff j < start of i's window,
+    so window position p drafts p steps ahead of the last true state it sees."""
+    start = window_start(seq_len, window, offset, device)
+    return torch.arange(seq_len, device=device)[None, :] < start[:, None]
+
+
+def simulation_mask(seq_len, window, offset, step, device=None):
+    """Stage 2, simulation step `step` (1-based): (seq_len, 2 * seq_len) over [true keys | draft-state keys].
+    The true half is the block mask; a query at window position p >= step also sees the draft states at window
+    positions 1..step-1 of its own window (the states the draft would have produced itself by then)."""
+    start = window_start(seq_len, window, offset, device)
+    pos = window_positions(seq_len, window, offset, device)
+    same_window = start[:, None] == start[None, :]  # (T, T)
+    draft = same_window & (pos[None, :] < step) & (pos[:, None] >= step)
+    return torch.cat([block_mask(seq_len, window, offset, device), draft], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint: safetensors with the draft config and a fingerprint of the target in the metadata
+
+FORMAT = "beagle-draft-v1"
+
+
+def target_fingerprint(target):
+    """Shape of the target plus a dtype-robust signature of its embedding: the L2 norms (computed in fp32) of 16
+    fixed rows. Norms average the rounding of single weights out, so the same target in bf16, fp16 and fp32
+    agrees to ~1e-4 relative, while another target differs by far more. Compared with a tolerance, not hashed:
+    an exact hash of rounded numbers flips whenever a number sits next to a rounding boundary."""
+    a, emb = target.args, target.tok_embeddings.weight
+    rows = torch.linspace(0, a.vocab_size - 1, 16).long().to(emb.device)
+    norms = emb.detach()[rows].float().norm(dim=-1)
+    return {"dim": a.dim, "n_layers": a.n_layers, "vocab_size": a.vocab_size, "n_heads": a.n_heads,
+            "n_kv_heads": a.n_kv_heads, "embedding_norms": [round(x, 6) for x in norms.tolist()]}
+
+
+def check_fingerprint(saved, target, rtol=5e-3):
+    now = target_fingerprint(target)
+    for key in ("dim", "n_layers", "vocab_size", "n_heads", "n_kv_heads"):
+        if saved.get(key) != now[key]:
+            raise BeagleError(f"draft was trained for another target: {key} {saved.get(key)} vs {now[key]}")
+    a, b = torch.tensor(saved["embedding_norms"]), torch.tensor(now["embedding_norms"])
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=rtol, atol=1e-6):
+        raise BeagleError("draft was trained for another target: same shape, different embedding weights")
+
+
+def save_draft(path, draft, target, extra=None):
+    """Atomic: write a temp file next to `path`, then os.replace, so a crash never leaves half a checkpoint."""
+    meta = {"format": FORMAT, "draft_args": json.dumps(asdict(draft.args)),
+            "target": json.dumps(target_fingerprint(target)), "extra": json.dumps(extra or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    from safetensors.torch import save_file
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_draft(path):
+    """-> (tensors, metadata) with BeagleError one-liners for everything a user can get wrong."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise BeagleError(f"no draft checkpoint at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise BeagleError(f"cannot read draft checkpoint {path} (corrupt or not safetensors): {e}") from None
+    if meta.get("format") != FORMAT:
+        raise BeagleError(f"{path} is not a Beagle draft checkpoint (no '{FORMAT}' metadata)")
+    return tensors, meta
+
+
+def load_draft(path, target, device="cpu", dtype=torch.float32):
+    tensors, meta = read_draft(path)
+    try:
+        args, saved = DraftArgs(**json.loads(meta["draft_args"])), json.loads(meta["target"])
+    except Exception as e:
+        raise BeagleError(f"{path}: unreadable draft metadata: {e}") from None
+    check_fingerprint(saved, target)
+    draft = Beagle(args)
+    try:
+        draft.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise BeagleError(f"{path}: weights do not match its own config: {str(e).splitlines()[0]}") from None
+    return draft.to(device=device, dtype=dtype).eval()
