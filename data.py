@@ -21,10 +21,13 @@ import random
 import sys
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 import llama
 from llama import BeagleError
@@ -95,7 +98,7 @@ def load_conversations(path, verbose=True):
         except json.JSONDecodeError as e:
             raise BeagleError(f"{path} is not valid JSON ({e})") from None
     else:
-        for line in text.splitlines():
+        for line in text.split("\n"):  # not splitlines(): that also cuts at U+2028, \x85 inside a JSON string
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -237,3 +240,292 @@ def batches(examples, batch_size, shuffle=True, seed=0, epoch=0, pad_id=0, skip=
     plan = batch_plan([len(ids) for ids, _ in examples], batch_size, shuffle, seed, epoch)
     for idx in plan[skip:]:
         yield collate([examples[i] for i in idx], pad_id)
+
+
+# -----------------------------------------------------------------------------
+# sampling and batched generation with the static KV cache
+
+
+def sample(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """logits (B, V) -> token ids (B,). temperature 0 is an explicit argmax (never a division by zero)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens whose predecessors already cover top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def prefill_mask(live):
+    """live (B, L) bool, False on left padding -> (B, L, L) causal mask over real keys. Pad queries see only
+    themselves: a row with no visible key gives NaN in some SDPA kernels (CUDA math), and a NaN value
+    poisons every query even where its weight is 0."""
+    L = live.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=live.device).tril()
+    return (causal & live[:, None, :]) | torch.eye(L, dtype=torch.bool, device=live.device)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """Samples a continuation of every prompt (lists of ids) in one batch until a stop token or max_new tokens.
+    Returns [(new ids without the stop token, stopped)]. Prompts are left-padded so that every row's last prompt
+    token sits at the same slot and all rows share the positions (B, T) -> (T,) that the model wants. A row
+    padded by p then runs at positions shifted by p; RoPE makes attention scores depend only on position
+    differences, so a constant shift per row leaves its outputs unchanged."""
+    device = model.output.weight.device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+    live = torch.ones(B, L + max_new, dtype=torch.bool, device=device)  # (B, S): key slot holds a real token
+    for b, p in enumerate(prompts):
+        tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        live[b, :L - len(p)] = False
+    cache = llama.KVCache(model.args, B, L + max_new, device, model.output.weight.dtype)
+    logits, _ = model(tokens, torch.arange(L, device=device), cache, prefill_mask(live[:, :L])[:, None])
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    out = torch.empty(B, max_new, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new):
+        nxt = sample(logits[:, -1], temperature, top_p, top_k, generator)  # (B,)
+        out[:, t] = nxt
+        done |= torch.isin(nxt, stop)
+        if t + 1 == max_new or (t % 8 == 7 and bool(done.all())):  # a host sync only every 8 steps
+            break
+        pos = torch.tensor([L + t], device=device)
+        logits, _ = model(nxt[:, None], pos, cache, live[:, None, None, :L + t + 1])  # mask (B, 1, 1, S)
+    results = []
+    for row in out[:, :t + 1].tolist():
+        end = next((j for j, x in enumerate(row) if x in stop_ids), None)
+        results.append((row if end is None else row[:end], end is not None))
+    return results
+
+
+# -----------------------------------------------------------------------------
+# self-distillation data (Magpie): the target writes the user turn from the bare user-turn prefix of its own chat
+# template, then answers it. The draft then learns on text the target itself finds likely.
+
+SENTINEL = "\x00BEAGLE_USER_TURN\x00"  # no whitespace, so templates that trim the content keep it whole
+
+
+@dataclass
+class GenConfig:
+    target: str | None = None  # model directory or GGUF for llama.load_target; None: default SmolLM2-135M-Instruct
+    out: str = "data/selfgen.jsonl"
+    n: int = 2000  # conversations wanted in `out`; a restarted run appends until there are n
+    batch_size: int = 64
+    turns: int = 1  # user/assistant exchanges per conversation
+    max_user_tokens: int = 128  # a user turn that has not ended by then is dropped
+    max_reply_tokens: int = 512  # same for a reply: truncated text would teach the draft a missing end of turn
+    user_temperature: float = 1.0  # the target's own distribution over questions: diversity (Magpie's choice)
+    # replies a bit sharper than the target's distribution: close to what it says when it is decoded (greedy or
+    # low temperature, the contexts the draft will see), while greedy replies of small models loop and hit the cap
+    reply_temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+
+
+def _norm_text(s):
+    return " ".join(s.split())
+
+
+def user_prefix(tokenizer, conv):
+    """The text the template puts before the content of the next user turn (after conv), e.g. for ChatML
+    '<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n'."""
+    text = tokenizer.render(conv + [{"role": "user", "content": SENTINEL}], add_generation_prompt=False)
+    if SENTINEL not in text:
+        raise BeagleError("the chat template does not render the user's content verbatim")
+    return text[:text.index(SENTINEL)]
+
+
+def _resume(path):
+    """-> (conversations already in `path`, their normalised first user turns). Cuts a line left half-written
+    by an interrupted run."""
+    if not os.path.exists(path):
+        return 0, set()
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw and not raw.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(raw.rfind(b"\n") + 1)
+        raw = raw[:raw.rfind(b"\n") + 1]
+    count, seen = 0, set()
+    for line in raw.decode("utf-8", errors="replace").split("\n"):
+        try:
+            conv = _normalise(json.loads(line))
+        except json.JSONDecodeError:
+            conv = None
+        if conv:
+            count += 1
+            seen.add(_norm_text(next(m["content"] for m in conv if m["role"] == "user")))
+    return count, seen
+
+
+def generate_conversations(cfg, model, tokenizer, verbose=True):
+    count, seen = _resume(cfg.out)
+    questions = mtbench_questions()
+    special = set(tokenizer.stop_ids) | {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    device = model.output.weight.device
+    gen = torch.Generator(device=device)
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    drops, barren, batch_no = Counter(), 0, 0
+    bar = tqdm(total=cfg.n, initial=min(count, cfg.n), disable=not verbose, unit="conv")
+    while count < cfg.n:
+        gen.manual_seed(cfg.seed * 1_000_003 + count * 1009 + barren)  # a function of the file: resumable
+        t0, n_tok = time.time(), 0
+        convs, rows, firsts = [[] for _ in range(cfg.batch_size)], list(range(cfg.batch_size)), set()
+        for turn in range(cfg.turns):
+            for role in ("user", "assistant"):
+                if role == "user":
+                    prompts = [tokenizer.encode(user_prefix(tokenizer, convs[i])) for i in rows]
+                    outs = generate(model, prompts, cfg.max_user_tokens, tokenizer.stop_ids, cfg.user_temperature,
+                                    cfg.top_p, cfg.top_k, gen)
+                else:
+                    prompts = [tokenizer.chat(convs[i], add_generation_prompt=True) for i in rows]
+                    outs = generate(model, prompts, cfg.max_reply_tokens, tokenizer.stop_ids,
+                                    cfg.reply_temperature, cfg.top_p, cfg.top_k, gen)
+                kept = []
+                for i, (toks, stopped) in zip(rows, outs):
+                    n_tok += len(toks) + stopped
+                    text = tokenizer.decode(toks).strip()
+                    key = _norm_text(text)
+                    why = ("nostop" if not stopped else "empty" if not text else
+                           "special" if special & set(tokenizer.encode(text)) else None)
+                    if why is None and role == "user" and turn == 0:
+                        why = ("duplicate" if key in seen or key in firsts else
+                               "mtbench" if questions is not None and key in questions else None)
+                        firsts.add(key)
+                    if why:
+                        drops[why] += 1
+                    else:
+                        convs[i].append({"role": role, "content": text})
+                        kept.append(i)
+                rows = kept
+                if not rows:
+                    break
+            if not rows:
+                break
+        rows = rows[:cfg.n - count]
+        with open(cfg.out, "a", encoding="utf-8") as f:  # one append + fsync per batch: a crash loses one batch
+            for i in rows:
+                turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in convs[i]]
+                f.write(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
+                seen.add(_norm_text(convs[i][0]["content"]))
+            f.flush()
+            os.fsync(f.fileno())
+        count, batch_no = count + len(rows), batch_no + 1
+        barren = 0 if rows else barren + 1
+        bar.update(len(rows))
+        if verbose:
+            bar.write(f"batch {batch_no:4d} | kept {len(rows):3d}/{cfg.batch_size} | total {count}/{cfg.n} | "
+                      + " ".join(f"{k} {drops[k]}" for k in ("nostop", "empty", "special", "duplicate", "mtbench"))
+                      + f" | {n_tok / (time.time() - t0):.0f} tok/s")
+        if barren >= 20:
+            raise BeagleError(f"20 batches in a row produced no usable conversation (dropped so far: {dict(drops)}); "
+                              "raise --max-user-tokens/--max-reply-tokens or check the target")
+    bar.close()
+    return drops
+
+
+# -----------------------------------------------------------------------------
+# optional offline cache of target states (for targets too big to run beside training): fp16 safetensors shards
+
+
+@torch.inference_mode()
+def cache_states(target, examples, path, dtype=torch.float16, batch_size=8, shard_bytes=1 << 30):
+    """Writes h (T, dim), the target's post-norm states, of every example to path/states-XXXXX.safetensors and
+    path/index.json (written last: a cache without an index is incomplete). Right padding is harmless here:
+    with causal attention a real position never sees the pads after it."""
+    os.makedirs(path, exist_ok=True)
+    device = target.output.weight.device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    where, shards, buf, size = [None] * len(examples), [], {}, 0
+
+    def flush():
+        nonlocal buf, size
+        name = f"states-{len(shards):05d}.safetensors"
+        save_file(buf, os.path.join(path, name))
+        shards.append(name)
+        buf, size = {}, 0
+
+    for c in range(0, len(order), batch_size):
+        idx = order[c:c + batch_size]
+        ids, _, _ = collate([examples[i] for i in idx])
+        _, h = target(ids.to(device))  # (B, T, dim)
+        for b, i in enumerate(idx):
+            buf[str(i)] = h[b, :len(examples[i][0])].to(dtype).cpu().contiguous()
+            size += buf[str(i)].nbytes
+            where[i] = [len(shards), len(examples[i][0]), zlib.crc32(json.dumps(examples[i][0]).encode())]
+        if size >= shard_bytes:
+            flush()
+    if buf:
+        flush()
+    index = {"dim": target.args.dim, "dtype": str(dtype).removeprefix("torch."), "shards": shards,
+             "examples": where}
+    with open(os.path.join(path, "index.json.tmp"), "w") as f:
+        json.dump(index, f)
+    os.replace(os.path.join(path, "index.json.tmp"), os.path.join(path, "index.json"))
+
+
+class CachedStates:
+    """states[i] -> h (T_i, dim) of examples[i], checked against the examples the cache was written for."""
+
+    def __init__(self, path, examples):
+        try:
+            with open(os.path.join(path, "index.json")) as f:
+                self.index = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            raise BeagleError(f"no complete state cache at {path} (index.json missing or corrupt)") from None
+        where = self.index["examples"]
+        if len(where) != len(examples) or any(
+                w[1] != len(ids) or w[2] != zlib.crc32(json.dumps(ids).encode()) for w, (ids, _) in zip(where, examples)):
+            raise BeagleError(f"the state cache at {path} was written for other examples")
+        self.path, self.files = path, {}
+
+    def __getitem__(self, i):
+        s = self.index["examples"][i][0]
+        if s not in self.files:
+            self.files[s] = safe_open(os.path.join(self.path, self.index["shards"][s]), framework="pt")
+        return self.files[s].get_tensor(str(i))
+
+
+def state_batches(examples, states, batch_size, shuffle=True, seed=0, epoch=0, pad_id=0, skip=0):
+    """batches() plus the cached states: yields (ids, loss_mask, valid, h (B, T, dim) float, zero on padding)."""
+    plan = batch_plan([len(ids) for ids, _ in examples], batch_size, shuffle, seed, epoch)
+    for idx in plan[skip:]:
+        ids, loss_mask, valid = collate([examples[i] for i in idx], pad_id)
+        h = torch.zeros(*ids.shape, states.index["dim"])
+        for b, i in enumerate(idx):
+            x = states[i]
+            h[b, :len(x)] = x.float()
+        yield ids, loss_mask, valid, h
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg):
+    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BeagleError("--device cuda asked but CUDA is not available")
+    name = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise BeagleError(f"--dtype must be float32, bfloat16 or float16, not {name}")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = llama.load_target(cfg.target, device=device, dtype=getattr(torch, name))
+    model.eval()
+    generate_conversations(cfg, model, tokenizer)
+    load_conversations(cfg.out)  # the summary line, from the file as train.py will read it
+
+
+if __name__ == "__main__":
+    try:
+        main(llama.cli(GenConfig))
+    except BeagleError as e:
+        sys.exit(f"error: {e}")

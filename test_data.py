@@ -65,14 +65,14 @@ def test_data_load_sharegpt_jsonl_and_json(tmp_path):
                            {"from": "gpt", "value": "Hello!"}]},
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                       {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]},
-        {"conversations": [{"from": "gpt", "value": "greeting"}, {"from": "human", "value": "q"},
+        {"conversations": [{"from": "gpt", "value": "greeting"}, {"from": "human", "value": "q\u2028\x85"},
                            {"from": "chatgpt", "value": "a"}, {"from": "human", "value": "unanswered"}]},
     ]
     bad = ['{"conversations": [{"from": "alien", "value": "x"}]}',  # unknown role
            '{"conversations": [{"from": "human", "value": 3}]}',  # content not a string
            '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]}',  # empty reply
            '{"conversations": []}', '{"other": 1}', '[1, 2]', 'not json at all', '']
-    jl = _data_write(tmp_path, "a.jsonl", "\n".join([json.dumps(r) for r in recs] + bad) + "\n")
+    jl = _data_write(tmp_path, "a.jsonl", "\n".join([json.dumps(r, ensure_ascii=False) for r in recs] + bad) + "\n")
     js = _data_write(tmp_path, "a.json", json.dumps(recs + [{"conversations": "nope"}]))
     for path in (jl, js):
         convs = data.load_conversations(path, verbose=False)
@@ -81,7 +81,7 @@ def test_data_load_sharegpt_jsonl_and_json(tmp_path):
                             {"role": "assistant", "content": "Hello!"}]
         assert [m["role"] for m in convs[1]] == ["user", "assistant", "user", "assistant"]
         # the leading bot greeting and the trailing unanswered question are trimmed
-        assert convs[2] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        assert convs[2] == [{"role": "user", "content": "q\u2028\x85"}, {"role": "assistant", "content": "a"}]
 
 
 def test_data_load_errors(tmp_path, capsys):
@@ -201,3 +201,141 @@ def test_data_split_deterministic():
     assert sorted(e[0][0] for e in tr + ho) == list(range(100))
     assert data.split(ex, 0.1, seed=3) == (tr, ho) and data.split(ex, 0.1, seed=4) != (tr, ho)
     assert data.split(ex, 0.0) == (ex, [])
+
+
+# -----------------------------------------------------------------------------
+# sampling, batched generation, self-distillation data
+
+
+def _data_tiny_target(vocab, stop_boost=0.0, seed=0):
+    """A tiny random Llama; stop_boost scales the LM-head rows of the stop tokens so turns end early."""
+    from llama import ModelArgs, Transformer
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=128))
+    with torch.no_grad():
+        for s in (0, 2):
+            model.output.weight[s] *= 1 + stop_boost
+    return model.eval()
+
+
+def test_data_sample():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    assert torch.equal(data.sample(logits, 0.0), logits.argmax(-1))
+    assert torch.equal(data.sample(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
+    assert torch.equal(data.sample(logits, 1.0, top_p=1e-6, generator=g), logits.argmax(-1))
+    # top-k 3 and top-p: samples stay in the allowed set and follow the renormalised distribution
+    row = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    counts = torch.bincount(data.sample(row, 1.0, top_k=3, generator=g), minlength=5).float() / 20000
+    want = torch.tensor([2.0, 1.0, 0.5]).softmax(-1)
+    assert counts[3:].sum() == 0 and (counts[:3] - want).abs().max() < 0.02
+    p = row[0].softmax(-1)  # top_p just above p0 + p1 keeps exactly three tokens
+    counts = torch.bincount(data.sample(row, 1.0, top_p=float(p[:2].sum()) + 1e-3, generator=g), minlength=5)
+    assert counts[3:].sum() == 0 and (counts[:3].float() / 20000 - want).abs().max() < 0.02
+
+
+def _data_greedy_reference(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):  # full forward without cache at positions 0..n-1: the plainest possible decoding
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_data_batched_greedy_equals_unbatched():
+    model = _data_tiny_target(260)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, 260, (n,), generator=g).tolist() for n in (1, 7, 3, 12)]
+    outs = data.generate(model, prompts, 10, stop_ids=set(), temperature=0.0)
+    for p, (toks, stopped) in zip(prompts, outs):
+        assert not stopped and toks == _data_greedy_reference(model, p, 10)
+    # with stop tokens: each row ends at its own first stop, others keep going
+    ref = [_data_greedy_reference(model, p, 10) for p in prompts]
+    stop = {ref[1][3], ref[3][0]}
+    for (toks, stopped), r in zip(data.generate(model, prompts, 10, stop_ids=stop, temperature=0.0), ref):
+        cut = next((j for j, x in enumerate(r) if x in stop), None)
+        assert (toks, stopped) == ((r, False) if cut is None else (r[:cut], True))
+
+
+def test_data_prefill_mask():
+    live = torch.tensor([[False, False, True, True, True], [True] * 5])
+    m = data.prefill_mask(live)
+    assert m.any(-1).all()  # every query row sees a key: no NaN from SDPA
+    for b in range(2):
+        for i in range(5):
+            for j in range(5):  # real queries: causal over real keys; pad queries: only themselves
+                want = (j <= i and bool(live[b, j])) if live[b, i] else i == j
+                assert bool(m[b, i, j]) == want
+
+
+def test_data_user_prefix():
+    tok = DataCharTokenizer()
+    assert data.user_prefix(tok, []) == "<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n<|im_start|>user\n"
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert data.user_prefix(tok, conv) == tok.render(conv, False) + "<|im_start|>user\n"
+
+
+def test_data_generate_conversations_resume(tmp_path, monkeypatch):
+    tok, model = DataCharTokenizer(), _data_tiny_target(260, stop_boost=3.0)
+    out = str(tmp_path / "gen" / "self.jsonl")
+    cfg = data.GenConfig(out=out, n=5, batch_size=8, max_user_tokens=12, max_reply_tokens=12, seed=0)
+    drops = data.generate_conversations(cfg, model, tok, verbose=False)
+    assert drops["nostop"] > 0  # some rows do hit the caps, and are dropped
+    lines = open(out).read().split("\n")[:-1]
+    assert len(lines) == 5
+    for line in lines:
+        conv = json.loads(line)["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"] and all(t["value"].strip() for t in conv)
+        assert all(t["value"] == t["value"].strip() for t in conv)
+    with open(out, "a") as f:
+        f.write('{"conversations": [{"from": "hum')  # a line cut by a crash
+    cfg.n, cfg.turns = 9, 2
+    data.generate_conversations(cfg, model, tok, verbose=False)
+    lines2 = open(out).read().split("\n")[:-1]
+    assert lines2[:5] == lines and len(lines2) == 9
+    assert [len(json.loads(x)["conversations"]) for x in lines2[5:]] == [4] * 4
+    convs = data.load_conversations(out, verbose=False)
+    firsts = [c[0]["content"] for c in convs]
+    assert len(convs) == 9 and len(set(firsts)) == 9  # no duplicate user turns
+    data.generate_conversations(cfg, model, tok, verbose=False)  # already complete: nothing added
+    assert open(out).read().split("\n")[:-1] == lines2
+    # the MT-bench guard: pretend the first generated question is an MT-bench one; a rerun with the same seed
+    # into a fresh file drops it
+    monkeypatch.setattr(data, "mtbench_questions", lambda: {data._norm_text(firsts[0])})
+    cfg2 = data.GenConfig(out=str(tmp_path / "g2.jsonl"), n=5, batch_size=8, max_user_tokens=12,
+                          max_reply_tokens=12, seed=0)
+    assert data.generate_conversations(cfg2, model, tok, verbose=False)["mtbench"] == 1
+    assert firsts[0] not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
+
+
+def test_data_generate_gives_up_on_barren_target(tmp_path):
+    tok, model = DataCharTokenizer(), _data_tiny_target(260, stop_boost=-1.0)  # stop logits 0: turns never end
+    cfg = data.GenConfig(out=str(tmp_path / "x.jsonl"), n=2, batch_size=2, max_user_tokens=1, max_reply_tokens=1,
+                         user_temperature=0.0)
+    with pytest.raises(BeagleError, match="no usable conversation"):
+        data.generate_conversations(cfg, model, tok, verbose=False)
+
+
+# -----------------------------------------------------------------------------
+# offline state cache
+
+
+def test_data_cache_states_roundtrip(tmp_path):
+    model = _data_tiny_target(260)
+    ex = [(ids[1:], m[1:]) for ids, m in _data_examples(11)]
+    ex = [([t % 260 for t in ids], m) for ids, m in ex]
+    data.cache_states(model, ex, str(tmp_path / "c"), batch_size=4, shard_bytes=2000)
+    states = data.CachedStates(str(tmp_path / "c"), ex)
+    assert len(states.index["shards"]) > 1
+    for i, (ids, _) in enumerate(ex):
+        _, h = model(torch.tensor([ids]))
+        x = states[i]
+        assert x.dtype == torch.float16 and x.shape == (len(ids), 64)
+        torch.testing.assert_close(x.float(), h[0].detach(), atol=2e-2, rtol=1e-2)
+    for (a, m, v), (a2, m2, v2, h) in zip(data.batches(ex, 4, seed=2), data.state_batches(ex, states, 4, seed=2)):
+        assert torch.equal(a, a2) and torch.equal(v, v2) and h.shape == (*a.shape, 64)
+        assert (h[~v] == 0).all() and (h[v].abs().sum(-1) > 0).all()
+    with pytest.raises(BeagleError, match="other examples"):
+        data.CachedStates(str(tmp_path / "c"), ex[:-1] + [([1, 2, 3], [True] * 3)])
+    with pytest.raises(BeagleError, match="no complete state cache"):
+        data.CachedStates(str(tmp_path / "nothing"), ex)
