@@ -53,16 +53,15 @@ def _normalise(record):
         role, content = t.get("from", t.get("role")), t.get("value", t.get("content"))
         if not isinstance(role, str) or role.lower() not in ROLES or not isinstance(content, str):
             return None
-        msgs.append({"role": ROLES[role.lower()], "content": content})
-    # a system message only at the front; the dialogue starts with the user and ends with the assistant (ShareGPT
-    # dumps often open with a bot greeting or end on an unanswered question, which teaches nothing)
+        msgs.append({"role": ROLES[role.lower()], "content": content.strip()})  # edge spaces are noise
+    # a system message only at the front; the dialogue starts with the user, alternates (many templates insist)
+    # and ends with the assistant: ShareGPT dumps open with bot greetings, repeat a role, end on a question
     system = [msgs.pop(0)] if msgs and msgs[0]["role"] == "system" else []
     while msgs and msgs[0]["role"] != "user":
         msgs.pop(0)
-    while msgs and msgs[-1]["role"] != "assistant":
-        msgs.pop()
-    if any(m["role"] == "system" for m in msgs) or not any(m["content"].strip() for m in msgs
-                                                            if m["role"] == "assistant"):
+    n = next((i for i, m in enumerate(msgs) if m["role"] != ("user", "assistant")[i % 2]), len(msgs))
+    msgs = msgs[:n - n % 2]  # the alternating prefix, cut after an assistant turn
+    if not any(m["content"] for m in msgs if m["role"] == "assistant"):
         return None
     return system + msgs
 

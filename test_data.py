@@ -65,9 +65,12 @@ def test_data_load_sharegpt_jsonl_and_json(tmp_path):
                            {"from": "gpt", "value": "Hello!"}]},
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                       {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]},
-        {"conversations": [{"from": "gpt", "value": "greeting"}, {"from": "human", "value": "q\u2028\x85"},
+        {"conversations": [{"from": "gpt", "value": "greeting"}, {"from": "human", "value": "q\u2028\x85q"},
                            {"from": "chatgpt", "value": "a"}, {"from": "human", "value": "unanswered"}]},
     ]
+    recs.append({"conversations": [{"from": "human", "value": " a "}, {"from": "gpt", "value": "b\n"},
+                                   {"from": "human", "value": "c"}, {"from": "human", "value": "d"},
+                                   {"from": "gpt", "value": "e"}]})  # a repeated role: the prefix before it
     bad = ['{"conversations": [{"from": "alien", "value": "x"}]}',  # unknown role
            '{"conversations": [{"from": "human", "value": 3}]}',  # content not a string
            '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]}',  # empty reply
@@ -76,12 +79,13 @@ def test_data_load_sharegpt_jsonl_and_json(tmp_path):
     js = _data_write(tmp_path, "a.json", json.dumps(recs + [{"conversations": "nope"}]))
     for path in (jl, js):
         convs = data.load_conversations(path, verbose=False)
-        assert len(convs) == 3
+        assert len(convs) == 4
+        assert convs[3] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
         assert convs[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                             {"role": "assistant", "content": "Hello!"}]
         assert [m["role"] for m in convs[1]] == ["user", "assistant", "user", "assistant"]
         # the leading bot greeting and the trailing unanswered question are trimmed
-        assert convs[2] == [{"role": "user", "content": "q\u2028\x85"}, {"role": "assistant", "content": "a"}]
+        assert convs[2] == [{"role": "user", "content": "q\u2028\x85q"}, {"role": "assistant", "content": "a"}]
 
 
 def test_data_load_errors(tmp_path, capsys):
