@@ -405,6 +405,21 @@ def unpermute(w, n_heads):
     return w.reshape(n_heads, rows // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
+def sentencepiece_tokenizer(pieces, scores, unk=0, legacy=False):
+    """Sentencepiece BPE as a `tokenizers` BPE, built as transformers' LlamaTokenizer builds it: merges ranked by the
+    merged piece's score, byte fallback, spaces as '▁', one prepended at the start of the text (and after every
+    special token when `legacy`)."""
+    T, vocab = tokenizers, {p: i for i, p in enumerate(pieces)}
+    merges = sorted(((p[:k], p[k:], s) for p, s in zip(pieces, scores) for k in range(1, len(p))
+                     if p[:k] in vocab and p[k:] in vocab),
+                    key=lambda m: (-m[2], -len(m[0]), -len(m[1]), vocab[m[0] + m[1]], vocab[m[0]], vocab[m[1]]))
+    tok = T.Tokenizer(T.models.BPE(vocab, [m[:2] for m in merges], unk_token=pieces[unk], fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = T.pre_tokenizers.Metaspace(prepend_scheme="always" if legacy else "first", split=False)
+    tok.decoder = T.decoders.Sequence([T.decoders.Replace("▁", " "), T.decoders.ByteFallback(),
+                                       T.decoders.Fuse(), T.decoders.Strip(" ", 1, 0)])
+    return tok
+
+
 def gguf_tokenizer(meta, where):
     """The GGUF vocabulary as a `tokenizers` Tokenizer (byte-level BPE, or sentencepiece-style BPE)."""
     tokens, model = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.model")
@@ -417,19 +432,12 @@ def gguf_tokenizer(meta, where):
             raise BeagleError(f"{where}: pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_TOKENIZERS)})")
         tok = T.Tokenizer(T.models.BPE(vocab, [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
         tok.pre_tokenizer, tok.decoder = PRE_TOKENIZERS[pre](), T.decoders.ByteLevel()
-    elif model == "llama":  # sentencepiece BPE: merges ranked by the score of the merged piece, as transformers does
-        scores = meta["tokenizer.ggml.scores"]
-        merges = sorted(((t[:k], t[k:], scores[i]) for i, t in enumerate(tokens) for k in range(1, len(t))
-                         if t[:k] in vocab and t[k:] in vocab), key=lambda m: (-m[2], vocab[m[0]], vocab[m[1]]))
-        unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 0)]
-        tok = T.Tokenizer(T.models.BPE(vocab, [m[:2] for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True))
-        tok.pre_tokenizer = T.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-        tok.decoder = T.decoders.Sequence([T.decoders.Replace("\u2581", " "), T.decoders.ByteFallback(),
-                                           T.decoders.Fuse(), T.decoders.Strip(" ", 1, 0)])
+    elif model == "llama":  # sentencepiece BPE
+        tok = sentencepiece_tokenizer(tokens, meta["tokenizer.ggml.scores"], meta.get("tokenizer.ggml.unknown_token_id", 0))
     else:
         raise BeagleError(f"{where}: tokenizer model {model!r} is not supported (gpt2 or llama)")
-    # control tokens (<|im_start|>, <s>) are special; user-defined ones are matched whole but not special
-    tok.add_special_tokens([T.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    # control and unknown tokens (<|im_start|>, <s>, <unk>) are special; user-defined ones are matched whole, not special
+    tok.add_special_tokens([T.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (2, 3)])
     tok.add_tokens([T.AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
     return tok
 
@@ -549,27 +557,23 @@ class Tokenizer:
         cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
         gen = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
         tokstr = lambda v: v.get("content") if isinstance(v, dict) else v  # old configs store AddedToken dicts
-        self.hf = self.sp = None
         if (path / "tokenizer.json").exists():
             self.hf = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-            vocab = self.hf.get_vocab(with_added_tokens=True)
-            self.specials = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
-        elif (path / "tokenizer.model").exists():
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-            vocab = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())}
-            self.specials = {self.sp.id_to_piece(i): i for i in range(len(vocab)) if self.sp.is_control(i)}
-            self.specials.update({tokstr(t): int(i) for i, t in cfg.get("added_tokens_decoder", {}).items()
-                                  if t.get("special") and tokstr(t) in vocab})
-            self.split = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))) + ")")
-            # transformers' default (legacy=False): no dummy-prefix space after a special token
-            self.legacy = cfg.get("legacy", False)
+        elif (path / "tokenizer.model").exists():  # converted as transformers does, so both give the same ids
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            n = sp.get_piece_size()
+            self.hf = sentencepiece_tokenizer([sp.id_to_piece(i) for i in range(n)], [sp.get_score(i) for i in range(n)],
+                                              max(sp.unk_id(), 0), legacy=cfg.get("legacy", False))
+            specials = [sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+            specials += [tokstr(t) for t in cfg.get("added_tokens_decoder", {}).values() if t.get("special")]
+            self.hf.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
+            for k, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
+                cfg[k] = cfg.get(k) or (sp.id_to_piece(i) if i >= 0 else None)
         else:
             raise BeagleError(f"{path} has no tokenizer.json or tokenizer.model")
+        vocab = self.hf.get_vocab(with_added_tokens=True)
         self.vocab_size = len(vocab)
         self.strings = {k: tokstr(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        if self.sp is not None:  # sentencepiece knows its own bos/eos/unk
-            for k, i in (("bos_token", self.sp.bos_id()), ("eos_token", self.sp.eos_id()), ("unk_token", self.sp.unk_id())):
-                self.strings[k] = self.strings[k] or (self.sp.id_to_piece(i) if i >= 0 else None)
         self.bos_id, self.eos_id = vocab.get(self.strings["bos_token"]), vocab.get(self.strings["eos_token"])
         self.pad_id = vocab.get(self.strings["pad_token"], self.eos_id)
         gen_eos = gen.get("eos_token_id")
@@ -588,22 +592,10 @@ class Tokenizer:
         self.template = compile_template(TEMPLATES.get(template, template))
 
     def encode(self, text):  # no BOS/EOS added; special-token strings in the text become their ids
-        if self.hf is not None:
-            return self.hf.encode(text, add_special_tokens=False).ids
-        ids = []
-        for k, part in enumerate(self.split.split(text) if self.specials else [text]):
-            if k % 2:  # a special token
-                ids.append(self.specials[part])
-            elif part and (k == 0 or self.legacy):
-                ids += self.sp.encode(part)
-            elif part:  # no dummy prefix here: encode behind a known prefix and cut it off
-                prefix = self.sp.encode("a")
-                ids += self.sp.encode("a" + part)[len(prefix):]
-        return ids
+        return self.hf.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
-        ids = [int(i) for i in ids]
-        return self.hf.decode(ids, skip_special_tokens=False) if self.hf is not None else self.sp.decode(ids)
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def render(self, messages, add_generation_prompt=True):
         try:
