@@ -295,3 +295,61 @@ def test_train_loop_resume_stage2_init(tmp_path):
     assert not torch.equal(s2.wq.weight, full.wq.weight)
     with pytest.raises(BeagleError, match="another target"):
         train.train(train_cfg(tmp_path, "s2c", stage=2, init=ckpt, max_steps=1), train_tiny_target(seed=5), tok)
+
+
+# -----------------------------------------------------------------------------
+# the CLI, end to end, on a tiny HF-format target that uses the real SmolLM2 tokenizer
+
+def train_tiny_hf_dir(path):
+    """A 2-layer random Llama in HF layout beside the default model's tokenizer files (converted once from the
+    pip-installed GGUF by llama.load_target if the cache does not hold it yet)."""
+    import shutil
+    import llama
+    from safetensors.torch import save_file
+    src = llama.default_target_dir()
+    if not (src / "tokenizer.json").exists():
+        llama.load_target()  # converts the default GGUF into the cache (slow once, then cached)
+    os.makedirs(path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / f).exists():
+            shutil.copy(src / f, path / f)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 32,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+           "vocab_size": 49152, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+           "tie_word_embeddings": False}
+    (path / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=64))
+    sd = model.state_dict()
+    save_file({hf: sd[ours].contiguous() for hf, ours in llama.expand(llama.HF_NAMES, 2).items()},
+              str(path / "model.safetensors"))
+    return str(path)
+
+
+def test_train_cli_end_to_end(tmp_path):
+    import subprocess
+    import sys
+    target = train_tiny_hf_dir(tmp_path / "tiny")
+    data_path = train_write_data(tmp_path / "chat.jsonl", n=10)
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def run(*args):
+        return subprocess.run([sys.executable, os.path.join(here, "train.py"), "--target", target, "--data",
+                               data_path, "--device", "cpu", "--batch-size", "4", "--window", "3", "--sim-steps",
+                               "2", "--eval-frac", "0.2", "--max-len", "128", "--eval-interval", "2",
+                               "--progress", "false", *args], capture_output=True, text=True, cwd=tmp_path)
+
+    r = run("--stage", "1", "--out", "s1", "--max-steps", "3", "--log-interval", "1")
+    assert r.returncode == 0, r.stderr
+    assert "step      3 | epoch  1 | loss" in r.stdout and "top-1 agreement at draft steps 1..3" in r.stdout
+    for f in ("draft.safetensors", "state.pt", "train.csv", "eval.csv", "curves.png"):
+        assert (tmp_path / "s1" / f).stat().st_size > 0, f
+    r = run("--stage", "2", "--out", "s2", "--init", "s1/draft.safetensors", "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    draft = load_draft(str(tmp_path / "s2" / "draft.safetensors"), __import__("llama").load_target(target)[0])
+    assert draft.args.dim == 32
+    # user errors are one line, no traceback
+    r = run("--stage", "2", "--out", "s3", "--init", "nowhere.safetensors")
+    assert r.returncode == 1 and r.stderr.strip() == "error: no draft checkpoint at nowhere.safetensors"
+    with pytest.raises(BeagleError, match="--sim-steps"):
+        train.main(train.TrainConfig(stage=2, sim_steps=4, window=3))

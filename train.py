@@ -217,6 +217,16 @@ def step_randomness(cfg, step, rank, window, device):
     return offset, g
 
 
+def check_config(cfg):
+    if cfg.stage not in (1, 2) or not 1 <= cfg.sim_steps <= cfg.window:
+        raise BeagleError(f"need --stage 1|2 and 1 <= --sim-steps <= --window (got stage {cfg.stage}, "
+                          f"sim-steps {cfg.sim_steps}, window {cfg.window})")
+    if cfg.resume and cfg.init:
+        raise BeagleError("--resume continues the run in --out; drop --init")
+    if cfg.stage == 2 and not cfg.init and not cfg.resume and not cfg.measure_memory:
+        print("warning: stage 2 without --init starts from a random draft (the paper starts from stage 1)")
+
+
 def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     """The training loop for an already loaded frozen target (tests call it with a tiny one)."""
     device = torch.device(device)
@@ -224,9 +234,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     amp_dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
     amp = torch.autocast("cuda", dtype=amp_dtype) if cuda and amp_dtype else nullcontext()
     master = rank == 0
-    if cfg.stage not in (1, 2) or not 1 <= cfg.sim_steps <= cfg.window:
-        raise BeagleError(f"need --stage 1|2 and 1 <= --sim-steps <= --window (got {cfg.stage}, {cfg.sim_steps},"
-                          f" {cfg.window})")
+    check_config(cfg)
     target.requires_grad_(False).eval()
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     examples = data.tokenize_all(tokenizer, data.load_conversations(cfg.data, verbose=master), cfg.max_len,
@@ -375,6 +383,7 @@ def measure_memory(cfg, target, tokenizer, device):
 
 
 def main(cfg):
+    check_config(cfg)  # before the (possibly slow) target load
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
