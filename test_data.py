@@ -211,15 +211,23 @@ def test_data_split_deterministic():
 # sampling, batched generation, self-distillation data
 
 
-def _data_tiny_target(vocab, stop_boost=0.0, seed=0):
-    """A tiny random Llama; stop_boost scales the LM-head rows of the stop tokens so turns end early."""
+def _data_tiny_target(vocab, stopping=False, seed=0):
+    """A tiny random Llama. stopping=True: its end-of-turn token (id 2 in both tokenizers) wins right after
+    any token id = 1 mod 5 and never elsewhere (eos, id 0, never wins), so turns end after ~5 tokens, never
+    right after a turn header's "\n", and sometimes run past a small cap; the ids differ per row, so rows of a
+    batch stop at different steps."""
     from llama import ModelArgs, Transformer
+
+    class StoppingTarget(Transformer):
+        def forward(self, tokens, *args, **kwargs):
+            logits, h = super().forward(tokens, *args, **kwargs)
+            logits[..., 0] = -30.0
+            logits[..., 2] = torch.where(tokens % 5 == 1, 30.0, -30.0)
+            return logits, h
+
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=128))
-    with torch.no_grad():
-        for s in (0, 2):
-            model.output.weight[s] *= 1 + stop_boost
-    return model.eval()
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=128)
+    return (StoppingTarget if stopping else Transformer)(args).eval()
 
 
 def test_data_sample():
@@ -280,7 +288,7 @@ def test_data_user_prefix():
 
 
 def test_data_generate_conversations_resume(tmp_path, monkeypatch):
-    tok, model = DataCharTokenizer(), _data_tiny_target(260, stop_boost=3.0)
+    tok, model = DataCharTokenizer(), _data_tiny_target(260, stopping=True)
     out = str(tmp_path / "gen" / "self.jsonl")
     cfg = data.GenConfig(out=out, n=5, batch_size=8, max_user_tokens=12, max_reply_tokens=12, seed=0)
     drops = data.generate_conversations(cfg, model, tok, verbose=False)
@@ -313,7 +321,7 @@ def test_data_generate_conversations_resume(tmp_path, monkeypatch):
 
 
 def test_data_generate_gives_up_on_barren_target(tmp_path):
-    tok, model = DataCharTokenizer(), _data_tiny_target(260, stop_boost=-1.0)  # stop logits 0: turns never end
+    tok, model = DataCharTokenizer(), _data_tiny_target(260)  # random: no turn ends within 1 token
     cfg = data.GenConfig(out=str(tmp_path / "x.jsonl"), n=2, batch_size=2, max_user_tokens=1, max_reply_tokens=1,
                          user_temperature=0.0)
     with pytest.raises(BeagleError, match="no usable conversation"):
@@ -343,3 +351,61 @@ def test_data_cache_states_roundtrip(tmp_path):
         data.CachedStates(str(tmp_path / "c"), ex[:-1] + [([1, 2, 3], [True] * 3)])
     with pytest.raises(BeagleError, match="no complete state cache"):
         data.CachedStates(str(tmp_path / "nothing"), ex)
+
+
+# -----------------------------------------------------------------------------
+# the real SmolLM2 tokenizer and chat template (converted once from the pip-installed GGUF; tokenizer only)
+
+
+@pytest.fixture(scope="module")
+def data_smol_tokenizer():
+    import llama
+    if not (llama.default_target_dir() / "config.json").exists():
+        llama.load_target()  # converts the GGUF into the cache, once
+    return llama.Tokenizer(llama.default_target_dir())
+
+
+def test_data_tokenize_mask_smollm2(data_smol_tokenizer):
+    tok = data_smol_tokenizer
+    convs = [
+        [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "Quatre."}, {"role": "user", "content": "Et 3+3 ?"},
+         {"role": "assistant", "content": "Six, évidemment 😀\n\n- item\n- item"}],
+        [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "```python\nprint(1)\n```"},
+         {"role": "user", "content": "thanks"}, {"role": "assistant", "content": ""}],
+    ]
+    for msgs in convs:
+        ids, mask = data.tokenize(tok, msgs, 4096)
+        assert ids == tok.chat(msgs, add_generation_prompt=False)
+        _data_check_mask(tok, msgs, ids, mask)
+        # exactly the content tokens + <|im_end|>: the header "<|im_start|>assistant\n" and the "\n" after are out
+        im_end = tok.encode("<|im_end|>")[0]
+        n_want = sum(len(tok.encode(m["content"])) + 1 for m in msgs if m["role"] == "assistant")
+        assert sum(mask) == n_want and im_end in tok.stop_ids
+    # the default system prompt SmolLM2 inserts is not in the loss
+    ids, mask = data.tokenize(tok, convs[0], 4096)
+    assert "SmolLM" in tok.decode(ids) and "SmolLM" not in tok.decode([i for i, m in zip(ids, mask) if m])
+    # a token that straddles the header and the content: rejected, never silently misaligned
+    with pytest.raises(BeagleError, match="straddles"):
+        data.tokenize(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nx"}], 4096)
+    assert data.user_prefix(tok, []).endswith("<|im_end|>\n<|im_start|>user\n")
+
+
+def test_data_cli_end_to_end(tmp_path, monkeypatch, data_smol_tokenizer, capsys):
+    """python data.py --out ... through llama.cli, with a tiny random target behind the real tokenizer."""
+    import llama
+    model = _data_tiny_target(data_smol_tokenizer.vocab_size, stopping=True)
+    monkeypatch.setattr(llama, "load_target", lambda path, device, dtype: (model, data_smol_tokenizer))
+    out = tmp_path / "sg.jsonl"
+    cfg = llama.cli(data.GenConfig, ["--out", str(out), "--n=6", "--batch-size", "8", "--max-user-tokens", "10",
+                                     "--max-reply-tokens=10", "--device", "cpu", "--reply-temperature", "0"])
+    assert cfg.n == 6 and cfg.reply_temperature == 0.0 and cfg.target is None
+    data.main(cfg)
+    printed = capsys.readouterr()
+    assert "batch    1 | kept" in printed.err + printed.out and f"{out}: 6 conversations" in printed.out
+    convs = data.load_conversations(str(out), verbose=False)
+    ex = data.tokenize_all(data_smol_tokenizer, convs, 256, verbose=False)
+    assert len(ex) == 6 and all(any(m) for _, m in ex)
+    with pytest.raises(BeagleError, match="--dtype"):
+        data.main(llama.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--dtype", "int8"]))
