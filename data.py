@@ -15,6 +15,7 @@ Re-running the generator with the same --out continues the file up to --n. Conve
 is an MT-bench question are dropped everywhere (loading and generation): MT-bench is our evaluation set.
 """
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -143,12 +144,8 @@ def _token_boundaries(tokenizer, text, cuts):
     ids = tokenizer.encode(text)
     bounds = [0] + list(cuts) + [len(text)]
     pieces = [tokenizer.encode(text[a:b]) if b > a else [] for a, b in zip(bounds[:-1], bounds[1:])]
-    if sum(pieces, []) == ids:
-        n, out = 0, []
-        for p in pieces[:-1]:
-            n += len(p)
-            out.append(n)
-        return ids, out
+    if [t for p in pieces for t in p] == ids:
+        return ids, list(itertools.accumulate(len(p) for p in pieces[:-1]))
     out = []
     for c in cuts:
         pre = tokenizer.encode(text[:c])
@@ -382,14 +379,13 @@ def generate_conversations(cfg, model, tokenizer, verbose=True):
         convs, rows, firsts = [[] for _ in range(cfg.batch_size)], list(range(cfg.batch_size)), set()
         for turn in range(cfg.turns):
             for role in ("user", "assistant"):
-                if role == "user":
+                if role == "user":  # the target continues its template's bare user header: it writes a question
                     prompts = [tokenizer.encode(user_prefix(tokenizer, convs[i])) for i in rows]
-                    outs = generate(model, prompts, cfg.max_user_tokens, tokenizer.stop_ids, cfg.user_temperature,
-                                    cfg.top_p, cfg.top_k, gen)
+                    cap, temperature = cfg.max_user_tokens, cfg.user_temperature
                 else:
                     prompts = [tokenizer.chat(convs[i], add_generation_prompt=True) for i in rows]
-                    outs = generate(model, prompts, cfg.max_reply_tokens, tokenizer.stop_ids,
-                                    cfg.reply_temperature, cfg.top_p, cfg.top_k, gen)
+                    cap, temperature = cfg.max_reply_tokens, cfg.reply_temperature
+                outs = generate(model, prompts, cap, tokenizer.stop_ids, temperature, cfg.top_p, cfg.top_k, gen)
                 kept = []
                 for i, (toks, stopped) in zip(rows, outs):
                     n_tok += len(toks) + stopped
