@@ -382,21 +382,21 @@ GGUF_NAMES = {  # GGUF name -> HF name
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# llama.cpp's name for the regex that splits text before BPE -> a tokenizers pre-tokenizer. SmolLM/StarCoder
-# vocabularies were trained with every digit on its own (llama.cpp: "\p{N}" then the GPT-2 regex).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {
-    "gpt2": lambda: tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False),
-    "smollm": lambda: tokenizers.pre_tokenizers.Sequence([tokenizers.pre_tokenizers.Digits(individual_digits=True),
-                                                         tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)]),
-    "llama-bpe": lambda: tokenizers.pre_tokenizers.Sequence([
-        tokenizers.pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
-        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
-}
-PRE_TOKENIZERS.update({"default": PRE_TOKENIZERS["gpt2"], "starcoder": PRE_TOKENIZERS["smollm"],
-                       "refact": PRE_TOKENIZERS["smollm"], "llama3": PRE_TOKENIZERS["llama-bpe"],
-                       "llama-v3": PRE_TOKENIZERS["llama-bpe"], "smaug-bpe": PRE_TOKENIZERS["llama-bpe"]})
+
+
+def pre_tokenizer(pre, where):
+    """llama.cpp's name for how text is split before byte-level BPE (tokenizer.ggml.pre) -> a pre-tokenizer."""
+    P = tokenizers.pre_tokenizers
+    if pre in ("default", "gpt2"):
+        return P.ByteLevel(add_prefix_space=False)
+    if pre in ("smollm", "starcoder", "refact"):  # trained with every digit alone: llama.cpp splits \p{N} first
+        return P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False)])
+    if pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe"):
+        return P.Sequence([P.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
+                           P.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise BeagleError(f"{where}: pre-tokenizer {pre!r} is not supported (gpt2, smollm, llama-bpe and their aliases)")
 
 
 def unpermute(w, n_heads):
@@ -420,6 +420,18 @@ def sentencepiece_tokenizer(pieces, scores, unk=0, legacy=False):
     return tok
 
 
+def llama3_scaling(rope_freqs, args):
+    """Llama-3.1/3.2 GGUFs store the llama3 rope rescaling as per-frequency divisors; recover HF's rope_scaling
+    (Meta's low/high factors 1 and 4 over an 8192 context, the factor read off the largest divisor) and check it."""
+    divisors = torch.from_numpy(np.array(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float32))
+    scaling = dict(rope_type="llama3", factor=round(divisors.max().item(), 4), low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=8192)
+    want = rope_frequencies(args) / divisors.flatten()
+    if not torch.allclose(rope_frequencies(dataclasses.replace(args, rope_scaling=scaling)), want, rtol=1e-4):
+        raise BeagleError("rope_freqs.weight does not match Llama-3.1's rope scaling; convert from the HF checkpoint")
+    return scaling
+
+
 def gguf_tokenizer(meta, where):
     """The GGUF vocabulary as a `tokenizers` Tokenizer (byte-level BPE, or sentencepiece-style BPE)."""
     tokens, model = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.model")
@@ -427,11 +439,9 @@ def gguf_tokenizer(meta, where):
     vocab = {t: i for i, t in enumerate(tokens)}
     T = tokenizers
     if model == "gpt2":  # byte-level BPE, merges listed in the file
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in PRE_TOKENIZERS:
-            raise BeagleError(f"{where}: pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_TOKENIZERS)})")
         tok = T.Tokenizer(T.models.BPE(vocab, [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
-        tok.pre_tokenizer, tok.decoder = PRE_TOKENIZERS[pre](), T.decoders.ByteLevel()
+        tok.pre_tokenizer = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), where)
+        tok.decoder = T.decoders.ByteLevel()
     elif model == "llama":  # sentencepiece BPE
         tok = sentencepiece_tokenizer(tokens, meta["tokenizer.ggml.scores"], meta.get("tokenizer.ggml.unknown_token_id", 0))
     else:
@@ -461,9 +471,8 @@ def convert_gguf(gguf_path, out_dir):
     get = lambda key, default=None: meta.get(f"llama.{key}", default)
     heads, dim = get("attention.head_count"), get("embedding_length")
     kv_heads, tied = get("attention.head_count_kv", heads), "output.weight" not in tensors
-    if "rope_freqs.weight" in tensors or get("rope.scaling.type", "none") not in ("none", "linear"):
-        raise BeagleError(f"{gguf_path}: llama.cpp rope frequency factors / {get('rope.scaling.type')} scaling are "
-                          "not supported; convert from the HF checkpoint instead")
+    if get("rope.scaling.type", "none") not in ("none", "linear"):
+        raise BeagleError(f"{gguf_path}: rope scaling {get('rope.scaling.type')!r} is not supported")
     tokens = meta["tokenizer.ggml.tokens"]
     special = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", hidden_size=dim,
@@ -474,6 +483,8 @@ def convert_gguf(gguf_path, out_dir):
                   tie_word_embeddings=tied, bos_token_id=special("bos"), eos_token_id=special("eos"), torch_dtype="float32")
     if get("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    if "rope_freqs.weight" in tensors:
+        config["rope_scaling"] = llama3_scaling(tensors.pop("rope_freqs.weight"), model_args_from_config(config, gguf_path))
     names = expand(GGUF_NAMES, config["num_hidden_layers"])
     if tied:
         del names["output.weight"]

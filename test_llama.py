@@ -5,6 +5,7 @@ loaders, the tokenizer and chat template, the KV cache (incremental and tree blo
     python -m pytest -q test_llama.py                   # all
     python -m pytest -q test_llama.py -k 'not slow'     # without the real 135M model
 """
+import dataclasses
 import io
 import json
 import random
@@ -36,7 +37,7 @@ def llama_close(ours, ref, rel=1e-4):
 def llama_hf_model(seed=0, **overrides):
     cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                intermediate_size=96, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
-    cfg.update(overrides)
+    cfg.update(json.loads(json.dumps(overrides)))  # a copy: transformers writes rope_theta into rope dicts
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     with torch.no_grad():  # HF inits norms to 1; random norms catch a swapped attention_norm/ffn_norm
@@ -253,7 +254,7 @@ def llama_raw_blocks(w, qtype, rng):
     return raw.reshape(w.shape[0], -1)
 
 
-def llama_write_gguf(path, ref, sp_model, types, arch="llama"):
+def llama_write_gguf(path, ref, sp_model, types, arch="llama", rope_freqs=None):
     """ref: an HF LlamaForCausalLM; types: HF-name substring -> GGML type for its tensors (else F32)."""
     c = ref.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -264,7 +265,9 @@ def llama_write_gguf(path, ref, sp_model, types, arch="llama"):
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if rope_freqs is not None:  # llama.cpp's form of Llama-3.1's rope scaling: one divisor per frequency
+        w.add_tensor("rope_freqs.weight", rope_freqs)
     sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
     n = sp.get_piece_size()
     w.add_tokenizer_model("llama")
@@ -339,6 +342,20 @@ def test_llama_gguf_round_trip(llama_gguf_file, tmp_path, llama_accelerate_free)
         assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False), text
     assert (tok.bos_id, tok.eos_id, 2 in tok.stop_ids) == (1, 2, True)
     assert tok.render([{"role": "user", "content": "x"}]).startswith("<|im_start|>user\nx<|im_end|>")
+
+
+def test_llama_gguf_llama31_rope_freqs(llama_sp_model, tmp_path):
+    scaling = {**LLAMA3, "original_max_position_embeddings": 8192}
+    ref = llama_hf_model(num_key_value_heads=2, vocab_size=400, rope_theta=500000.0, rope_scaling=scaling)
+    args = ModelArgs(dim=64, n_heads=4, rope_theta=500000.0)
+    divisors = llama.rope_frequencies(args) / llama.rope_frequencies(dataclasses.replace(args, rope_scaling=scaling))
+    assert divisors.max() == 8.0 and divisors.min() == 1.0
+    (tmp_path / "sp.model").write_bytes(llama_sp_model)
+    llama_write_gguf(tmp_path / "l31.gguf", ref, str(tmp_path / "sp.model"), {}, rope_freqs=divisors.numpy())
+    model = llama.load_hf(llama.convert_gguf(tmp_path / "l31.gguf", tmp_path / "conv"))
+    assert model.args.rope_scaling == scaling
+    tokens = torch.randint(0, 400, (1, 64))
+    llama_close(model(tokens)[0], llama_hf_logits(ref, tokens))
 
 
 def test_llama_convert_cli(llama_gguf_file, tmp_path):
