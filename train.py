@@ -328,6 +328,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                             "step": step, "epoch": epoch, **{f"acc{m + 1}": a for m, a in enumerate(acc)}})
                     save_checkpoint(cfg, draft, target, opt, step, epoch, batch)
                     plot(cfg.out)
+                    t0, tokens = time.time(), 0  # keep evaluation out of the next tokens/s
                 if world > 1:
                     torch.distributed.barrier()
     if bar:
@@ -342,11 +343,15 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
 # -----------------------------------------------------------------------------
 
 def measure_memory(cfg, target, tokenizer, device):
-    """Peak memory of one stage-2 step (forward + backward) at s = 1..6 on the same batch. The attention keys are
-    always 2T (true + draft buffer) whatever s is; what grows with s is autograd's saved activations: each step
-    keeps its queries, attention output, FFN activations and LM-head log-probs for backward (step m touches the
-    ~T/k positions at window position m), plus one new version of the 2T-key buffer per step, because the
-    buffer is written out of place so gradients can flow through the draft states."""
+    """Peak memory of one training step (forward + backward) on one batch: stage 1, then stage 2 at s = 1..6.
+    The attention keys are 2T (true states + the draft-state buffer) whatever s is, and the draft layer's own
+    saved activations grow only by the ~T/k queries of each extra step (plus one out-of-place copy of the (B, Hkv,
+    T, D) key/value buffer per step: written out of place so gradients can flow through the draft states).
+    What dominates the growth is the loss: each step keeps its LM-head logits and soft-target log-probs, about
+    B * T/k * V numbers in bf16 + fp32 + the fp32 target probabilities, for backward. Measured on an H200 with a
+    SmolLM2-shaped target (V = 49152, batch 16 x 1296): ~1.3 GiB per extra step, of which the draft layer is
+    a small part (the "draft" column). A self-attention training-time-test draft (EAGLE-3 / HASS) would in
+    addition attend over T * s keys at step s."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     window = max(cfg.window, 6)
@@ -361,25 +366,27 @@ def measure_memory(cfg, target, tokenizer, device):
         emb = target.tok_embeddings(ids)
     labels = label_positions(loss_mask, valid, window, 0)
     B, T = ids.shape
-    print(f"batch {B} x {T} tokens, window {window}; attention keys per step: 2T = {2 * T}")
+    print(f"batch {B} x {T} tokens, window {window}; attention keys per query: 2T = {2 * T} in stage 2")
     if not cuda:
         print("peak memory is measured on cuda only (torch has no allocator statistics on cpu)")
         return
+    mib = lambda x: f"{x / 2**20:8.1f} MiB"
     for s in [0] + list(range(1, 7)):
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         with amp:
             outs = model(emb, h, window, 0, s)
+            layer = torch.cuda.memory_allocated(device) - base  # what the draft layer keeps for backward
             loss, _, _ = draft_loss(target.output, outs, logits, h, labels, window, 1 if s == 0 else 2,
                                     cfg.vloss_weight)
-        fwd = torch.cuda.max_memory_allocated(device) - base
+        kept = torch.cuda.memory_allocated(device) - base  # ... plus what the loss keeps
         loss.backward()
         peak = torch.cuda.max_memory_allocated(device) - base
         draft.zero_grad(set_to_none=True)
         del outs, loss
-        print(f"{'stage 1 (all queries)' if s == 0 else f'stage 2, s = {s}':>22}: peak after forward "
-              f"{fwd / 2**20:8.1f} MiB, with backward {peak / 2**20:8.1f} MiB")
+        print(f"{'stage 1 (all queries)' if s == 0 else f'stage 2, s = {s}':>22}: kept for backward: draft "
+              f"{mib(layer)}, draft + loss {mib(kept)}; peak {mib(peak)}")
 
 
 def main(cfg):
