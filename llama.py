@@ -284,7 +284,7 @@ def read_json(path):
 
 
 def model_args_from_config(cfg, where):
-    arch, kind = (cfg.get("architectures") or ["?"])[0], cfg.get("model_type")
+    arch, kind = (cfg.get("architectures") or ["LlamaForCausalLM"])[0], cfg.get("model_type")  # may be unnamed
     if kind != "llama" or arch != "LlamaForCausalLM":
         raise BeagleError(f"{where} holds a {arch} model (model_type {kind!r}); Beagle targets the Llama family "
                           "(LlamaForCausalLM: Llama-2/3, Vicuna, TinyLlama, SmolLM2)")
@@ -357,7 +357,7 @@ def load_hf(path, device="cpu", dtype=torch.float32):
             state[names[hf]] = t.to(device=device, dtype=dtype)
     missing = [hf for hf, ours in names.items() if ours not in state]
     if missing:
-        raise BeagleError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" * (len(missing) > 1)))
+        raise BeagleError(f"{path}: missing tensor {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:] else ""))
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -600,10 +600,24 @@ class Tokenizer:
             if template is None:
                 warnings.warn(f"{path} has no chat template; using the Vicuna v1.1 format")
                 template = "vicuna"
-        self.template = compile_template(TEMPLATES.get(template, template))
+        elif template not in TEMPLATES and "{" not in template:  # a name or a .jinja file, else Jinja source
+            if not Path(template).is_file():
+                raise BeagleError(f"unknown chat template {template!r}: {', '.join(TEMPLATES)}, a .jinja file or Jinja")
+            template = Path(template).read_text()
+        try:
+            self.template = compile_template(TEMPLATES.get(template, template))
+        except jinja2.exceptions.TemplateError as e:
+            raise BeagleError(f"chat template: {e}") from None
 
-    def encode(self, text):  # no BOS/EOS added; special-token strings in the text become their ids
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text):
+        """No BOS/EOS added; special-token strings in the text become their ids. A BOS string starts a new sequence:
+        the text after it is encoded as a text start (sentencepiece's '▁' prefix), as Meta's and FastChat's
+        prompts were tokenized; transformers drops that prefix after a templated BOS. Byte-level BPE: no change."""
+        parts = text.split(self.strings["bos_token"]) if self.strings["bos_token"] and self.bos_id is not None else [text]
+        ids = self.hf.encode(parts[0], add_special_tokens=False).ids
+        for part in parts[1:]:
+            ids += [self.bos_id] + self.hf.encode(part, add_special_tokens=False).ids
+        return ids
 
     def decode(self, ids):
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)

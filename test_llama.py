@@ -204,6 +204,16 @@ SP_TEXTS = ["hello world", " hello  world ", "<s>hello</s>the dog", "hello</s> U
             "", "  ", "a\tb", "hello  ", "<unk>x", "llama\n\n\nvicuna"]
 
 
+def llama_sp_ref_ids(ref, text):
+    """transformers' ids, except that a BOS string starts a new sequence: "<s>x" is [BOS] + encode("x"), as in Meta's
+    and FastChat's prompts (transformers' legacy=False mode drops the prefix space after a BOS in the text)."""
+    parts = text.split("<s>")
+    ids = ref.encode(parts[0], add_special_tokens=False)
+    for part in parts[1:]:
+        ids += [1] + ref.encode(part, add_special_tokens=False)
+    return ids
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_llama_sentencepiece_tokenizer_matches_transformers(llama_sp_model, legacy, tmp_path):
     from transformers import LlamaTokenizer
@@ -220,10 +230,12 @@ def test_llama_sentencepiece_tokenizer_matches_transformers(llama_sp_model, lega
                          legacy=legacy)
     for text in SP_TEXTS:
         ids = tok.encode(text)
-        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert ids == llama_sp_ref_ids(ref, text), text
         assert tok.decode(ids) == ref.decode(ids)
+        if "<s>" not in text:
+            assert ids == ref.encode(text, add_special_tokens=False)
     for text in ["hello world", "the lazy dog 12!"]:  # plain text: the same pieces sentencepiece itself produces
-        assert tok.encode(text) == sp.encode(text)
+        assert tok.encode(text) == sp.encode(text) and tok.encode("<s>" + text) == [1] + sp.encode(text)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.vocab_size) == (1, 2, 2, {2}, 400)
     # no chat template: FastChat's vicuna_v1.1 format
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "q"}]
@@ -233,6 +245,15 @@ def test_llama_sentencepiece_tokenizer_matches_transformers(llama_sp_model, lega
     assert tok.chat(msgs)[0] == 1 and tok.chat(msgs) == tok.encode(tok.render(msgs))
     forced = llama.Tokenizer(tmp_path, template="chatml")
     assert forced.render(msgs[:1]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}\n{% endfor %}")
+    assert llama.Tokenizer(tmp_path, template=str(tmp_path / "t.jinja")).render(msgs[:1]) == '[user] "hi"\n'
+    with pytest.raises(BeagleError, match="unknown chat template 'llama9'"):
+        llama.Tokenizer(tmp_path, template="llama9")
+    with pytest.raises(BeagleError, match="chat template: roles must alternate"):
+        strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}"
+        llama.Tokenizer(tmp_path, template=strict).render(msgs[1:])
+    with pytest.raises(BeagleError, match="chat template: "):
+        llama.Tokenizer(tmp_path, template="{% for %}")
 
 
 # -----------------------------------------------------------------------------
@@ -339,7 +360,7 @@ def test_llama_gguf_round_trip(llama_gguf_file, tmp_path, llama_accelerate_free)
     # the sentencepiece vocabulary, rebuilt as tokenizer.json, against transformers' GGUF tokenizer
     tok, ref_tok = llama.Tokenizer(out), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for text in SP_TEXTS:
-        assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False), text
+        assert tok.encode(text) == llama_sp_ref_ids(ref_tok, text), text
     assert (tok.bos_id, tok.eos_id, 2 in tok.stop_ids) == (1, 2, True)
     assert tok.render([{"role": "user", "content": "x"}]).startswith("<|im_start|>user\nx<|im_end|>")
 
