@@ -1,8 +1,12 @@
 """
-The target: a from-scratch Llama-family model (Llama-2/3, Vicuna, TinyLlama, SmolLM2), its static KV cache,
-and its loaders.
+The target: a from-scratch Llama-family model (Llama-2/3/3.1, Vicuna, TinyLlama, SmolLM2), its static KV cache,
+its loaders (HF-format directories, llama.cpp GGUF files), tokenizer and chat template.
 
-    python llama.py --convert FILE.gguf --out DIR     # llama-architecture GGUF -> HF-format directory
+    python llama.py --convert FILE.gguf --out DIR     # llama-architecture GGUF -> HF-format directory (fp32)
+
+    model, tok = load_target()                        # SmolLM2-135M-Instruct, converted once into $BEAGLE_CACHE
+    model, tok = load_target("path/to/hf_dir", device="cuda", dtype=torch.bfloat16)
+    ids = tok.chat([{"role": "user", "content": "Hi"}])  # chat template -> token ids; stop on tok.stop_ids
 
 The weights use the Hugging Face layout (q/k rows ordered for `rotate_half` RoPE), so an HF checkpoint loads
 with one literal name map and no permutation. `forward` returns the logits and the top-layer hidden states
@@ -254,24 +258,26 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # loading Hugging Face-format directories: config.json + model.safetensors (or shards, or pytorch_model*.bin)
 
-HF_NAMES = {  # HF name -> ours; {i} is the layer index
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
-    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-}
+NAMES = [  # one row per weight: llama.cpp GGUF, Hugging Face, ours; {i} is the layer index; all end in ".weight"
+    ("token_embd", "model.embed_tokens", "tok_embeddings"),
+    ("blk.{i}.attn_q", "model.layers.{i}.self_attn.q_proj", "layers.{i}.attention.wq"),
+    ("blk.{i}.attn_k", "model.layers.{i}.self_attn.k_proj", "layers.{i}.attention.wk"),
+    ("blk.{i}.attn_v", "model.layers.{i}.self_attn.v_proj", "layers.{i}.attention.wv"),
+    ("blk.{i}.attn_output", "model.layers.{i}.self_attn.o_proj", "layers.{i}.attention.wo"),
+    ("blk.{i}.ffn_gate", "model.layers.{i}.mlp.gate_proj", "layers.{i}.feed_forward.w1"),
+    ("blk.{i}.ffn_down", "model.layers.{i}.mlp.down_proj", "layers.{i}.feed_forward.w2"),
+    ("blk.{i}.ffn_up", "model.layers.{i}.mlp.up_proj", "layers.{i}.feed_forward.w3"),
+    ("blk.{i}.attn_norm", "model.layers.{i}.input_layernorm", "layers.{i}.attention_norm"),
+    ("blk.{i}.ffn_norm", "model.layers.{i}.post_attention_layernorm", "layers.{i}.ffn_norm"),
+    ("output_norm", "model.norm", "norm"),
+    ("output", "lm_head", "output"),
+]
 
 
-def expand(names, n_layers):  # a name map with {i} -> the same map spelled out for every layer
-    return {a.format(i=i): b.format(i=i) for i in range(n_layers) for a, b in names.items()}
+def name_map(src, dst, n_layers, tied):
+    """{name in column src: name in column dst} (0 GGUF, 1 HF, 2 ours), spelled out for every layer."""
+    rows = [r for r in NAMES if not (tied and r[2] == "output")]  # tied: the head is the embedding
+    return {r[src].format(i=i) + ".weight": r[dst].format(i=i) + ".weight" for i in range(n_layers) for r in rows}
 
 
 def read_json(path):
@@ -341,14 +347,12 @@ def load_hf(path, device="cpu", dtype=torch.float32):
     with torch.device("meta"):  # no memory: a 7B model must never exist twice
         model = Transformer(args)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    names = expand(HF_NAMES, args.n_layers)  # HF -> ours
-    if args.tie_embeddings:  # the head is the embedding; a checkpoint may still carry a copy
-        del names["lm_head.weight"]
+    names = name_map(1, 2, args.n_layers, args.tie_embeddings)  # HF -> ours
     state = {}
     for file in weight_files(path):
         for hf, t in read_tensors(file):
             if hf not in names:
-                if hf.endswith("rotary_emb.inv_freq") or hf == "lm_head.weight":  # old buffers / a tied copy
+                if hf.endswith("rotary_emb.inv_freq") or hf == "lm_head.weight":  # an old buffer / a tied copy
                     continue
                 raise BeagleError(f"{file}: unexpected tensor {hf} (not a plain Llama checkpoint)")
             if t.shape != shapes[names[hf]]:
@@ -357,7 +361,8 @@ def load_hf(path, device="cpu", dtype=torch.float32):
             state[names[hf]] = t.to(device=device, dtype=dtype)
     missing = [hf for hf, ours in names.items() if ours not in state]
     if missing:
-        raise BeagleError(f"{path}: missing tensor {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:] else ""))
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise BeagleError(f"{path}: missing tensor {missing[0]}{more}")
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -368,20 +373,6 @@ def load_hf(path, device="cpu", dtype=torch.float32):
 # -----------------------------------------------------------------------------
 # GGUF (llama.cpp) -> HF-format directory
 
-GGUF_NAMES = {  # GGUF name -> HF name
-    "token_embd.weight": "model.embed_tokens.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -413,7 +404,8 @@ def sentencepiece_tokenizer(pieces, scores, unk=0, legacy=False):
     merges = sorted(((p[:k], p[k:], s) for p, s in zip(pieces, scores) for k in range(1, len(p))
                      if p[:k] in vocab and p[k:] in vocab),
                     key=lambda m: (-m[2], -len(m[0]), -len(m[1]), vocab[m[0] + m[1]], vocab[m[0]], vocab[m[1]]))
-    tok = T.Tokenizer(T.models.BPE(vocab, [m[:2] for m in merges], unk_token=pieces[unk], fuse_unk=True, byte_fallback=True))
+    bpe = T.models.BPE(vocab, [m[:2] for m in merges], unk_token=pieces[unk], fuse_unk=True, byte_fallback=True)
+    tok = T.Tokenizer(bpe)
     tok.pre_tokenizer = T.pre_tokenizers.Metaspace(prepend_scheme="always" if legacy else "first", split=False)
     tok.decoder = T.decoders.Sequence([T.decoders.Replace("▁", " "), T.decoders.ByteFallback(),
                                        T.decoders.Fuse(), T.decoders.Strip(" ", 1, 0)])
@@ -443,12 +435,15 @@ def gguf_tokenizer(meta, where):
         tok.pre_tokenizer = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), where)
         tok.decoder = T.decoders.ByteLevel()
     elif model == "llama":  # sentencepiece BPE
-        tok = sentencepiece_tokenizer(tokens, meta["tokenizer.ggml.scores"], meta.get("tokenizer.ggml.unknown_token_id", 0))
+        unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
+        tok = sentencepiece_tokenizer(tokens, meta["tokenizer.ggml.scores"], unk)
     else:
         raise BeagleError(f"{where}: tokenizer model {model!r} is not supported (gpt2 or llama)")
-    # control and unknown tokens (<|im_start|>, <s>, <unk>) are special; user-defined ones are matched whole, not special
-    tok.add_special_tokens([T.AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (2, 3)])
-    tok.add_tokens([T.AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    # unknown/control tokens (<unk>, <s>, <|im_start|>) are special; user-defined ones are matched whole, not special
+    added = lambda kinds, special: [T.AddedToken(t, special=special, normalized=False)
+                                    for t, k in zip(tokens, types) if k in kinds]
+    tok.add_special_tokens(added((2, 3), True))
+    tok.add_tokens(added((4,), False))
     return tok
 
 
@@ -478,16 +473,17 @@ def convert_gguf(gguf_path, out_dir):
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", hidden_size=dim,
                   num_hidden_layers=get("block_count"), num_attention_heads=heads, num_key_value_heads=kv_heads,
                   intermediate_size=get("feed_forward_length"), head_dim=get("attention.key_length", dim // heads),
-                  vocab_size=int(tensors["token_embd.weight"].shape[1]), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+                  vocab_size=int(tensors["token_embd.weight"].shape[1]),
+                  rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
                   rope_theta=get("rope.freq_base", 10000.0), max_position_embeddings=get("context_length", 2048),
-                  tie_word_embeddings=tied, bos_token_id=special("bos"), eos_token_id=special("eos"), torch_dtype="float32")
+                  tie_word_embeddings=tied, bos_token_id=special("bos"), eos_token_id=special("eos"),
+                  torch_dtype="float32")
     if get("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
     if "rope_freqs.weight" in tensors:
-        config["rope_scaling"] = llama3_scaling(tensors.pop("rope_freqs.weight"), model_args_from_config(config, gguf_path))
-    names = expand(GGUF_NAMES, config["num_hidden_layers"])
-    if tied:
-        del names["output.weight"]
+        args = model_args_from_config(config, gguf_path)
+        config["rope_scaling"] = llama3_scaling(tensors.pop("rope_freqs.weight"), args)
+    names = name_map(0, 1, config["num_hidden_layers"], tied)  # GGUF -> HF
     state = {}
     for name, t in tensors.items():
         if name not in names:
@@ -573,13 +569,13 @@ class Tokenizer:
         elif (path / "tokenizer.model").exists():  # converted as transformers does, so both give the same ids
             sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
             n = sp.get_piece_size()
-            self.hf = sentencepiece_tokenizer([sp.id_to_piece(i) for i in range(n)], [sp.get_score(i) for i in range(n)],
-                                              max(sp.unk_id(), 0), legacy=cfg.get("legacy", False))
-            specials = [sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+            pieces, scores = [sp.id_to_piece(i) for i in range(n)], [sp.get_score(i) for i in range(n)]
+            self.hf = sentencepiece_tokenizer(pieces, scores, max(sp.unk_id(), 0), legacy=cfg.get("legacy", False))
+            specials = [pieces[i] for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
             specials += [tokstr(t) for t in cfg.get("added_tokens_decoder", {}).values() if t.get("special")]
             self.hf.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in specials])
             for k, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
-                cfg[k] = cfg.get(k) or (sp.id_to_piece(i) if i >= 0 else None)
+                cfg[k] = cfg.get(k) or (pieces[i] if i >= 0 else None)
         else:
             raise BeagleError(f"{path} has no tokenizer.json or tokenizer.model")
         vocab = self.hf.get_vocab(with_added_tokens=True)
@@ -613,7 +609,8 @@ class Tokenizer:
         """No BOS/EOS added; special-token strings in the text become their ids. A BOS string starts a new sequence:
         the text after it is encoded as a text start (sentencepiece's '▁' prefix), as Meta's and FastChat's
         prompts were tokenized; transformers drops that prefix after a templated BOS. Byte-level BPE: no change."""
-        parts = text.split(self.strings["bos_token"]) if self.strings["bos_token"] and self.bos_id is not None else [text]
+        bos = self.strings["bos_token"]
+        parts = text.split(bos) if bos and self.bos_id is not None else [text]
         ids = self.hf.encode(parts[0], add_special_tokens=False).ids
         for part in parts[1:]:
             ids += [self.bos_id] + self.hf.encode(part, add_special_tokens=False).ids

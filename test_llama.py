@@ -300,7 +300,7 @@ def llama_write_gguf(path, ref, sp_model, types, arch="llama", rope_freqs=None):
     w.add_unk_token_id(0)
     w.add_chat_template(llama.TEMPLATES["chatml"])
     rng = np.random.default_rng(0)
-    inverse = {hf: g for g, hf in llama.expand(llama.GGUF_NAMES, c.num_hidden_layers).items()}
+    inverse = llama.name_map(1, 0, c.num_hidden_layers, tied=False)  # HF -> GGUF
     for name, t in ref.state_dict().items():
         t = t.numpy()
         if "q_proj" in name:
