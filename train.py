@@ -122,11 +122,12 @@ def draft_loss(output, outs, logits, h, labels, window, stage, vloss_weight):
         if not sel.any():
             total = total + 0.0 * hat.sum()  # keeps every parameter in the graph (DDP)
             continue
-        hh = hat[sel]  # (N, dim)
+        b, j = sel.nonzero(as_tuple=True)  # the N trained (row, query) pairs of this step
+        hh = hat[b, j]  # (N, dim)
         logq = output(hh).float().log_softmax(-1)  # (N, V)
-        p = logits[:, idx][sel].float().softmax(-1)
+        p = logits[b, idx[j]].float().softmax(-1)  # gathers N rows only, never a (B, n, V) copy
         ce = -(p * logq).sum(-1).mean()
-        vl = F.smooth_l1_loss(hh.float(), h[:, idx][sel].float(), reduction="none").mean(-1).mean()
+        vl = F.smooth_l1_loss(hh.float(), h[b, idx[j]].float(), reduction="none").mean(-1).mean()
         w = 1.0 if stage == 1 else float(window - m + 1)
         total, ce_sum, vl_sum, w_sum = total + w * (ce + vloss_weight * vl), ce_sum + w * ce.detach(), \
             vl_sum + w * vl.detach(), w_sum + w
@@ -153,7 +154,8 @@ def evaluate(target, draft, examples, cfg, pad_id, device, amp):
             outs = step(target.tok_embeddings(ids), h, k, offset, k)
         for m, (idx, hat) in enumerate(outs):
             sel = labels[:, idx]
-            agree = target.output(hat[sel].to(h.dtype)).argmax(-1) == logits[:, idx][sel].argmax(-1)
+            b, j = sel.nonzero(as_tuple=True)
+            agree = target.output(hat[b, j].to(h.dtype)).argmax(-1) == logits[b, idx[j]].argmax(-1)
             hits[m] += agree.sum().item()
             counts[m] += sel.sum().item()
     return (hits / counts).tolist()
