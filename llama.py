@@ -464,6 +464,10 @@ def convert_gguf(gguf_path, out_dir):
         raise BeagleError(f"{gguf_path} is a {arch!r} GGUF; Beagle converts llama-architecture GGUFs only")
     tensors = {t.name: t for t in reader.tensors}
     get = lambda key, default=None: meta.get(f"llama.{key}", default)
+    for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                "attention.layer_norm_rms_epsilon", "tokenizer.ggml.tokens"):
+        if get(key, meta.get(key)) is None:
+            raise BeagleError(f"{gguf_path} lacks {key if '.ggml.' in key else 'llama.' + key}")
     heads, dim = get("attention.head_count"), get("embedding_length")
     kv_heads, tied = get("attention.head_count_kv", heads), "output.weight" not in tensors
     if get("rope.scaling.type", "none") not in ("none", "linear"):
@@ -473,8 +477,7 @@ def convert_gguf(gguf_path, out_dir):
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", hidden_size=dim,
                   num_hidden_layers=get("block_count"), num_attention_heads=heads, num_key_value_heads=kv_heads,
                   intermediate_size=get("feed_forward_length"), head_dim=get("attention.key_length", dim // heads),
-                  vocab_size=int(tensors["token_embd.weight"].shape[1]),
-                  rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+                  vocab_size=get("vocab_size", len(tokens)), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
                   rope_theta=get("rope.freq_base", 10000.0), max_position_embeddings=get("context_length", 2048),
                   tie_word_embeddings=tied, bos_token_id=special("bos"), eos_token_id=special("eos"),
                   torch_dtype="float32")

@@ -463,6 +463,12 @@ def test_llama_gguf_errors(llama_gguf_file, llama_sp_model, tmp_path):
     llama_write_gguf(other, ref, str(tmp_path / "sp.model"), {}, arch="qwen2")
     with pytest.raises(BeagleError, match="is a 'qwen2' GGUF"):
         llama.convert_gguf(other, tmp_path / "out")
+    bare = tmp_path / "bare.gguf"
+    w = gguf.GGUFWriter(str(bare), "llama")
+    w.add_embedding_length(64)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(BeagleError, match="bare.gguf lacks llama.block_count"):
+        llama.convert_gguf(bare, tmp_path / "out")
     q81 = tmp_path / "q81.gguf"
     llama_write_gguf(q81, ref, str(tmp_path / "sp.model"), {"down_proj": Q.Q8_1})
     with pytest.raises(BeagleError, match="blk.0.ffn_down.weight is Q8_1, which the gguf package cannot dequantize"):
