@@ -211,4 +211,6 @@ def load_draft(path, target, device="cpu", dtype=torch.float32):
         draft.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise BeagleError(f"{path}: weights do not match its own config: {str(e).splitlines()[0]}") from None
-    return draft.to(device=device, dtype=dtype).eval()
+    draft = draft.to(device=device, dtype=dtype).eval()
+    draft.inv_freq = rope_frequencies(args).to(device)  # .to(dtype) also cast it: RoPE angles stay in fp32
+    return draft

@@ -143,9 +143,18 @@ def test_train_no_visible_key_rows_are_finite_and_zero_attention():
     # rows with keys are untouched by the dummy key: same result as attending alone
     hat4 = draft(emb[:, 4:5], pos[4:5], h, pos, mask[:, :, 4:5])
     assert torch.allclose(hat4, hat[:, 4:5], atol=1e-6)
-    # every key visible: equals a hand-written attention
-    q = draft.wq(draft.query_norm(emb[:, 5:6]))
-    assert q.shape == (2, 1, 32)
+    # row 6 (keys 0..4) equals attention written out by hand: GQA head g reads kv head g // 2, RoPE by position
+    from llama import apply_rope, rope
+    with torch.no_grad():
+        x, kx = emb[:, 6:7], draft.kv_norm(h[:, :5])
+        q = draft.wq(draft.query_norm(x)).view(2, 1, 4, 8).transpose(1, 2)  # (B, H, 1, D)
+        q = apply_rope(q, *rope(draft.inv_freq, torch.tensor([6]), q.dtype))
+        k = apply_rope(draft.wk(kx).view(2, 5, 2, 8).transpose(1, 2), *rope(draft.inv_freq, torch.arange(5), q.dtype))
+        v = draft.wv(kx).view(2, 5, 2, 8).transpose(1, 2)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # (B, H, 5, D)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1) @ v  # (B, H, 1, D)
+        y = draft.wo(att.transpose(1, 2).reshape(2, 1, 32)) + x
+        assert torch.allclose(hat[:, 6:7], draft.feed_forward(draft.ffn_norm(y)) + y, atol=1e-5)
 
 
 def test_train_simulation_equals_autoregressive_drafting():
@@ -182,7 +191,8 @@ def test_train_checkpoint_roundtrip_and_errors(tmp_path):
     back = load_draft(path, target)
     assert all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), back.state_dict().values()))
     # same target in bf16 / fp16: same fingerprint; another target: a one-line BeagleError
-    load_draft(path, train_tiny_target().to(torch.bfloat16))
+    bf = load_draft(path, train_tiny_target().to(torch.bfloat16), dtype=torch.bfloat16)
+    assert bf.wq.weight.dtype == torch.bfloat16 and bf.inv_freq.dtype == torch.float32
     load_draft(path, train_tiny_target().half())
     with pytest.raises(BeagleError, match="another target: same shape"):
         load_draft(path, train_tiny_target(seed=1))
