@@ -524,6 +524,18 @@ def llama_smol_ref_tok(llama_smol):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+def test_llama_slow_smollm2_hf_saved_tokenizer(llama_smol_ref_tok, tmp_path):
+    """A tokenizer directory as transformers saves it (tokenizer.json, chat_template.jinja) reads the same."""
+    ref = llama_smol_ref_tok
+    ref.save_pretrained(tmp_path)
+    tok = llama.Tokenizer(tmp_path)
+    msgs = [{"role": "user", "content": "2 + 2 = ?"}]
+    assert tok.chat(msgs) == ref.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
+    for text in CHAT_TEXTS:
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False), text
+    assert (tok.bos_id, tok.eos_id, 2 in tok.stop_ids) == (ref.bos_token_id, ref.eos_token_id, True)
+
+
 def test_llama_slow_smollm2_tokenizer_matches_transformers(llama_smol, llama_smol_ref_tok):
     tok, ref = llama_smol[1], llama_smol_ref_tok
     for text in CHAT_TEXTS:
