@@ -331,8 +331,20 @@ def train_tiny_hf_dir(path):
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=64))
     sd = model.state_dict()
-    save_file({hf: sd[ours].contiguous() for hf, ours in llama.expand(llama.HF_NAMES, 2).items()},
-              str(path / "model.safetensors"))
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}  # our names -> the HF layout
+    layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+
+    def hf_name(name):
+        if name in top:
+            return top[name]
+        _, i, rest = name.split(".", 2)  # layers.{i}.<module>.weight
+        return f"model.layers.{i}.{layer[rest.removesuffix('.weight')]}.weight"
+
+    save_file({hf_name(k): v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
     return str(path)
 
 
@@ -343,23 +355,27 @@ def test_train_cli_end_to_end(tmp_path):
     data_path = train_write_data(tmp_path / "chat.jsonl", n=10)
     here = os.path.dirname(os.path.abspath(__file__))
 
-    def run(*args):
-        return subprocess.run([sys.executable, os.path.join(here, "train.py"), "--target", target, "--data",
-                               data_path, "--device", "cpu", "--batch-size", "4", "--window", "3", "--sim-steps",
-                               "2", "--eval-frac", "0.2", "--max-len", "128", "--eval-interval", "2",
+    def run(*args, launcher=()):
+        return subprocess.run([sys.executable, *launcher, os.path.join(here, "train.py"), "--target", target,
+                               "--data", data_path, "--device", "cpu", "--batch-size", "2", "--window", "3",
+                               "--sim-steps", "2", "--eval-frac", "0.2", "--max-len", "128", "--eval-interval", "2",
                                "--progress", "false", *args], capture_output=True, text=True, cwd=tmp_path)
 
-    r = run("--stage", "1", "--out", "s1", "--max-steps", "3", "--log-interval", "1")
+    # stage 1 under torchrun: 2 CPU processes (gloo DDP), 8 examples / (batch 2 x 2 ranks) = 2 steps per epoch
+    r = run("--stage", "1", "--out", "s1", "--max-steps", "3", "--log-interval", "1",
+            launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
     assert r.returncode == 0, r.stderr
-    assert "step      3 | epoch  1 | loss" in r.stdout and "top-1 agreement at draft steps 1..3" in r.stdout
+    assert "2 steps/epoch" in r.stdout and r.stdout.count("step      3 | epoch  1 | loss") == 1  # rank 0 logs
+    assert "top-1 agreement at draft steps 1..3" in r.stdout
     for f in ("draft.safetensors", "state.pt", "train.csv", "eval.csv", "curves.png"):
         assert (tmp_path / "s1" / f).stat().st_size > 0, f
     r = run("--stage", "2", "--out", "s2", "--init", "s1/draft.safetensors", "--max-steps", "2")
     assert r.returncode == 0, r.stderr
     draft = load_draft(str(tmp_path / "s2" / "draft.safetensors"), __import__("llama").load_target(target)[0])
     assert draft.args.dim == 32
-    # user errors are one line, no traceback
-    r = run("--stage", "2", "--out", "s3", "--init", "nowhere.safetensors")
-    assert r.returncode == 1 and r.stderr.strip() == "error: no draft checkpoint at nowhere.safetensors"
+    # user errors are BeagleErrors (printed by __main__ as one "error: ..." line)
+    with pytest.raises(BeagleError, match="no draft checkpoint at nowhere.safetensors"):
+        train.main(train.TrainConfig(target=target, data=data_path, out=str(tmp_path / "s3"), stage=2,
+                                     init="nowhere.safetensors", device="cpu", progress=False))
     with pytest.raises(BeagleError, match="--sim-steps"):
         train.main(train.TrainConfig(stage=2, sim_steps=4, window=3))
