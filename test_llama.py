@@ -20,11 +20,10 @@ import sentencepiece
 import torch
 from safetensors.torch import save_file
 
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # test-only dependency
+
 import llama
 from llama import BeagleError, KVCache, ModelArgs, Transformer
-
-transformers = pytest.importorskip("transformers")  # test-only dependency; installed with requirements-test.txt
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
