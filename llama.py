@@ -166,9 +166,9 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
-    def update(self, layer, positions, k, v):  # k, v (B, Hkv, T, D) go to slots `positions` (T,)
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
+    def update(self, layer, slots, k, v):  # k, v (B, Hkv, T, D) go to cache slots (T,)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
 
     def move(self, src, dst):
@@ -187,14 +187,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, positions, mask, cache, layer):
+    def forward(self, x, cos, sin, slots, mask, cache, layer):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, positions, k, v)
+            k, v = cache.update(layer, slots, k, v)
             if mask is not None:  # the mask's width says how much of the cache is live
                 k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -221,8 +221,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x, cos, sin, positions, mask, cache, layer):
-        x = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache, layer)
+    def forward(self, x, cos, sin, slots, mask, cache, layer):
+        x = x + self.attention(self.attention_norm(x), cos, sin, slots, mask, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -238,10 +238,12 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
-    def forward(self, tokens, positions=None, cache=None, mask=None):
+    def forward(self, tokens, positions=None, cache=None, mask=None, slots=None):
         """tokens (B, T); positions (T,) absolute, shared by the batch (default 0..T-1); mask bool, True =
         may attend, broadcastable to (B, H, T, S) where S is T without a cache and the number of live cache
-        slots with one. No mask means plain causal attention over this call's tokens alone.
+        slots with one. No mask means plain causal attention over this call's tokens alone. slots (T,): the
+        cache slots the tokens' K/V go to (default: their positions); a tree's siblings share a position but
+        each needs a slot of its own.
         Returns logits (B, T, V) and the final-norm hidden states h (B, T, dim)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -250,7 +252,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = rope(self.inv_freq, positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, positions, mask, cache, i)
+            x = layer(x, cos, sin, positions if slots is None else slots, mask, cache, i)
         h = self.norm(x)
         return self.output(h), h
 

@@ -143,14 +143,6 @@ def test_llama_cached_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
-class LlamaSlotCache(KVCache):
-    """Write a forward's K/V to explicit slots: tree siblings share a RoPE position but need a slot each."""
-    slots = None
-
-    def update(self, layer, positions, k, v):
-        return super().update(layer, positions if self.slots is None else self.slots, k, v)
-
-
 @torch.no_grad()
 def test_llama_tree_block_then_move_equals_sequential():
     model = llama_tiny(seed=1)
@@ -163,12 +155,10 @@ def test_llama_tree_block_then_move_equals_sequential():
     for i, p in enumerate(parent):
         if p >= 0:
             depth[i], anc[i] = depth[p] + 1, anc[i] | anc[p]
-    cache = LlamaSlotCache(model.args, 1, 32)
+    cache = KVCache(model.args, 1, 32)
     model(prefix, torch.arange(n), cache)
     mask = torch.cat([torch.ones(len(parent), n, dtype=torch.bool), anc], 1)[None, None]  # prefix + ancestors
-    cache.slots = torch.arange(n, n + len(parent))
-    tree_logits, tree_h = model(tree, n + torch.tensor(depth), cache, mask)
-    cache.slots = None
+    tree_logits, tree_h = model(tree, n + torch.tensor(depth), cache, mask, slots=torch.arange(n, n + len(parent)))
     path = [0, 1, 3, 6]  # accept root -> 1 -> 3 -> 6, compact it to slots n.. and continue from there
     cache.move(torch.tensor(path) + n, n)
     seq = torch.cat([prefix, tree[:, path]], 1)
