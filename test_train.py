@@ -291,6 +291,8 @@ def test_train_loop_resume_stage2_init(tmp_path):
     resumed = train.train(train_cfg(tmp_path, "part", max_steps=7, resume=True), target, tok)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    with pytest.raises(BeagleError, match="different --window"):
+        train.train(train_cfg(tmp_path, "part", window=4, max_steps=9, resume=True), target, tok)
     out = tmp_path / "full"
     for f in ("draft.safetensors", "state.pt", "train.csv", "eval.csv", "curves.png"):
         assert (out / f).stat().st_size > 0, f

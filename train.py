@@ -20,6 +20,7 @@ its own states" includes how those states change, as in autoregressive drafting 
 backpropagate through their unrolled steps). The cost is that every step's activations are kept for backward.
 """
 import csv
+import json
 import math
 import os
 import random
@@ -33,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from beagle import Beagle, DraftArgs, block_mask, load_draft, read_draft, save_draft, simulation_mask, \
-    window_positions
+from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
+    simulation_mask, window_positions
 from llama import BeagleError, cli
 
 
@@ -253,9 +254,16 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     if cfg.resume:
         if not os.path.exists(state_path):
             raise BeagleError(f"--resume: no {state_path} to resume from")
-        tensors, _ = read_draft(os.path.join(cfg.out, "draft.safetensors"))
-        draft.load_state_dict(tensors)
+        tensors, meta = read_draft(os.path.join(cfg.out, "draft.safetensors"))
+        check_fingerprint(json.loads(meta["target"]), target)
         st = torch.load(state_path, map_location=device, weights_only=True)
+        if json.loads(meta["extra"]).get("step") != st["step"]:  # a crash between the two atomic writes
+            raise BeagleError(f"{cfg.out}: draft.safetensors and state.pt are from different steps")
+        changed = [k for k in ("stage", "window", "sim_steps", "batch_size", "seed", "noise", "vloss_weight")
+                   if st["config"][k] != getattr(cfg, k)]
+        if changed:  # these change what the remaining steps compute: not a continuation any more
+            raise BeagleError(f"--resume with a different --{changed[0].replace('_', '-')} than the run in {cfg.out}")
+        draft.load_state_dict(tensors)
         opt.load_state_dict(st["opt"])
         step, epoch, batch = st["step"], st["epoch"], st["batch"]
     os.makedirs(cfg.out, exist_ok=True)
