@@ -276,14 +276,17 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     differences, so a constant shift per row leaves its outputs unchanged."""
     device = model.output.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.zeros(B, L, dtype=torch.long, device=device)
-    live = torch.ones(B, L + max_new, dtype=torch.bool, device=device)  # (B, S): key slot holds a real token
+    S = L + max_new
+    tokens = torch.zeros(B, L, dtype=torch.long)
+    live = torch.zeros(B, S, dtype=torch.bool)  # (B, S): the key slot holds a real token
     for b, p in enumerate(prompts):
         tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        live[b, :L - len(p)] = False
-    cache = llama.KVCache(model.args, B, L + max_new, device, model.output.weight.dtype)
-    logits, _ = model(tokens, torch.arange(L, device=device), cache, prefill_mask(live[:, :L])[:, None])
-    stop = torch.tensor(sorted(stop_ids), device=device)
+        live[b, L - len(p):L] = True
+    tokens, live = tokens.to(device), live.to(device)
+    cache = llama.KVCache(model.args, B, S, device, model.output.weight.dtype)
+    positions = torch.arange(S, device=device)  # on the device once: no host-to-device copy per step
+    logits, _ = model(tokens, positions[:L], cache, prefill_mask(live[:, :L])[:, None])
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out = torch.empty(B, max_new, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new):
@@ -292,8 +295,10 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
         done |= torch.isin(nxt, stop)
         if t + 1 == max_new or (t % 8 == 7 and bool(done.all())):  # a host sync only every 8 steps
             break
-        pos = torch.tensor([L + t], device=device)
-        logits, _ = model(nxt[:, None], pos, cache, live[:, None, None, :L + t + 1])  # mask (B, 1, 1, S)
+        live[:, L + t] = True
+        # the mask spans the whole cache (future slots False): one shape for every step, so the attention
+        # kernel's plan (cuDNN) is reused instead of rebuilt for each new length
+        logits, _ = model(nxt[:, None], positions[L + t:L + t + 1], cache, live[:, None, None, :])
     results = []
     for row in out[:, :t + 1].tolist():
         end = next((j for j, x in enumerate(row) if x in stop_ids), None)
