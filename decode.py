@@ -514,6 +514,7 @@ def main(cfg):
         answers, base_answers = [], []
         for i, turn in enumerate(turns):
             ids = prompt_ids(tokenizer, cfg, turns[:i + 1], answers)
+            check_length(target, len(ids), cfg)  # before anything is printed
             if not cfg.json:
                 print(f"\n>>> {turn}\n")
             r = run(target, draft, ids, cfg, stop, None if cfg.json else Streamer(tokenizer, stop))
