@@ -360,11 +360,12 @@ def test_decode_real_greedy_spec_equals_plain(decode_real, decode_one_thread):
     plain = [generate_ar(target, x, DecodeConfig(max_new_tokens=40), stop).tokens for x in ids]
     assert plain[0][-1] in stop and len(plain[0]) < 40 and len(plain[1]) == 40  # a stop, and the length limit
     trained = decode_train_draft(target, [torch.tensor(x + p) for x, p in zip(ids, plain)])
-    runs = (("random", "tree", 4, 4, 12), ("trained", "chain", 4, 0, 0), ("trained", "tree", 5, 4, 16))
-    for name, mode, depth, top_k, tree_tokens in runs:
+    # the random draft (rejections only, its tau is ~1: slow) on the short answer alone
+    runs = (("random", "tree", 4, 4, 12, 1), ("trained", "chain", 4, 0, 0, 2), ("trained", "tree", 5, 4, 16, 2))
+    for name, mode, depth, top_k, tree_tokens, n_prompts in runs:
         draft = trained if name == "trained" else decode_random_draft(target)
         cfg = DecodeConfig(mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=40)
-        for x, want in zip(ids, plain):
+        for x, want in zip(ids[:n_prompts], plain):
             r = generate_spec(target, draft, x, cfg, stop)
             assert r.tokens == want, (name, mode, depth, top_k, tree_tokens)
             if name == "trained":  # fitted on these answers: acceptances, deep ones too, happen
@@ -404,9 +405,39 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys, decode_one_
         assert r["mode"] == "tree" and r["new_tokens"] == len(r["tokens"]) <= 8
         assert r["target_forwards"] == 1 + len(r["accepted_lengths"]) and r["tau"] >= 1
         assert r["text"] == tok.decode([t for t in r["tokens"] if t not in tok.stop_ids])
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"category": "writing", "turns": ["Name a fruit.", "And a vegetable?"]}) + "\n"
+                     + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
+    decode.main(llama.cli(DecodeConfig, ["--bench", str(bench), "--draft", str(draft_path), "--mode", "chain",
+                                         "--depth", "2", "--max-new-tokens", "6", "--bench-out", str(tmp_path / "b")]))
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert list(result["results"]) == ["writing", "math", "overall"]
+    overall = result["results"]["overall"]
+    assert overall["turns"] == 3 and overall["identical"] == 1.0 and len(overall["acceptance_by_depth"]) == 2
+    assert overall["tokens_per_s"] > 0 and overall["plain_tokens_per_s"] > 0 and overall["tau"] >= 1
+    assert result["settings"]["temperature"] == 0 and result["settings"]["hardware"]
+    assert (tmp_path / "b" / "bench.md").read_text().strip() == out.strip() and "| overall | 3 |" in out
     too_many = str(target.args.max_seq_len - 20)  # the chat template alone is longer than 20 tokens
     with pytest.raises(BeagleError, match="longer than the context"):
         decode.main(llama.cli(DecodeConfig, ["--prompt", "hi", "--mode", "ar", "--max-new-tokens", too_many]))
+
+
+def test_decode_mtbench_questions():
+    convs = decode.read_jsonl_or_lines(decode.mtbench_path())
+    assert len(convs) == 80 and all(len(turns) == 2 for turns, _ in convs)
+    assert len({category for _, category in convs}) == 8
+
+
+def test_decode_prompt_file_formats(tmp_path):
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond {not json}\n")
+    assert decode.read_prompts(DecodeConfig(prompt_file=str(tmp_path / "p.txt"))) == [
+        (["first prompt"], "prompt"), (["second {not json}"], "prompt")]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(BeagleError, match="bad.jsonl:2"):
+        decode.read_prompts(DecodeConfig(prompt_file=str(tmp_path / "bad.jsonl")))
+    with pytest.raises(BeagleError, match="cannot read"):
+        decode.read_prompts(DecodeConfig(prompt_file=str(tmp_path / "missing.jsonl")))
 
 
 def test_decode_real_cli_subprocess_error_is_one_line(decode_real):
