@@ -11,6 +11,9 @@ Used from train.py:
     train, held_out = split(examples, eval_frac=0.02, seed=0)
     for ids, loss_mask, valid in batches(train, 16, seed=0, epoch=e, skip=k): ...   # skip = resume mid-epoch
 
+Targets too large to run beside training: cache_states(target, examples, "cache/") once, then
+state_batches(examples, CachedStates("cache/", examples), 16, ...) yields the same batches plus h (B, T, dim).
+
 Re-running the generator with the same --out continues the file up to --n. Conversations whose first user turn
 is an MT-bench question are dropped everywhere (loading and generation): MT-bench is our evaluation set.
 """
@@ -370,6 +373,10 @@ def _resume(path):
 
 
 def generate_conversations(cfg, model, tokenizer, verbose=True):
+    if min(cfg.n, cfg.batch_size, cfg.turns, cfg.max_user_tokens, cfg.max_reply_tokens) < 1:
+        raise BeagleError("--n, --batch-size, --turns, --max-user-tokens and --max-reply-tokens must be >= 1")
+    if min(cfg.user_temperature, cfg.reply_temperature) < 0 or not 0 < cfg.top_p <= 1:
+        raise BeagleError("temperatures must be >= 0 and --top-p in (0, 1]")
     count, seen = _resume(cfg.out)
     questions = mtbench_questions()
     special = set(tokenizer.stop_ids) | {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}

@@ -407,5 +407,7 @@ def test_data_cli_end_to_end(tmp_path, monkeypatch, data_smol_tokenizer, capsys)
     convs = data.load_conversations(str(out), verbose=False)
     ex = data.tokenize_all(data_smol_tokenizer, convs, 256, verbose=False)
     assert len(ex) == 6 and all(any(m) for _, m in ex)
+    with pytest.raises(BeagleError, match="must be >= 1"):
+        data.main(llama.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--turns", "0"]))
     with pytest.raises(BeagleError, match="--dtype"):
         data.main(llama.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--dtype", "int8"]))
