@@ -21,7 +21,6 @@ backpropagate through their unrolled steps). The cost is that every step's activ
 """
 import csv
 import json
-import math
 import os
 import random
 import sys
@@ -139,8 +138,8 @@ def draft_loss(output, outs, logits, h, labels, window, stage, vloss_weight):
 @torch.no_grad()
 def evaluate(target, draft, examples, cfg, pad_id, device, amp):
     """Top-1 agreement of the draft with the target at draft steps 1..k: step m = window position m of a
-    k-step simulation (m-1 own draft states), i.e. what autoregressive drafting sees. Offsets cycle over the
-    batches so every position plays every role. Returns a list of k floats (nan where nothing was counted)."""
+    k-step simulation (m-1 own draft states), i.e. what autoregressive drafting sees. Every batch is scored at
+    all k offsets, so every position plays every role. Returns k floats (nan where nothing was counted)."""
     k = cfg.window
     hits, counts = torch.zeros(k), torch.zeros(k)
     step = DraftStep(draft)
@@ -148,17 +147,17 @@ def evaluate(target, draft, examples, cfg, pad_id, device, amp):
         if bi >= cfg.eval_max_batches:
             break
         ids, loss_mask, valid = ids.to(device), loss_mask.to(device), valid.to(device)
-        offset = bi % k
         logits, h = target(ids)
-        labels = label_positions(loss_mask, valid, k, offset)
-        with amp:
-            outs = step(target.tok_embeddings(ids), h, k, offset, k)
-        for m, (idx, hat) in enumerate(outs):
-            sel = labels[:, idx]
-            b, j = sel.nonzero(as_tuple=True)
-            agree = target.output(hat[b, j].to(h.dtype)).argmax(-1) == logits[b, idx[j]].argmax(-1)
-            hits[m] += agree.sum().item()
-            counts[m] += sel.sum().item()
+        emb = target.tok_embeddings(ids)
+        for offset in range(k):  # every offset: each position is scored at every draft step
+            labels = label_positions(loss_mask, valid, k, offset)
+            with amp:
+                outs = step(emb, h, k, offset, k)
+            for m, (idx, hat) in enumerate(outs):
+                b, j = labels[:, idx].nonzero(as_tuple=True)
+                agree = target.output(hat[b, j].to(h.dtype)).argmax(-1) == logits[b, idx[j]].argmax(-1)
+                hits[m] += agree.sum().item()
+                counts[m] += len(b)
     return (hits / counts).tolist()
 
 
