@@ -361,8 +361,7 @@ def measure_memory(cfg, target, tokenizer, device):
     SmolLM2-shaped target (V = 49152, batch 16 x 1296 tokens, k = 6): peak 2.0, 3.3, 4.7, 6.0, 7.4, 8.7 GiB at
     s = 1..6 (+1.3 GiB a step: ~8 bytes per trained position and vocabulary entry), against 11.3 GiB for
     stage 1, whose loss covers all T positions at once. A self-attention training-time-test draft (EAGLE-3 /
-    HASS) would in addition attend
-    over T * s keys at step s."""
+    HASS) would in addition attend over T * s keys at step s."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     window = max(cfg.window, 6)
