@@ -39,7 +39,11 @@ from llama import BeagleError, KVCache
 
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
 GPU_TREE = (5, 10, 60)  # (depth, top-k, tree tokens): the paper's EAGLE-2 setting
-CPU_TREE = (5, 4, 16)  # on a CPU a target forward costs ~linearly in its tokens: smaller trees win (measured later)
+# On a CPU the target's cost grows with every token verified and each draft step pays a full-vocabulary LM head
+# (SmolLM2-135M, 2 cores, fp32: a plain token ~45 ms; an iteration ~2.1x that for a depth-3 chain, ~2.7x for
+# depth 3 / top-k 2 / 4 tokens, ~4.2x for 5/4/16, ~7.4x for 5/10/60), so a depth-3 chain needs the lowest tau
+# to pay off. Re-measure with a trained draft: python decode.py --bench mtbench --device cpu --depth ...
+CPU_TREE = (3, 1, 3)
 
 
 @dataclass
