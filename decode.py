@@ -28,6 +28,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,14 +180,12 @@ class DraftCache:
     of the committed prefix; while drafting, the K/V of draft states go to the scratch slots n, n+1, ..., which
     the next iteration's true states overwrite (so draft states are discarded for free)."""
 
-    def __init__(self, max_len):
-        self.max_len, self.k, self.v = max_len, None, None
+    def __init__(self, draft, max_len):
+        w = draft.wk.weight
+        self.k = w.new_zeros(1, draft.n_kv_heads, max_len, draft.head_dim)
+        self.v = torch.zeros_like(self.k)
 
     def write(self, start, k, v):  # k, v (1, Hkv, S, D) -> slots start .. start+S-1
-        if self.k is None:  # allocated on first use, with the draft's own head shape and dtype
-            shape = (1, k.shape[1], self.max_len, k.shape[3])
-            self.k = k.new_zeros(shape)
-            self.v = v.new_zeros(shape)
         self.k[:, :, start:start + k.shape[2]] = k
         self.v[:, :, start:start + v.shape[2]] = v
 
@@ -290,8 +289,8 @@ def accept_sampled(probs, tokens, parent, gen):
     accepted child we continue with the target's distribution after it, so by induction the whole output
     follows the target. Returns (path, new) as accept_greedy."""
     kids, host_tokens = [[] for _ in range(len(parent))], tokens.tolist()
-    for i, p in enumerate(parent.tolist()[1:], 1):
-        kids[p].append(i)  # in creation order: best draft score first
+    for i, up in enumerate(parent.tolist()[1:], 1):
+        kids[up].append(i)  # in creation order: best draft score first
     node, path = 0, [0]
     while True:
         p = probs[node]
@@ -348,7 +347,7 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
     sync(dev)
     t0 = time.perf_counter()
     cache = SlotCache(target.args, 1, n + cfg.max_new_tokens + N + 1, dev, dtype)
-    dcache = DraftCache(n + cfg.max_new_tokens + Q)
+    dcache = DraftCache(draft, n + cfg.max_new_tokens + Q)
     pos = torch.arange(n, device=dev)
     logits, h = target(torch.tensor([prompt], device=dev), pos, cache,
                        torch.ones(n, n, dtype=torch.bool, device=dev).tril())
@@ -483,6 +482,23 @@ def run(target, draft, prompt, cfg, stop_ids, on_tokens=None, mode=None):
     return generate_spec(target, draft, prompt, dataclasses.replace(cfg, mode=mode), stop_ids, gen, on_tokens)
 
 
+def converse(target, draft, tokenizer, cfg, turns, modes, stop_ids, stream=False):
+    """Yield (turn index, {mode: Result}) turn by turn. Each mode answers with its own previous answers in the
+    conversation (FastChat's MT-bench protocol); with stream, the first mode's answer is printed as it grows."""
+    answers = {mode: [] for mode in modes}
+    for i, turn in enumerate(turns):
+        results = {}
+        for mode in modes:
+            ids = prompt_ids(tokenizer, cfg, turns[:i + 1], answers[mode])
+            check_length(target, len(ids), cfg)  # before anything is printed
+            show = stream and mode == modes[0]
+            if show:
+                print(f"\n>>> {turn}\n")
+            results[mode] = run(target, draft, ids, cfg, stop_ids, Streamer(tokenizer, stop_ids) if show else None, mode)
+            answers[mode].append(answer_text(tokenizer, results[mode].tokens, stop_ids))
+        yield i, results
+
+
 def warm_up(target, draft, prompt, cfg, stop_ids, modes):
     """A short untimed answer per mode, so first-call costs (kernels, allocator, caches) stay out of the timings."""
     for mode in modes:
@@ -493,16 +509,9 @@ def warm_up(target, draft, prompt, cfg, stop_ids, modes):
 def summary(r):
     line = f"{len(r.tokens)} new tokens in {r.seconds:.2f} s: {len(r.tokens) / r.seconds:.1f} tokens/s"
     if r.accepted_lengths:
-        hist = " ".join(f"{m}:{c}" for m, c in enumerate(histogram(r.accepted_lengths)) if c)
+        hist = " ".join(f"{m}:{c}" for m, c in sorted(Counter(r.accepted_lengths).items()))
         line += f", tau {r.tau:.2f} over {r.target_forwards} target forwards, accepted lengths {hist}"
     return line
-
-
-def histogram(accepted):
-    counts = [0] * (max(accepted, default=0) + 1)
-    for m in accepted:
-        counts[m] += 1
-    return counts
 
 
 def acceptance_rates(accepted, depth):
@@ -521,26 +530,20 @@ def main(cfg):
     convs = read_prompts(cfg)
     target, tokenizer, draft = load(cfg)
     stop = set(tokenizer.stop_ids)
-    if cfg.compare and cfg.mode != "ar":
-        warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, stop, ("ar", cfg.mode))
+    modes = (cfg.mode, "ar") if cfg.compare and cfg.mode != "ar" else (cfg.mode,)
+    if len(modes) > 1:
+        warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, stop, modes)
     for turns, _ in convs:
-        answers, base_answers = [], []
-        for i, turn in enumerate(turns):
-            ids = prompt_ids(tokenizer, cfg, turns[:i + 1], answers)
-            check_length(target, len(ids), cfg)  # before anything is printed
-            if not cfg.json:
-                print(f"\n>>> {turn}\n")
-            r = run(target, draft, ids, cfg, stop, None if cfg.json else Streamer(tokenizer, stop))
-            answers.append(answer_text(tokenizer, r.tokens, stop))
-            row = dict(prompt=turn, turn=i + 1, tokens=r.tokens, text=answers[-1], new_tokens=len(r.tokens),
-                       seconds=round(r.seconds, 4), tokens_per_s=round(len(r.tokens) / r.seconds, 2),
-                       mode=cfg.mode, tau=round(r.tau, 3), target_forwards=r.target_forwards,
-                       accepted_lengths=r.accepted_lengths)
+        for i, res in converse(target, draft, tokenizer, cfg, turns, modes, stop, stream=not cfg.json):
+            r = res[cfg.mode]
+            row = dict(prompt=turns[i], turn=i + 1, tokens=r.tokens, text=answer_text(tokenizer, r.tokens, stop),
+                       new_tokens=len(r.tokens), seconds=round(r.seconds, 4), mode=cfg.mode,
+                       tokens_per_s=round(len(r.tokens) / r.seconds, 2), tau=round(r.tau, 3),
+                       target_forwards=r.target_forwards, accepted_lengths=r.accepted_lengths)
             if not cfg.json:
                 print(f"\n[{cfg.mode}] {summary(r)}")
-            if cfg.compare and cfg.mode != "ar":  # the baseline on the same conversation (its own answers)
-                b = run(target, draft, prompt_ids(tokenizer, cfg, turns[:i + 1], base_answers), cfg, stop, mode="ar")
-                base_answers.append(answer_text(tokenizer, b.tokens, stop))
+            if len(modes) > 1:  # --compare: plain decoding on the same conversation
+                b = res["ar"]
                 speedup = (len(r.tokens) / r.seconds) / (len(b.tokens) / b.seconds)
                 row.update(plain_seconds=round(b.seconds, 4), plain_tokens=len(b.tokens), speedup=round(speedup, 3),
                            identical=b.tokens == r.tokens)
@@ -554,13 +557,9 @@ def main(cfg):
 def hardware(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
 def bench(cfg):
@@ -576,13 +575,7 @@ def bench(cfg):
     warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, stop, ("ar", cfg.mode))
     records = []
     for q, (turns, category) in enumerate(convs):
-        answers = {"ar": [], cfg.mode: []}  # each method carries its own first answer into turn 2 (FastChat)
-        for i in range(len(turns)):
-            res = {}
-            for mode in ("ar", cfg.mode):
-                res[mode] = run(target, draft, prompt_ids(tokenizer, cfg, turns[:i + 1], answers[mode]), cfg, stop,
-                                mode=mode)
-                answers[mode].append(answer_text(tokenizer, res[mode].tokens, stop))
+        for i, res in converse(target, draft, tokenizer, cfg, turns, ("ar", cfg.mode), stop):  # interleaved
             b, s = res["ar"], res[cfg.mode]
             records.append(dict(question=q, category=category, turn=i + 1, plain_tokens=len(b.tokens),
                                 plain_seconds=b.seconds, tokens=len(s.tokens), seconds=s.seconds,

@@ -170,7 +170,7 @@ def test_decode_draft_tree_equals_reference(decode_tiny, depth, top_k, keep, dec
         x = torch.tensor([prompts[2] + [3, 4, 5]])
         _, h = target(x)
         n = x.shape[1] - 1
-        dcache = DraftCache(n + 100)
+        dcache = DraftCache(draft, n + 100)
         dcache.write(0, *draft.kv(h[:, :n], torch.arange(n)))
         dcache.write(n, torch.randn_like(dcache.k[:, :, :50]), torch.randn_like(dcache.v[:, :, :50]))  # stale junk
         tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, n, x[0, n], depth, top_k, keep)
@@ -196,7 +196,7 @@ def test_decode_tree_selection_keeps_parents_on_ties(decode_one_thread):
     draft = decode_random_draft(target)
     with torch.no_grad():
         target.output.weight.zero_()  # uniform draft (and target) distributions
-        dcache = DraftCache(64)
+        dcache = DraftCache(draft, 64)
         dcache.write(0, *draft.kv(torch.randn(1, 4, 64), torch.arange(4)))
         for keep in (1, 5, 9, 20):
             tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, 4, torch.tensor(2), 3, 3, keep)
@@ -222,7 +222,7 @@ def test_decode_verification_logits_and_kv_compaction(decode_tiny, monkeypatch, 
     seq = list(prompts[1])
     n = len(seq)
     with torch.no_grad():
-        cache, dcache = SlotCache(target.args, 1, 200), DraftCache(200)
+        cache, dcache = SlotCache(target.args, 1, 200), DraftCache(draft, 200)
         logits, h = target(torch.tensor([seq]), torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
         dcache.write(0, *draft.kv(h, torch.arange(n)))
         root = logits[0, -1].argmax()
@@ -438,6 +438,28 @@ def test_decode_prompt_file_formats(tmp_path):
         decode.read_prompts(DecodeConfig(prompt_file=str(tmp_path / "bad.jsonl")))
     with pytest.raises(BeagleError, match="cannot read"):
         decode.read_prompts(DecodeConfig(prompt_file=str(tmp_path / "missing.jsonl")))
+
+
+def test_decode_streamer_holds_back_partial_characters(capsys):
+    class Bytes:  # one token per UTF-8 byte; 300 = a stop token
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+    text = "héllo wörld\nsecond line 😀 ok\n"
+    ids = list(text.encode()) + [300]
+    stream = decode.Streamer(Bytes(), {300})
+    for i in range(1, len(ids) + 1):
+        stream(ids[:i])
+    out = capsys.readouterr().out
+    assert out == text and "\ufffd" not in out
+
+
+def test_decode_real_prompt_ids(decode_real):
+    _, tok = decode_real
+    cfg = DecodeConfig(system="You are terse.")
+    ids = decode.prompt_ids(tok, cfg, ["Hi", "Again"], ["Hello!"])
+    assert ids == tok.chat([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+                            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again"}])
+    assert decode.prompt_ids(tok, DecodeConfig(template="raw"), ["Hi"], []) == tok.encode("Hi")
 
 
 def test_decode_real_cli_subprocess_error_is_one_line(decode_real):
