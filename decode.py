@@ -35,15 +35,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import beagle
 import llama
 from llama import BeagleError, KVCache
 
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
-GPU_TREE = (5, 10, 60)  # (depth, top-k, tree tokens): the paper's EAGLE-2 setting
-# On a CPU the target's cost grows with every token verified and each draft step pays a full-vocabulary LM head
-# (SmolLM2-135M, 2 cores, fp32: a plain token ~45 ms; an iteration ~2.1x that for a depth-3 chain, ~2.7x for
-# depth 3 / top-k 2 / 4 tokens, ~4.2x for 5/4/16, ~7.4x for 5/10/60), so a depth-3 chain needs the lowest tau
-# to pay off. Re-measure with a trained draft: python decode.py --bench mtbench --device cpu --depth ...
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting; on an H200 a 135M target is launch-bound (bf16,
+# SmolLM2 shape: a plain token ~29 ms, a 5/10/60 iteration ~36 ms), so iterations cost about one plain token.
+GPU_TREE = (5, 10, 60)
+# CPU: the target's cost grows with every token verified and each draft step pays a full-vocabulary LM head
+# (SmolLM2-135M, fp32, a busy 2-core box: a plain token ~45 ms; an iteration ~2.1x that for a depth-3 chain,
+# ~2.7x for 3/2/4, ~4.2x for 5/4/16, ~7.4x for 5/10/60), so a depth-3 chain needs the lowest tau to pay off.
+# Re-measure with a trained draft: python decode.py --bench mtbench --device cpu --depth D --top-k K ...
 CPU_TREE = (3, 1, 3)
 
 
@@ -146,19 +150,18 @@ def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     cache = KVCache(target.args, 1, n + cfg.max_new_tokens, dev, target.output.weight.dtype)
     causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
     logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache, causal)
-    out = []
+    out, pos = [], torch.tensor([n], device=dev)  # the position lives on the device: no copy per token
     while True:
         tok = pick(logits[0, -1], cfg, gen)
-        t = tok.item()
-        done = finish(out, [t], stop_ids, cfg.max_new_tokens)
+        done = finish(out, [tok.item()], stop_ids, cfg.max_new_tokens)
         if on_tokens:
             on_tokens(out)
         if done:
             break
         # one token at position n sees cache slots 0..n (mask width n + 1 = live slots)
-        logits, _ = target(tok.view(1, 1), torch.tensor([n], device=dev), cache,
-                           torch.ones(1, n + 1, dtype=torch.bool, device=dev))
+        logits, _ = target(tok.view(1, 1), pos, cache, torch.ones(1, n + 1, dtype=torch.bool, device=dev))
         n += 1
+        pos += 1
     sync(dev)
     return Result(out, time.perf_counter() - t0, len(out), [])  # one target forward per token
 
@@ -312,12 +315,12 @@ def accept_sampled(probs, tokens, parent, gen):
 
 
 @torch.no_grad()
-def speculate(target, draft, cache, dcache, n, root, cfg, top_k, tree_tokens, gen=None):
+def speculate(target, draft, cache, dcache, n, root, cfg, gen=None):
     """One iteration after a committed prefix of n tokens whose true states are in both caches; root = the bonus
     token (position n). Returns the new tokens (accepted draft tokens + the target's next one), both caches
     updated for prefix + root + accepted tokens."""
     dev = cache.k.device
-    tokens, parent, depth, anc = draft_tree(target, draft, dcache, n, root, cfg.depth, top_k, tree_tokens)
+    tokens, parent, depth, anc = draft_tree(target, draft, dcache, n, root, cfg.depth, cfg.top_k, cfg.tree_tokens)
     T = tokens.shape[0]
     # verify: node i sits in cache slot n+i at position n+depth_i and sees the prefix, its ancestors, itself
     cache.slots = torch.arange(n, n + T, device=dev)
@@ -340,8 +343,9 @@ def speculate(target, draft, cache, dcache, n, root, cfg, top_k, tree_tokens, ge
 def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     """Speculative decoding; cfg.mode chain | tree, cfg.depth / top_k / tree_tokens already resolved."""
     dev, dtype = target.output.weight.device, target.output.weight.dtype
-    top_k, tree_tokens = (1, cfg.depth) if cfg.mode == "chain" else (cfg.top_k, cfg.tree_tokens)
-    _, Q, N = tree_sizes(cfg.depth, min(top_k, target.args.vocab_size), tree_tokens)
+    if cfg.mode == "chain":  # a chain is the tree with one child per node
+        cfg = dataclasses.replace(cfg, top_k=1, tree_tokens=cfg.depth)
+    _, Q, N = tree_sizes(cfg.depth, min(cfg.top_k, target.args.vocab_size), cfg.tree_tokens)
     n = len(prompt)
     check_length(target, n, cfg)
     sync(dev)
@@ -358,7 +362,7 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
     while not done:
         if on_tokens:
             on_tokens(out)
-        new = speculate(target, draft, cache, dcache, n, root, cfg, top_k, tree_tokens, gen)
+        new = speculate(target, draft, cache, dcache, n, root, cfg, gen)
         accepted.append(len(new) - 1)
         done = finish(out, new, stop_ids, cfg.max_new_tokens)
         n += len(new)
@@ -433,22 +437,18 @@ def resolve(cfg):
         raise BeagleError("--temperature must be >= 0 and --top-p in (0, 1]")
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def load(cfg):
     """-> (target, tokenizer, draft or None); falls back to plain decoding when there is no draft."""
     template = None if cfg.template == "raw" else cfg.template
     target, tokenizer = llama.load_target(cfg.target, device=cfg.device, dtype=DTYPES[cfg.dtype], template=template)
     target.eval()
     path = cfg.draft or (str(DEFAULT_DRAFT) if cfg.target is None and DEFAULT_DRAFT.is_file() else None)
-    if cfg.mode == "ar" and not cfg.compare and not cfg.bench:
+    if cfg.mode == "ar":
         return target, tokenizer, None
     if path is None:
         print("note: no draft (give --draft PATH); plain decoding", file=sys.stderr)
         cfg.mode = "ar"
         return target, tokenizer, None
-    import beagle
     return target, tokenizer, beagle.load_draft(path, target, cfg.device, DTYPES[cfg.dtype])
 
 

@@ -228,7 +228,7 @@ def test_decode_verification_logits_and_kv_compaction(decode_tiny, monkeypatch, 
         root = logits[0, -1].argmax()
         moved = 0
         for _ in range(8):
-            new = decode.speculate(target, draft, cache, dcache, n, root, cfg, cfg.top_k, cfg.tree_tokens)
+            new = decode.speculate(target, draft, cache, dcache, n, root, cfg)
             tokens, positions, mask, vlogits = calls[-1]
             parents = {}
             for i in range(1, tokens.shape[1]):  # parent = the deepest other visible tree node
