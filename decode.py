@@ -494,7 +494,8 @@ def converse(target, draft, tokenizer, cfg, turns, modes, stop_ids, stream=False
             show = stream and mode == modes[0]
             if show:
                 print(f"\n>>> {turn}\n")
-            results[mode] = run(target, draft, ids, cfg, stop_ids, Streamer(tokenizer, stop_ids) if show else None, mode)
+            streamer = Streamer(tokenizer, stop_ids) if show else None
+            results[mode] = run(target, draft, ids, cfg, stop_ids, streamer, mode)
             answers[mode].append(answer_text(tokenizer, results[mode].tokens, stop_ids))
         yield i, results
 
@@ -597,7 +598,8 @@ def bench(cfg):
                     top_k=1 if cfg.mode == "chain" else cfg.top_k,
                     tree_tokens=cfg.depth if cfg.mode == "chain" else cfg.tree_tokens,
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    top_k_sample=cfg.top_k_sample, seed=cfg.seed, target=cfg.target or "default (SmolLM2-135M-Instruct)",
+                    top_k_sample=cfg.top_k_sample, seed=cfg.seed,
+                    target=cfg.target or "default (SmolLM2-135M-Instruct)",
                     draft=cfg.draft or str(DEFAULT_DRAFT), device=cfg.device, dtype=cfg.dtype,
                     hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
     head = "| category | turns | plain tok/s | spec tok/s | speedup | tau | acceptance by depth | identical |"
