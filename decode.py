@@ -13,8 +13,9 @@ states h_0..h_{n-1}; their draft keys/values live in a static draft cache. The b
 choice after the prefix) is the root of a tree:
   1. draft: the root queries e(t_n) at position n over the true keys and proposes its top-k children; each
      further step expands the top-k frontier nodes (by cumulative draft log-prob), and a node's query sees the
-     true keys plus the draft states hat_h of its ancestors only ("concat"; their K/V are computed lazily, when
-     the first child queries, and thrown away at the end of the iteration). Keep the best --tree-tokens nodes.
+     true keys plus the draft states hat_h of its ancestors only ("concat"; lazy append: the K/V of a step's
+     queries are computed at the next step, batched, and thrown away after the iteration). Keep the best
+     --tree-tokens nodes by cumulative log-prob.
   2. verify: root + nodes in ONE target forward, tree attention mask over the cache, position = n + depth.
   3. accept the longest path the target agrees with (argmax at temperature 0, sequential rejection sampling
      otherwise), plus one bonus token from the target; move the path's K/V into place; write the path's true
