@@ -170,15 +170,6 @@ def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
 # -----------------------------------------------------------------------------
 # speculative decoding
 
-class SlotCache(KVCache):
-    """The target's KVCache, but a forward can write to explicit cache slots: a tree's siblings share a RoPE
-    position (prefix length + depth) yet each needs a slot of its own. slots=None: write at the positions."""
-    slots = None
-
-    def update(self, layer, positions, k, v):
-        return super().update(layer, positions if self.slots is None else self.slots, k, v)
-
-
 class DraftCache:
     """Static K/V buffers of the draft, (1, Hkv, max_len, D). Slots 0..n-1 hold the K/V of the TRUE target states
     of the committed prefix; while drafting, the K/V of draft states go to the scratch slots n, n+1, ..., which
@@ -324,10 +315,8 @@ def speculate(target, draft, cache, dcache, n, root, cfg, gen=None):
     tokens, parent, depth, anc = draft_tree(target, draft, dcache, n, root, cfg.depth, cfg.top_k, cfg.tree_tokens)
     T = tokens.shape[0]
     # verify: node i sits in cache slot n+i at position n+depth_i and sees the prefix, its ancestors, itself
-    cache.slots = torch.arange(n, n + T, device=dev)
     mask = torch.cat([torch.ones(T, n, dtype=torch.bool, device=dev), anc], 1)  # (T, n+T)
-    logits, h = target(tokens[None], n + depth, cache, mask)
-    cache.slots = None
+    logits, h = target(tokens[None], n + depth, cache, mask, slots=torch.arange(n, n + T, device=dev))
     if cfg.temperature == 0:
         path, new = accept_greedy(logits[0], tokens, parent, depth, anc)
     else:
@@ -351,7 +340,7 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
     check_length(target, n, cfg)
     sync(dev)
     t0 = time.perf_counter()
-    cache = SlotCache(target.args, 1, n + cfg.max_new_tokens + N + 1, dev, dtype)
+    cache = KVCache(target.args, 1, n + cfg.max_new_tokens + N + 1, dev, dtype)
     dcache = DraftCache(draft, n + cfg.max_new_tokens + Q)
     pos = torch.arange(n, device=dev)
     logits, h = target(torch.tensor([prompt], device=dev), pos, cache,

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import decode
 import llama
 from beagle import Beagle, DraftArgs, save_draft
-from decode import DecodeConfig, DraftCache, SlotCache, generate_ar, generate_spec
+from llama import KVCache
+from decode import DecodeConfig, DraftCache, generate_ar, generate_spec
 from llama import BeagleError, ModelArgs, Transformer
 
 DECODE_HERE = Path(__file__).resolve().parent
@@ -100,8 +101,8 @@ def decode_tiny():
 def test_decode_greedy_spec_equals_plain_tiny(decode_tiny, monkeypatch, decode_one_thread):
     target, prompts, random_draft, trained_draft = decode_tiny
     moves = []
-    real_move = SlotCache.move
-    monkeypatch.setattr(SlotCache, "move", lambda self, src, dst: (moves.append(1), real_move(self, src, dst)))
+    real_move = KVCache.move
+    monkeypatch.setattr(KVCache, "move", lambda self, src, dst: (moves.append(1), real_move(self, src, dst)))
     accepted, mid_stops = {"random": [], "trained": []}, 0
     for prompt in prompts:
         for max_new in (1, 37):
@@ -214,8 +215,8 @@ def test_decode_verification_logits_and_kv_compaction(decode_tiny, monkeypatch, 
     calls = []
     forward = target.forward
 
-    def spy(tokens, positions=None, cache=None, mask=None):
-        out = forward(tokens, positions, cache, mask)
+    def spy(tokens, positions=None, cache=None, mask=None, slots=None):
+        out = forward(tokens, positions, cache, mask, slots)
         calls.append((tokens.clone(), positions.clone(), mask.clone(), out[0].clone()))
         return out
     monkeypatch.setattr(target, "forward", spy)
@@ -223,7 +224,7 @@ def test_decode_verification_logits_and_kv_compaction(decode_tiny, monkeypatch, 
     seq = list(prompts[1])
     n = len(seq)
     with torch.no_grad():
-        cache, dcache = SlotCache(target.args, 1, 200), DraftCache(draft, 200)
+        cache, dcache = KVCache(target.args, 1, 200), DraftCache(draft, 200)
         logits, h = target(torch.tensor([seq]), torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
         dcache.write(0, *draft.kv(h, torch.arange(n)))
         root = logits[0, -1].argmax()
@@ -249,7 +250,7 @@ def test_decode_verification_logits_and_kv_compaction(decode_tiny, monkeypatch, 
             n = len(seq)
             full_logits, full_h = forward(torch.tensor([seq]))
             assert new[-1] == full_logits[0, -1].argmax().item()
-            fresh = SlotCache(target.args, 1, 200)
+            fresh = KVCache(target.args, 1, 200)
             forward(torch.tensor([seq]), torch.arange(n), fresh, torch.ones(n, n, dtype=torch.bool).tril())
             torch.testing.assert_close(cache.k[:, :, :, :n], fresh.k[:, :, :, :n], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cache.v[:, :, :, :n], fresh.v[:, :, :, :n], atol=1e-5, rtol=1e-5)
