@@ -69,6 +69,12 @@ class ModelArgs:
 def cli(config_cls, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    if "-h" in argv or "--help" in argv:  # the script's docstring, then every option with its default
+        print((sys.modules["__main__"].__doc__ or "").strip() + "\n\noptions:")
+        for f in fields.values():
+            kind = getattr(f.type, "__name__", str(f.type))
+            print(f"  --{f.name.replace('_', '-'):<22} default {f.default!r:<22} ({kind})")
+        sys.exit(0)
     kwargs, i = {}, 0
     while i < len(argv):
         arg = argv[i]
