@@ -336,7 +336,7 @@ class GenConfig:
     batch_size: int = 64
     turns: int = 1  # user/assistant exchanges per conversation
     max_user_tokens: int = 128  # a user turn that has not ended by then is dropped
-    max_reply_tokens: int = 512  # same for a reply: truncated text would teach the draft a missing end of turn
+    max_reply_tokens: int = 512  # a reply that reaches it is kept, truncated, and ends its conversation
     user_temperature: float = 1.0  # the target's own distribution over questions: diversity (Magpie's choice)
     # replies a bit sharper than the target's distribution: close to what it says when it is decoded (greedy or
     # low temperature, the contexts the draft will see), while greedy replies of small models loop and hit the cap
@@ -401,6 +401,7 @@ def generate_conversations(cfg, model, tokenizer, verbose=True):
         gen.manual_seed(cfg.seed * 1_000_003 + count * 1009 + barren)  # a function of the file: resumable
         t0, n_tok = time.time(), 0
         convs, rows, firsts = [[] for _ in range(cfg.batch_size)], list(range(cfg.batch_size)), set()
+        truncated = []  # rows whose last reply hit --max-reply-tokens: kept, but no further turns
         for turn in range(cfg.turns):
             for role in ("user", "assistant"):
                 if role == "user":  # the target continues its template's bare user header: it writes a question
@@ -415,7 +416,10 @@ def generate_conversations(cfg, model, tokenizer, verbose=True):
                     n_tok += len(toks) + stopped
                     text = tokenizer.decode(toks).strip()
                     key = _norm_text(text)
-                    why = ("nostop" if not stopped else "empty" if not text else
+                    # a question cut by the cap is dropped; a reply cut by the cap is kept and ends the
+                    # conversation: the draft learns the target's own distribution at every position (soft
+                    # targets), so a truncated reply teaches nothing false, and dropping it wastes the compute
+                    why = ("nostop" if not stopped and role == "user" else "empty" if not text else
                            "special" if special & set(tokenizer.encode(text)) else None)
                     if why is None and role == "user" and turn == 0:
                         why = ("duplicate" if key in seen or key in firsts else
@@ -425,13 +429,13 @@ def generate_conversations(cfg, model, tokenizer, verbose=True):
                         drops[why] += 1
                     else:
                         convs[i].append({"role": role, "content": text})
-                        kept.append(i)
+                        (kept if stopped else truncated).append(i)
                 rows = kept
                 if not rows:
                     break
             if not rows:
                 break
-        rows = rows[:cfg.n - count]
+        rows = sorted(rows + truncated)[:cfg.n - count]
         with open(cfg.out, "a", encoding="utf-8") as f:  # one append + fsync per batch: a crash loses one batch
             for i in rows:
                 turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in convs[i]]
@@ -444,6 +448,7 @@ def generate_conversations(cfg, model, tokenizer, verbose=True):
         bar.update(len(rows))
         if verbose:
             bar.write(f"batch {batch_no:4d} | kept {len(rows):3d}/{cfg.batch_size} | total {count}/{cfg.n} | "
+                      + f"truncated replies {len(truncated)} | dropped: "
                       + " ".join(f"{k} {drops[k]}" for k in ("nostop", "empty", "special", "duplicate", "mtbench"))
                       + f" | {n_tok / (time.time() - t0):.0f} tok/s")
         if barren >= 20:

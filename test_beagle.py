@@ -1243,7 +1243,7 @@ def test_data_generate_conversations_resume(tmp_path, monkeypatch):
     out = str(tmp_path / "gen" / "self.jsonl")
     cfg = data.GenConfig(out=out, n=5, batch_size=8, max_user_tokens=12, max_reply_tokens=12, seed=0)
     drops = data.generate_conversations(cfg, model, tok, verbose=False)
-    assert drops["nostop"] > 0  # some rows do hit the caps, and are dropped
+    assert drops["nostop"] > 0  # some questions hit the cap, and are dropped
     lines = open(out).read().split("\n")[:-1]
     assert len(lines) == 5
     for line in lines:
@@ -1256,7 +1256,9 @@ def test_data_generate_conversations_resume(tmp_path, monkeypatch):
     data.generate_conversations(cfg, model, tok, verbose=False)
     lines2 = open(out).read().split("\n")[:-1]
     assert lines2[:5] == lines and len(lines2) == 9
-    assert [len(json.loads(x)["conversations"]) for x in lines2[5:]] == [4] * 4
+    for x in lines2[5:]:  # two exchanges, or one whose reply hit the cap (kept truncated, and last)
+        conv = json.loads(x)["conversations"]
+        assert [t["from"] for t in conv] in (["human", "gpt"] * 2, ["human", "gpt"])
     convs = data.load_conversations(out, verbose=False)
     firsts = [c[0]["content"] for c in convs]
     assert len(convs) == 9 and len(set(firsts)) == 9  # no duplicate user turns
@@ -1269,6 +1271,18 @@ def test_data_generate_conversations_resume(tmp_path, monkeypatch):
                           max_reply_tokens=12, seed=0)
     assert data.generate_conversations(cfg2, model, tok, verbose=False)["mtbench"] == 1
     assert firsts[0] not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
+
+
+def test_data_generate_keeps_truncated_replies(tmp_path):
+    tok, model = DataCharTokenizer(), _data_tiny_target(260, stopping=True)
+    cfg = data.GenConfig(out=str(tmp_path / "t.jsonl"), n=6, batch_size=8, max_user_tokens=12, max_reply_tokens=2,
+                         turns=2, seed=0)
+    data.generate_conversations(cfg, model, tok, verbose=False)
+    convs = [json.loads(x)["conversations"] for x in open(cfg.out).read().split("\n")[:-1]]
+    assert len(convs) == 6
+    full = lambda m: m["from"] == "gpt" and len(tok.encode(m["value"])) == 2  # a reply that reached the cap
+    assert any(len(c) == 2 and full(c[1]) for c in convs)  # cut in turn 1: kept, and the conversation ends there
+    assert all(not full(m) for c in convs for m in c[:-1])  # a cut reply is always the last message
 
 
 def test_data_generate_gives_up_on_barren_target(tmp_path):
