@@ -76,6 +76,9 @@ class DecodeConfig:
     dtype: str = ""  # "": bf16 on GPU, fp32 on CPU
     template: str | None = None  # force a chat template (vicuna | chatml | jinja source); raw: no template
     system: str | None = None
+    # static-shape steps (caches of a fixed size, masks built on the device) captured as CUDA graphs on a GPU; on
+    # the CPU the same static steps run eagerly (for tests). Off until measured on the GPU.
+    cuda_graph: bool = False
 
 
 @dataclass
@@ -138,7 +141,10 @@ def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     check_length(target, n, cfg)
     sync(dev)
     t0 = time.perf_counter()
-    cache = KVCache(target.args, 1, n + cfg.max_new_tokens, dev, target.output.weight.dtype)
+    if cfg.cuda_graph:  # forward builds the mask arange(L) <= pos on the device: every shape fixed by the cache
+        cache, _, step = static_steps(target, None, cfg, n + cfg.max_new_tokens)
+    else:
+        cache = KVCache(target.args, 1, n + cfg.max_new_tokens, dev, target.output.weight.dtype)
     causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
     logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache, causal)
     out, pos = [], torch.tensor([n], device=dev)  # the position lives on the device: no copy per token
@@ -149,12 +155,74 @@ def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
             on_tokens(out)
         if done:
             break
-        # one token at position n sees cache slots 0..n (mask width n + 1 = live slots)
-        logits, _ = target(tok.view(1, 1), pos, cache, torch.ones(1, n + 1, dtype=torch.bool, device=dev))
+        if cfg.cuda_graph:
+            logits = step(tok.view(1, 1), pos)
+        else:  # one token at position n sees cache slots 0..n (mask width n + 1 = live slots)
+            logits, _ = target(tok.view(1, 1), pos, cache, torch.ones(1, n + 1, dtype=torch.bool, device=dev))
         n += 1
         pos += 1
     sync(dev)
     return Result(out, time.perf_counter() - t0, len(out), [])  # one target forward per token
+
+
+# -----------------------------------------------------------------------------
+# static steps and CUDA graphs. On an H200 one eager forward of a 135M target is ~1,700 kernels, each launched at
+# Python's pace (plain decoding ~13 tok/s): a CUDA graph launches them all at once. A graph replays fixed kernels on
+# fixed addresses, so a step's shapes must not depend on the prefix length n (attention spans the whole cache,
+# masks are built on the device from n), nothing may be read back to the host, and its caches must outlive it.
+
+class Graphed:
+    """fn(*inputs) -> tensor(s), static shapes, no host syncs. on=False: fn itself, eagerly. on=True: the first call
+    warms fn up and captures it in a CUDA graph; each call copies its inputs into the static buffers the graph reads,
+    replays it and returns the static outputs, which the next replay (of any graph sharing the pool) overwrites:
+    read them before the next call. The warm-up repeats fn's cache writes with the same inputs: harmless."""
+
+    def __init__(self, fn, on, pool=None):
+        self.fn, self.on, self.pool, self.graph = fn, on, pool, None
+
+    def __call__(self, *inputs):
+        if not self.on:
+            return self.fn(*inputs)
+        if self.graph is None:
+            self.inputs = [x.clone() for x in inputs]  # static input buffers: the graph reads these addresses
+            side = torch.cuda.Stream()  # warm up off the current stream (what torch.cuda.graph expects), so lazy
+            side.wait_stream(torch.cuda.current_stream())  # inits (cuBLAS workspaces, ...) are not captured
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # the pool: graphs run one at a time and their outputs are read before the next replay, so they can
+            # share one memory pool for their intermediates instead of holding one each
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.outputs = self.fn(*self.inputs)
+        for buf, x in zip(self.inputs, inputs):
+            buf.copy_(x)
+        self.graph.replay()
+        return self.outputs
+
+
+def static_steps(target, draft, cfg, need):
+    """-> (cache, draft cache or None, step): caches of `need` slots rounded up to 512 and the step over them (plain:
+    step(tok (1, 1), pos (1,)) -> logits; speculative: step(n, root) = propose), made once per size and setting and
+    kept on the target (like gpt-fast's setup_caches): a graph replays on the tensors it was captured with, and
+    capture (~3 eager steps) is paid once per size, not per answer. Stale slots are always masked out."""
+    L = -(-need // 512) * 512
+    tree = (cfg.depth, cfg.top_k, cfg.tree_tokens) if draft is not None else None
+    store = target.__dict__.setdefault("decode_static", {})  # {(L, draft, tree): ...}; the key keeps the draft alive
+    if (L, draft, tree) not in store:
+        dev, dtype = target.output.weight.device, target.output.weight.dtype
+        on = cfg.cuda_graph and dev.type == "cuda"
+        if on and "pool" not in store:
+            store["pool"] = torch.cuda.graph_pool_handle()
+        cache = KVCache(target.args, 1, L, dev, dtype)
+        if draft is None:
+            dcache, fn = None, lambda tok, pos: target(tok, pos, cache)[0]
+        else:
+            dcache = DraftCache(draft, L)
+            fn = lambda n, root: propose(target, draft, cache, dcache, n, root, *tree)
+        store[L, draft, tree] = cache, dcache, Graphed(fn, on, store.get("pool"))
+    return store[L, draft, tree]
 
 
 # -----------------------------------------------------------------------------
@@ -170,9 +238,10 @@ class DraftCache:
         self.k = w.new_zeros(1, draft.n_kv_heads, max_len, draft.head_dim)
         self.v = torch.zeros_like(self.k)
 
-    def write(self, start, k, v):  # k, v (1, Hkv, S, D) -> slots start .. start+S-1
-        self.k[:, :, start:start + k.shape[2]] = k
-        self.v[:, :, start:start + v.shape[2]] = v
+    def write(self, start, k, v):  # k, v (1, Hkv, S, D) -> slots start .. start+S-1 (start: int or 0-d tensor)
+        slots = start + torch.arange(k.shape[2], device=k.device)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
 
 
 def tree_sizes(depth, top_k, tree_tokens):
@@ -181,12 +250,34 @@ def tree_sizes(depth, top_k, tree_tokens):
     return pool, 1 + (depth - 1) * top_k, min(tree_tokens, pool)
 
 
+# The steps below take the prefix length n either as a host int (tensors span the live cache slots, as few as
+# possible: the eager default) or as a 0-d device tensor (tensors span the whole cache and nothing depends on n's
+# value on the host: static shapes for CUDA graphs). Both give the same tokens.
+
+def width(n, full, extra):
+    """Key slots a query looks at: the live ones n + extra, or the whole cache (full) when n is on the device."""
+    return n + extra if isinstance(n, int) else full
+
+
+def fill(n, count, dev):
+    """(count,) LongTensor of value n (host int or 0-d device tensor, then without a host round trip)."""
+    return torch.full((count,), n, device=dev) if isinstance(n, int) else n.expand(count)
+
+
+def tree_mask(block, n, width):
+    """block (R, C) bool, who sees whom among the C slots n..n+C-1 -> (R, width) bool over the cache slots: the
+    prefix (slots < n) visible to every row, block on slots n..n+C-1, nothing beyond. Built on the device."""
+    C = block.shape[1]
+    cols = torch.arange(width, device=block.device) - n  # (width,) slot - n
+    return (cols < 0) | (block[:, cols.clamp(0, C - 1)] & (cols >= 0) & (cols < C))
+
+
 @torch.no_grad()
 def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
     """EAGLE-2 dynamic tree from the bonus token `root` (0-d tensor, position n) over the n true draft keys.
     Returns the tree as flat tensors over T = kept + 1 nodes, node 0 the root, parents before children:
     tokens (T,), parent (T,) (the root is its own parent), depth (T,), anc (T, T) bool ancestor-or-self."""
-    dev = dcache.k.device
+    dev, L = dcache.k.device, dcache.k.shape[2]
     k = min(top_k, target.args.vocab_size)
     P, Q, N = tree_sizes(depth, k, tree_tokens)
     tok = torch.empty(P, dtype=torch.long, device=dev)  # the pool of proposed nodes, in creation order
@@ -198,10 +289,10 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
     qanc[0, 0] = True
 
     # step 1: the root queries the true keys only
+    W = width(n, L, 0)
     emb = target.tok_embeddings(root.view(1, 1))  # (1, 1, dim)
-    pos = torch.full((1,), n, device=dev)
-    hat = draft.attend(emb, pos, dcache.k[:, :, :n], dcache.v[:, :, :n],
-                       torch.ones(1, 1, 1, n, dtype=torch.bool, device=dev))  # (1, 1, dim)
+    hat = draft.attend(emb, fill(n, 1, dev), dcache.k[:, :, :W], dcache.v[:, :, :W],
+                       (torch.arange(W, device=dev) < n)[None, None, None])  # (1, 1, dim)
     top = F.log_softmax(target.output(hat[0]).float(), -1).topk(k)  # (1, k)
     tok[:k], score[:k], parent[:k], dep[:k] = top.indices[0], top.values[0], P, 1
     front = torch.arange(k, device=dev)  # pool indices of the frontier
@@ -210,22 +301,22 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
 
     for s in range(2, depth + 1):
         # lazy append: the previous step's queries get K/V at their own positions now that children query
-        kk, vv = draft.kv(hat, torch.full((hat.shape[1],), n + s - 2, device=dev))
-        dcache.write(n + prev, kk, vv)
+        dcache.write(n + prev, *draft.kv(hat, fill(n + s - 2, hat.shape[1], dev)))
         # the frontier (depth s-1, position n+s-1) queries true keys + the draft states of its ancestors
         qi = torch.arange(nq, nq + k, device=dev)
         qanc[qi] = qanc[front_q]
         qanc[qi, qi] = True
-        mask = torch.cat([torch.ones(k, n, dtype=torch.bool, device=dev), qanc[front_q, :nq]], 1)  # (k, n+nq)
-        hat = draft.attend(target.tok_embeddings(tok[front][None]), torch.full((k,), n + s - 1, device=dev),
-                           dcache.k[:, :, :n + nq], dcache.v[:, :, :n + nq], mask[None, None])  # (1, k, dim)
+        W = width(n, L, nq)
+        hat = draft.attend(target.tok_embeddings(tok[front][None]), fill(n + s - 1, k, dev), dcache.k[:, :, :W],
+                           dcache.v[:, :, :W], tree_mask(qanc[front_q, :nq], n, W)[None, None])  # (1, k, dim)
         top = F.log_softmax(target.output(hat[0]).float(), -1).topk(k)  # (k, k) children of each frontier node
         cum = (score[front, None] + top.values).flatten()  # (k*k,)
         lo = k + (s - 2) * k * k
         tok[lo:lo + k * k], score[lo:lo + k * k] = top.indices.flatten(), cum
-        parent[lo:lo + k * k], dep[lo:lo + k * k] = front.repeat_interleave(k), s
+        # (expand, not repeat_interleave, which reads its output size back to the host on CUDA)
+        parent[lo:lo + k * k], dep[lo:lo + k * k] = front[:, None].expand(k, k).flatten(), s
         best = cum.sort(descending=True, stable=True).indices[:k]  # the next frontier
-        front, front_q = lo + best, qi.repeat_interleave(k)[best]
+        front, front_q = lo + best, qi[:, None].expand(k, k).flatten()[best]
         nq, prev = nq + k, nq
 
     # keep the best N nodes. A child's score is <= its parent's and the parent comes first in the pool, so a
@@ -297,16 +388,28 @@ def accept_sampled(probs, tokens, parent, gen):
 
 
 @torch.no_grad()
-def speculate(target, draft, cache, dcache, n, root, cfg, gen=None):
+def propose(target, draft, cache, dcache, n, root, depth, top_k, tree_tokens):
+    """Draft a tree and verify it: root + nodes in ONE target forward, node i in cache slot n+i at position
+    n+depth_i, seeing the prefix, its ancestors and itself. -> (tokens, parent, depth, anc, logits, h)."""
+    tree = draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens)
+    tokens, anc = tree[0], tree[3]
+    T = tokens.shape[0]
+    mask = tree_mask(anc, n, width(n, cache.max_len, T))  # (T, n+T) or (T, L)
+    logits, h = target(tokens[None], n + tree[2], cache, mask, slots=n + torch.arange(T, device=tokens.device))
+    return *tree, logits, h
+
+
+@torch.no_grad()
+def speculate(target, draft, cache, dcache, n, root, cfg, gen=None, step=None):
     """One iteration after a committed prefix of n tokens whose true states are in both caches; root = the bonus
     token (position n). Returns the new tokens (accepted draft tokens + the target's next one), both caches
-    updated for prefix + root + accepted tokens."""
+    updated for prefix + root + accepted tokens. step: propose() over static caches (static_steps), or None."""
     dev = cache.k.device
-    tokens, parent, depth, anc = draft_tree(target, draft, dcache, n, root, cfg.depth, cfg.top_k, cfg.tree_tokens)
-    T = tokens.shape[0]
-    # verify: node i sits in cache slot n+i at position n+depth_i and sees the prefix, its ancestors, itself
-    mask = torch.cat([torch.ones(T, n, dtype=torch.bool, device=dev), anc], 1)  # (T, n+T)
-    logits, h = target(tokens[None], n + depth, cache, mask, slots=torch.arange(n, n + T, device=dev))
+    if step is None:
+        tokens, parent, depth, anc, logits, h = propose(target, draft, cache, dcache, n, root, cfg.depth, cfg.top_k,
+                                                        cfg.tree_tokens)
+    else:
+        tokens, parent, depth, anc, logits, h = step(torch.tensor(n, device=dev), root)
     if cfg.temperature == 0:
         path, new = accept_greedy(logits[0], tokens, parent, depth, anc)
     else:
@@ -330,8 +433,11 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
     check_length(target, n, cfg)
     sync(dev)
     t0 = time.perf_counter()
-    cache = KVCache(target.args, 1, n + cfg.max_new_tokens + N + 1, dev, dtype)
-    dcache = DraftCache(draft, n + cfg.max_new_tokens + Q)
+    if cfg.cuda_graph:
+        cache, dcache, step = static_steps(target, draft, cfg, n + cfg.max_new_tokens + max(N + 1, Q))
+    else:
+        cache, step = KVCache(target.args, 1, n + cfg.max_new_tokens + N + 1, dev, dtype), None
+        dcache = DraftCache(draft, n + cfg.max_new_tokens + Q)
     pos = torch.arange(n, device=dev)
     logits, h = target(torch.tensor([prompt], device=dev), pos, cache,
                        torch.ones(n, n, dtype=torch.bool, device=dev).tril())
@@ -342,7 +448,7 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
     while not done:
         if on_tokens:
             on_tokens(out)
-        new = speculate(target, draft, cache, dcache, n, root, cfg, gen)
+        new = speculate(target, draft, cache, dcache, n, root, cfg, gen, step)
         accepted.append(len(new) - 1)
         done = finish(out, new, stop_ids, cfg.max_new_tokens)
         n += len(new)
