@@ -260,6 +260,40 @@ def test_graph_graphed_helper_bookkeeping(monkeypatch):
     assert out2 is out1  # the same static outputs, which the (real) replay would have refreshed
 
 
+class GraphEager(Graphed):
+    def __init__(self, fn, on, pool=None):
+        super().__init__(fn, False, pool)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run this on the GPU machine)")
+def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
+    """GPU only: the captured graphs give the tokens of the same static steps run eagerly (same kernels), and of
+    the dynamic path (fp32 tiny target); graphs are captured once and replayed across answers."""
+    target = graph_tiny_target().cuda()
+    draft = graph_draft(target).cuda()
+    prompts = [[1, 2, 3], list(range(5, 25))]
+    runs = {}
+    for name in ("dynamic", "eager static", "graphs"):
+        cfg = DecodeConfig(max_new_tokens=40, cuda_graph=name != "dynamic")
+        with monkeypatch.context() as m:
+            if name == "eager static":  # the same static steps, never captured
+                m.setattr(decode, "Graphed", GraphEager)
+            runs[name] = []
+            for prompt in prompts:
+                for temperature in (0.0, 0.8):
+                    c = dataclasses.replace(cfg, temperature=temperature)
+                    gen = lambda: torch.Generator(device="cuda").manual_seed(3)
+                    runs[name].append(generate_ar(target, prompt, c, set(), gen()).tokens)
+                    for mode, depth, top_k, tree_tokens in (("chain", 3, 0, 0), ("tree", 4, 3, 10)):
+                        s = dataclasses.replace(c, mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens)
+                        runs[name].append(generate_spec(target, draft, prompt, s, set(), gen()).tokens)
+        store = target.__dict__.pop("decode_static", {})  # fresh caches and graphs for the next variant
+        steps = [v[2] for k, v in store.items() if k != "pool"]
+        assert len(steps) == (0 if name == "dynamic" else 3)  # plain, chain, tree: one bundle each, reused
+        assert all((s.graph is not None) == (name == "graphs") for s in steps)
+    assert runs["graphs"] == runs["eager static"] == runs["dynamic"]
+
+
 def test_graph_cli_flag():
     assert llama.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
     assert llama.cli(DecodeConfig, []).cuda_graph is False
