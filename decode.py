@@ -314,10 +314,9 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
         cum = (score[front, None] + top.values).flatten()  # (k*k,)
         lo = k + (s - 2) * k * k
         tok[lo:lo + k * k], score[lo:lo + k * k] = top.indices.flatten(), cum
-        # (expand, not repeat_interleave, which reads its output size back to the host on CUDA)
-        parent[lo:lo + k * k], dep[lo:lo + k * k] = front[:, None].expand(k, k).flatten(), s
+        parent[lo:lo + k * k], dep[lo:lo + k * k] = front.repeat_interleave(k), s
         best = cum.sort(descending=True, stable=True).indices[:k]  # the next frontier
-        front, front_q = lo + best, qi[:, None].expand(k, k).flatten()[best]
+        front, front_q = lo + best, qi.repeat_interleave(k)[best]
         nq, prev = nq + k, nq
 
     # keep the best N nodes. A child's score is <= its parent's and the parent comes first in the pool, so a
@@ -619,7 +618,7 @@ def main(cfg):
     target, tokenizer, draft = load(cfg)
     stop = set(tokenizer.stop_ids)
     modes = (cfg.mode, "ar") if cfg.compare and cfg.mode != "ar" else (cfg.mode,)
-    if len(modes) > 1:
+    if len(modes) > 1 or cfg.cuda_graph:  # (graphs: capture out of the timings, for the first prompt's cache size)
         warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, stop, modes)
     for turns, _ in convs:
         for i, res in converse(target, draft, tokenizer, cfg, turns, modes, stop, stream=not cfg.json):

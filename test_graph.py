@@ -6,14 +6,16 @@ anything back to the host; the masks built on the device must equal the dynamic 
     python -m pytest -q test_graph.py          # ~30 s on one CPU thread (the real-model test is the slow one)
 """
 import dataclasses
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import decode
 import llama
-from beagle import Beagle, DraftArgs
+from beagle import Beagle, DraftArgs, save_draft
 from decode import DecodeConfig, DraftCache, Graphed, generate_ar, generate_spec
 from llama import KVCache, ModelArgs, Transformer
 
@@ -127,26 +129,37 @@ def test_graph_step_shapes_do_not_depend_on_n(graph_tiny, monkeypatch):
             assert len(seen_a) == 2
 
 
+class GraphHostReads(TorchDispatchMode):
+    """Fails on every ATen op that reads a device value back to the host (.item(), bool(t), nonzero, ...)."""
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "equal", "is_nonzero")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING or (name == "repeat_interleave" and torch.is_tensor(args[0]) and
+                                    (kwargs or {}).get("output_size") is None and len(args) < 2):
+            pytest.fail(f"aten.{name} reads back to the host inside a step")
+        return func(*args, **(kwargs or {}))
+
+
 def test_graph_steps_never_read_back_to_the_host(graph_tiny, monkeypatch):
-    """A CUDA graph cannot contain a device->host read: run the static steps with every such method raising."""
+    """A CUDA graph cannot contain a device->host read: run the static steps with every such op failing."""
     target, prompts, _, draft = graph_tiny
+    real, steps = Graphed.__call__, []
+
+    def guarded(self, *inputs):
+        steps.append(1)
+        with GraphHostReads(), monkeypatch.context() as m:
+            for name in ("tolist", "numpy", "cpu"):  # (these leave ATen without a dispatched op)
+                m.setattr(torch.Tensor, name, lambda *a, name=name, **k: pytest.fail(f"{name} inside a step"))
+            return real(self, *inputs)
+    monkeypatch.setattr(Graphed, "__call__", guarded)
+    with pytest.raises(pytest.fail.Exception, match="_local_scalar_dense"):  # the guard works
+        Graphed(lambda x: x + x.item(), on=False)(torch.ones(1))
     for mode in ("ar", "tree"):
         cfg = DecodeConfig(mode=mode, depth=4, top_k=3, tree_tokens=10, max_new_tokens=20, cuda_graph=True)
-        steps = []
-        real = Graphed.__call__
-
-        def guarded(self, *inputs):
-            with monkeypatch.context() as m:
-                for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu",
-                             "numpy", "repeat_interleave"):
-                    m.setattr(torch.Tensor, name, lambda *a, name=name, **k: pytest.fail(f"{name} inside a step"))
-                m.setattr(torch, "nonzero", lambda *a, **k: pytest.fail("nonzero inside a step"))
-                steps.append(1)
-                return real(self, *inputs)
-        monkeypatch.setattr(Graphed, "__call__", guarded)
+        steps.clear()
         r = (generate_ar(target, prompts[2], cfg, set()) if mode == "ar" else
              generate_spec(target, draft, prompts[2], cfg, set()))
-        monkeypatch.setattr(Graphed, "__call__", real)
         assert len(steps) == (len(r.tokens) - 1 if mode == "ar" else len(r.accepted_lengths)) > 3
 
 
@@ -261,8 +274,17 @@ def test_graph_graphed_helper_bookkeeping(monkeypatch):
 
 
 class GraphEager(Graphed):
+    """The static steps run eagerly, with CUDA's sync debug mode raising on any device->host synchronisation."""
+
     def __init__(self, fn, on, pool=None):
         super().__init__(fn, False, pool)
+
+    def __call__(self, *inputs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return super().__call__(*inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run this on the GPU machine)")
@@ -302,7 +324,7 @@ def test_graph_cli_flag():
 # -----------------------------------------------------------------------------
 # the real default target (slow: SmolLM2-135M-Instruct on the CPU)
 
-def test_graph_real_static_equals_dynamic():
+def test_graph_real_static_equals_dynamic(tmp_path, monkeypatch, capsys):
     target, tok = llama.load_target()
     stop = set(tok.stop_ids)
     ids = tok.chat([{"role": "user", "content": "Explain what a cache is in two sentences."}])
@@ -322,3 +344,11 @@ def test_graph_real_static_equals_dynamic():
             assert runs[True][1] == want  # speculative greedy == plain greedy on the static path
         else:
             assert runs[True][0] != want  # the sampled answer is not the greedy one (sampling was exercised)
+    # the command line with --cuda-graph (on the CPU: the static steps, eagerly)
+    monkeypatch.setattr(llama, "load_target", lambda path, device, dtype, template=None: (target, tok))
+    save_draft(str(tmp_path / "d.safetensors"), draft, target)
+    decode.main(llama.cli(DecodeConfig, ["--prompt", "Say hi.", "--draft", str(tmp_path / "d.safetensors"),
+                                         "--depth", "2", "--top-k", "2", "--tree-tokens", "3", "--max-new-tokens", "8",
+                                         "--json", "--compare", "--cuda-graph", "--device", "cpu"]))
+    row = json.loads(capsys.readouterr().out)
+    assert row["identical"] and row["new_tokens"] == 8 and row["mode"] == "tree"
