@@ -205,11 +205,12 @@ class Graphed:
 
 def static_steps(target, draft, cfg, need):
     """-> (cache, draft cache or None, step): caches of `need` slots rounded up to 512 and the step over them (plain:
-    step(tok (1, 1), pos (1,)) -> logits; speculative: step(n, root) = propose), made once per size and setting and
+    step(tok (1, 1), pos (1,)) -> logits; speculative: step(n, root) = iterate_greedy at temperature 0, else
+    propose), made once per size and setting and
     kept on the target (like gpt-fast's setup_caches): a graph replays on the tensors it was captured with, and
     capture (~3 eager steps) is paid once per size, not per answer. Stale slots are always masked out."""
     L = -(-need // 512) * 512
-    tree = (cfg.depth, cfg.top_k, cfg.tree_tokens) if draft is not None else None
+    tree = (cfg.depth, cfg.top_k, cfg.tree_tokens, cfg.temperature == 0) if draft is not None else None
     store = target.__dict__.setdefault("decode_static", {})  # {(L, draft, tree): ...}; the key keeps the draft alive
     if (L, draft, tree) not in store:
         dev, dtype = target.output.weight.device, target.output.weight.dtype
@@ -221,7 +222,8 @@ def static_steps(target, draft, cfg, need):
             dcache, fn = None, lambda tok, pos: target(tok, pos, cache)[0]
         else:
             dcache = DraftCache(draft, L)
-            fn = lambda n, root: propose(target, draft, cache, dcache, n, root, *tree)
+            body = iterate_greedy if tree[3] else propose  # greedy: the whole iteration in one graph
+            fn = lambda n, root: body(target, draft, cache, dcache, n, root, *tree[:3])
         store[L, draft, tree] = cache, dcache, Graphed(fn, on, store.get("pool"))
     return store[L, draft, tree]
 
@@ -343,17 +345,27 @@ def ancestors(parent, depth):
     return anc
 
 
-def accept_greedy(logits, tokens, parent, depth, anc):
-    """-> (path, new): tree indices of the longest path of nodes that equal the target's argmax after their
-    parent (root first), and the new tokens: the path's draft tokens + the target's argmax after its end."""
+def accept_greedy(logits, tokens, parent, depth, anc, max_depth):
+    """-> (path, found), no host sync. path (max_depth+1,): tree indices of the longest path of nodes that equal the
+    target's argmax after their parent, root first, padded past its end with the root; found (max_depth+2,) =
+    [m, the path's m draft tokens (then padding), the target's argmax after the path's end]."""
     choice = logits.argmax(-1)  # (T,) the target's token after each node
     ok = tokens == choice[parent]
     ok[0] = True
     on_path = ~(anc & ~ok).any(-1)  # the node and all its ancestors match
-    best = (depth * on_path).argmax()  # siblings differ, so the matching nodes form one path: take its end
-    path = anc[best].nonzero()[:, 0]  # (m+1,) ascending = root first
-    found = torch.cat([path, tokens[path[1:]], choice[best].view(1)]).tolist()  # one device->host copy
-    return found[:len(path)], found[len(path):]
+    best = (depth * on_path).argmax().view(1)  # siblings differ, so the matching nodes form one path: its end
+    # (best is (1,), not 0-d: indexing with a 0-d tensor would read it back to the host)
+    levels = torch.arange(max_depth + 1, device=tokens.device)[:, None]
+    path = (anc[best] & (depth == levels)).long().argmax(-1)  # the path's node at each depth; 0 past its end
+    return path, torch.cat([depth[best], tokens[path[1:]], choice[best]])
+
+
+def commit(draft, cache, dcache, n, path, h):
+    """Keep an accepted path (tree indices, root first): the target K/V of its nodes move to slots n, n+1, ...
+    and the draft K/V of their true states h go to the same slots. A padded path writes junk past the new
+    prefix, where nothing reads a slot before it is rewritten."""
+    cache.move(n + path[1:], n + 1)  # (the root is in slot n already)
+    dcache.write(n, *draft.kv(h[:, path], n + torch.arange(path.shape[0], device=path.device)))
 
 
 def accept_sampled(probs, tokens, parent, gen):
@@ -400,25 +412,32 @@ def propose(target, draft, cache, dcache, n, root, depth, top_k, tree_tokens):
 
 
 @torch.no_grad()
+def iterate_greedy(target, draft, cache, dcache, n, root, depth, top_k, tree_tokens):
+    """A whole greedy iteration with no host sync (one CUDA graph): propose, accept, commit. -> accept's found."""
+    tokens, parent, dep, anc, logits, h = propose(target, draft, cache, dcache, n, root, depth, top_k, tree_tokens)
+    path, found = accept_greedy(logits[0], tokens, parent, dep, anc, depth)
+    commit(draft, cache, dcache, n, path, h)
+    return found
+
+
+@torch.no_grad()
 def speculate(target, draft, cache, dcache, n, root, cfg, gen=None, step=None):
     """One iteration after a committed prefix of n tokens whose true states are in both caches; root = the bonus
     token (position n). Returns the new tokens (accepted draft tokens + the target's next one), both caches
-    updated for prefix + root + accepted tokens. step: propose() over static caches (static_steps), or None."""
+    updated for prefix + root + accepted tokens. step: static_steps' step (iterate_greedy at temperature 0, else
+    propose) over static caches, or None: eager, shapes following n."""
     dev = cache.k.device
-    if step is None:
-        tokens, parent, depth, anc, logits, h = propose(target, draft, cache, dcache, n, root, cfg.depth, cfg.top_k,
-                                                        cfg.tree_tokens)
-    else:
-        tokens, parent, depth, anc, logits, h = step(torch.tensor(n, device=dev), root)
+    fn = iterate_greedy if cfg.temperature == 0 else propose
+    if step is None:  # eager, shapes following the host int n
+        out = fn(target, draft, cache, dcache, n, root, cfg.depth, cfg.top_k, cfg.tree_tokens)
+    else:  # the same fn over static caches (maybe a CUDA graph): n goes in on the device
+        out = step(torch.tensor(n, device=dev), root)
     if cfg.temperature == 0:
-        path, new = accept_greedy(logits[0], tokens, parent, depth, anc)
-    else:
-        path, new = accept_sampled(probs_from_logits(logits[0], cfg), tokens, parent, gen)
-    m = len(path) - 1  # draft tokens accepted
-    idx = torch.tensor(path, device=dev)
-    if path[-1] != m:  # the accepted nodes are not already in slots n+1..n+m: move them there
-        cache.move(idx[1:] + n, n + 1)
-    dcache.write(n, *draft.kv(h[:, idx], torch.arange(n, n + m + 1, device=dev)))  # their true states
+        m, *found = out.tolist()  # one device->host copy per iteration
+        return found[:m] + found[-1:]
+    tokens, parent, _, _, logits, h = out
+    path, new = accept_sampled(probs_from_logits(logits[0], cfg), tokens, parent, gen)
+    commit(draft, cache, dcache, n, torch.tensor(path, device=dev), h)
     return new
 
 

@@ -178,10 +178,11 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def move(self, src, dst):
-        """Copy slots src (LongTensor) to dst, dst+1, ... (keeps an accepted tree path, dropping the rest)."""
-        n = src.numel()
-        self.k[:, :, :, dst:dst + n] = self.k[:, :, :, src]  # advanced indexing gathers first: overlap is safe
-        self.v[:, :, :, dst:dst + n] = self.v[:, :, :, src]
+        """Copy slots src (LongTensor) to dst, dst+1, ... (keeps an accepted tree path, dropping the rest). dst is an
+        int or a 0-d LongTensor on the device (then no host sync: CUDA graphs)."""
+        slots = dst + torch.arange(src.numel(), device=src.device)
+        self.k.index_copy_(3, slots, self.k.index_select(3, src))  # gather first: overlap is safe
+        self.v.index_copy_(3, slots, self.v.index_select(3, src))
 
 
 class Attention(nn.Module):

@@ -89,10 +89,10 @@ def test_graph_static_equals_dynamic_tiny(graph_tiny):
             if temperature == 0:  # and speculative greedy still equals plain greedy
                 assert all(tokens == runs[True][0] for tokens, _ in runs[True][1:])
     assert 0 in accepted and max(accepted) >= 3  # rejections and deep acceptances (KV moves) happened
-    # one static bundle per (cache size, draft, tree), reused across answers: all prompts fit in 512 slots
+    # one static bundle per (cache size, draft, tree, greedy or not), reused across answers: all fit in 512 slots
     store = target.decode_static
     assert {key[0] for key in store if key != "pool"} == {512}
-    assert len(store) == 1 + 2 * len(GRAPH_SETTINGS)
+    assert len(store) == 1 + 2 * 2 * len(GRAPH_SETTINGS)
 
 
 def graph_calls(monkeypatch, obj, name):
@@ -311,7 +311,7 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
                         runs[name].append(generate_spec(target, draft, prompt, s, set(), gen()).tokens)
         store = target.__dict__.pop("decode_static", {})  # fresh caches and graphs for the next variant
         steps = [v[2] for k, v in store.items() if k != "pool"]
-        assert len(steps) == (0 if name == "dynamic" else 3)  # plain, chain, tree: one bundle each, reused
+        assert len(steps) == (0 if name == "dynamic" else 5)  # plain, (chain, tree) x (greedy, sampled): reused
         assert all((s.graph is not None) == (name == "graphs") for s in steps)
     assert runs["graphs"] == runs["eager static"] == runs["dynamic"]
 
