@@ -204,11 +204,11 @@ class Graphed:
 
 
 def static_steps(target, draft, cfg, need):
-    """-> (cache, draft cache or None, step): caches of `need` slots rounded up to 512 and the step over them (plain:
-    step(tok (1, 1), pos (1,)) -> logits; speculative: step(n, root) = iterate_greedy at temperature 0, else
-    propose), made once per size and setting and
-    kept on the target (like gpt-fast's setup_caches): a graph replays on the tensors it was captured with, and
-    capture (~3 eager steps) is paid once per size, not per answer. Stale slots are always masked out."""
+    """-> (cache, draft cache or None, step): caches of `need` slots rounded up to 512 and a Graphed step over them
+    (plain: step(tok (1, 1), pos (1,)) -> logits; speculative: step(n, root) = iterate_greedy at temperature 0, else
+    propose), made once per size and setting and kept on the target (like gpt-fast's setup_caches): a graph replays
+    on the tensors it was captured with, and capture (~3 eager steps) is paid once per size, not per answer. Stale
+    slots from earlier answers are always masked out or rewritten before they are read."""
     L = -(-need // 512) * 512
     tree = (cfg.depth, cfg.top_k, cfg.tree_tokens, cfg.temperature == 0) if draft is not None else None
     store = target.__dict__.setdefault("decode_static", {})  # {(L, draft, tree): ...}; the key keeps the draft alive

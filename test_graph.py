@@ -109,24 +109,26 @@ def graph_calls(monkeypatch, obj, name):
 def test_graph_step_shapes_do_not_depend_on_n(graph_tiny, monkeypatch):
     """Every tensor a static step hands to the target and the draft has the same shape at every prefix length."""
     target, prompts, _, draft = graph_tiny
-    fwd, att = graph_calls(monkeypatch, target, "forward"), graph_calls(monkeypatch, draft, "attend")
+    spies = [graph_calls(monkeypatch, target, "forward"), graph_calls(monkeypatch, draft, "attend"),
+             graph_calls(monkeypatch, draft, "kv")]
     shapes = lambda calls: {tuple(tuple(a.shape) if torch.is_tensor(a) else a for a in c) for c in calls}
     for mode in ("ar", "tree"):
         cfg = DecodeConfig(mode=mode, depth=3, top_k=2, tree_tokens=5, max_new_tokens=30, cuda_graph=True)
-        seen_f, seen_a, ns = set(), set(), set()
+        seen, ns = [], set()
         for prompt in prompts[1:]:
-            fwd.clear(), att.clear()
+            for calls in spies:
+                calls.clear()
             r = (generate_ar(target, prompt, cfg, set()) if mode == "ar" else generate_spec(target, draft, prompt, cfg,
                                                                                           set()))
+            fwd, att, kv = spies
             assert len(r.tokens) == 30 and fwd[0][0].shape[1] == len(prompt)  # the first forward is the prefill
-            seen_f |= shapes(fwd[1:])
-            seen_a |= shapes(att)
+            seen.append((shapes(fwd[1:]), shapes(att), shapes(kv[1:])))  # (kv[0]: the prefill's states)
             acc = r.accepted_lengths or [0] * (len(r.tokens) - 1)  # plain: one token per step
             ns |= {len(prompt) + sum(acc[:i]) + i for i in range(len(acc))}  # the prefix length at each step
         assert len(ns) > 20  # many prefix lengths...
-        assert len(seen_f) == 1  # ...one verification (or plain step) shape
-        if mode == "tree":  # the root step and the later steps of the draft, one shape each
-            assert len(seen_a) == 2
+        assert seen[0] == seen[1] == seen[2] and len(seen[0][0]) == 1  # ...one set of shapes, one target shape
+        if mode == "tree":  # the draft's root step and later steps; its K/V: lazy appends of 1 and k, the commit
+            assert len(seen[0][1]) == 2 and len(seen[0][2]) == 3
 
 
 class GraphHostReads(TorchDispatchMode):
