@@ -201,10 +201,13 @@ def tokenize_all(tokenizer, convs, max_len, verbose=True):
 # splits and batches: everything is a pure function of (seed, epoch), so training can resume mid-epoch
 
 
-def split(examples, eval_frac, seed=0):
+def split(examples, eval_frac, seed=0, min_eval=1):
+    """-> (train, held_out): a seeded random eval_frac of the examples held out, at least min_eval of them but
+    never more than a fifth (and never all)."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_eval = min(len(examples) - 1, max(1, round(eval_frac * len(examples)))) if eval_frac > 0 else 0
+    n = len(examples)
+    n_eval = min(n - 1, max(1, round(eval_frac * n), min(min_eval, n // 5))) if eval_frac > 0 else 0
     return [examples[i] for i in sorted(order[n_eval:])], [examples[i] for i in sorted(order[:n_eval])]
 
 

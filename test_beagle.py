@@ -870,7 +870,7 @@ def test_train_loop_resume_stage2_init(tmp_path):
     for f in ("draft.safetensors", "state.pt", "train.csv", "eval.csv", "curves.png"):
         assert (out / f).stat().st_size > 0, f
     rows = (out / "eval.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,acc1,acc2,acc3" and len(rows) == 1 + 3  # steps 3, 6, 7
+    assert rows[0] == "step,epoch,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3" and len(rows) == 1 + 3  # 3, 6, 7
     assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[2:])
     # stage 2 starts from the stage-1 draft: with lr 0 its weights are the checkpoint's, and it trains
     ckpt = str(out / "draft.safetensors")
@@ -1157,6 +1157,8 @@ def test_data_split_deterministic():
     assert sorted(e[0][0] for e in tr + ho) == list(range(100))
     assert data.split(ex, 0.1, seed=3) == (tr, ho) and data.split(ex, 0.1, seed=4) != (tr, ho)
     assert data.split(ex, 0.0) == (ex, [])
+    assert len(data.split(ex, 0.02, min_eval=32)[1]) == 20  # at least min_eval, at most a fifth
+    assert len(data.split(ex, 0.02, min_eval=8)[1]) == 8 and len(data.split(ex, 0.5, min_eval=8)[1]) == 50
 
 
 # -----------------------------------------------------------------------------

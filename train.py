@@ -58,6 +58,7 @@ class TrainConfig:
     vloss_weight: float = 10.0  # regression loss weight, relative to the soft cross-entropy
     eval_interval: int = 500  # steps between evaluations (and checkpoints)
     eval_frac: float = 0.02  # held-out share of the conversations
+    eval_min: int = 32  # ... but at least this many (at most a fifth of the data): agreement on 6 is noise
     eval_max_batches: int = 50
     log_interval: int = 10
     max_len: int = 2048
@@ -190,9 +191,12 @@ def plot(out):
         a.plot([r["step"] for r in tr], [r[key] for r in tr], label=key)
     a.set_xlabel("step"), a.set_yscale("log"), a.set_title("training loss"), a.legend()
     for key in (ev[0] if ev else {}):
-        if key.startswith("acc"):
-            b.plot([r["step"] for r in ev], [r[key] for r in ev], marker=".", label=f"draft step {key[3:]}")
-    b.set_xlabel("step"), b.set_ylabel("top-1 agreement"), b.set_title("held-out agreement"), b.legend()
+        if key.startswith("acc"):  # held-out solid; the same on training conversations dashed, same colour
+            line, = b.plot([r["step"] for r in ev], [r[key] for r in ev], marker=".", label=f"draft step {key[3:]}")
+            if "train_" + key in ev[0]:
+                b.plot([r["step"] for r in ev], [r["train_" + key] for r in ev], ls="--", color=line.get_color())
+    b.set_xlabel("step"), b.set_ylabel("top-1 agreement"), b.legend()
+    b.set_title("agreement with the target: held-out (solid), training (dashed)")
     fig.tight_layout()
     tmp = os.path.join(out, f"curves.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -241,7 +245,8 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     examples = data.tokenize_all(tokenizer, data.load_conversations(cfg.data, verbose=master), cfg.max_len,
                                  verbose=master)
-    train_ex, eval_ex = data.split(examples, cfg.eval_frac, cfg.seed)
+    train_ex, eval_ex = data.split(examples, cfg.eval_frac, cfg.seed, cfg.eval_min)
+    seen_ex = train_ex[:max(len(eval_ex), 16)]  # scored like the held-out split: the gap shows memorisation
 
     torch.manual_seed(cfg.seed)
     draft = Beagle(DraftArgs.from_target(target.args)).to(device)  # fp32 master weights; autocast on GPU
@@ -331,10 +336,12 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                 if master:
                     if eval_ex:
                         acc = evaluate(target, draft, eval_ex, cfg, pad_id, device, amp)
-                        say(f"eval step {step} | top-1 agreement at draft steps 1..{cfg.window}: "
-                            + " ".join(f"{a:.3f}" for a in acc))
+                        seen = evaluate(target, draft, seen_ex, cfg, pad_id, device, amp)
+                        say(f"eval step {step} | top-1 agreement at draft steps 1..{cfg.window}: held-out "
+                            + " ".join(f"{a:.3f}" for a in acc) + " | train " + " ".join(f"{a:.3f}" for a in seen))
                         append_csv(os.path.join(cfg.out, "eval.csv"), {
-                            "step": step, "epoch": epoch, **{f"acc{m + 1}": a for m, a in enumerate(acc)}})
+                            "step": step, "epoch": epoch, **{f"acc{m + 1}": a for m, a in enumerate(acc)},
+                            **{f"train_acc{m + 1}": a for m, a in enumerate(seen)}})
                     save_checkpoint(cfg, draft, target, opt, step, epoch, batch)
                     plot(cfg.out)
                     t0, tokens = time.time(), 0  # keep evaluation out of the next tokens/s
