@@ -538,14 +538,9 @@ def state_batches(examples, states, batch_size, shuffle=True, seed=0, epoch=0, p
 # -----------------------------------------------------------------------------
 
 def main(cfg):
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BeagleError("--device cuda asked but CUDA is not available")
-    name = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        raise BeagleError(f"--dtype must be float32, bfloat16 or float16, not {name}")
+    device, dtype = llama.device_and_dtype(cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = llama.load_target(cfg.target, device=device, dtype=getattr(torch, name))
+    model, tokenizer = llama.load_target(cfg.target, device=device, dtype=dtype)
     model.eval()
     generate_conversations(cfg, model, tokenizer)
     load_conversations(cfg.out)  # the summary line, from the file as train.py will read it

@@ -42,7 +42,6 @@ import llama
 from llama import BeagleError, KVCache
 
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting; on an H200 a 135M target is launch-bound (bf16,
 # SmolLM2 shape: a plain token ~29 ms, a 5/10/60 iteration ~36 ms), so iterations cost about one plain token.
 GPU_TREE = (5, 10, 60)
@@ -73,8 +72,8 @@ class DecodeConfig:
     bench: str | None = None  # mtbench | FILE.jsonl
     bench_limit: int = 0  # 0: all questions
     bench_out: str = "bench"
-    device: str = ""  # "": cuda if available else cpu
-    dtype: str = ""  # "": bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     template: str | None = None  # force a chat template (vicuna | chatml | jinja source); raw: no template
     system: str | None = None
     # static-shape steps (caches of a fixed size, masks built on the device) captured as CUDA graphs on a GPU; on
@@ -529,11 +528,9 @@ def prompt_ids(tokenizer, cfg, turns, answers):
 
 def resolve(cfg):
     """Fill the device-dependent defaults in place."""
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.device, dtype = llama.device_and_dtype(cfg.device, cfg.dtype)
+    cfg.dtype = str(dtype).removeprefix("torch.")  # resolved, and spelled one way in reports
     gpu = torch.device(cfg.device).type == "cuda"
-    cfg.dtype = cfg.dtype or ("bf16" if gpu else "fp32")
-    if cfg.dtype not in DTYPES:
-        raise BeagleError(f"--dtype must be one of {', '.join(DTYPES)}")
     if cfg.mode not in ("ar", "chain", "tree"):
         raise BeagleError("--mode must be ar, chain or tree")
     depth, top_k, tree_tokens = GPU_TREE if gpu else CPU_TREE
@@ -545,7 +542,7 @@ def resolve(cfg):
 def load(cfg):
     """-> (target, tokenizer, draft or None); falls back to plain decoding when there is no draft."""
     template = None if cfg.template == "raw" else cfg.template
-    target, tokenizer = llama.load_target(cfg.target, device=cfg.device, dtype=DTYPES[cfg.dtype], template=template)
+    target, tokenizer = llama.load_target(cfg.target, cfg.device, llama.DTYPES[cfg.dtype], template=template)
     target.eval()
     path = cfg.draft or (str(DEFAULT_DRAFT) if cfg.target is None and DEFAULT_DRAFT.is_file() else None)
     if cfg.mode == "ar":
@@ -554,7 +551,7 @@ def load(cfg):
         print("note: no draft (give --draft PATH); plain decoding", file=sys.stderr)
         cfg.mode = "ar"
         return target, tokenizer, None
-    return target, tokenizer, beagle.load_draft(path, target, cfg.device, DTYPES[cfg.dtype])
+    return target, tokenizer, beagle.load_draft(path, target, cfg.device, llama.DTYPES[cfg.dtype])
 
 
 class Streamer:

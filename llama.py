@@ -115,6 +115,23 @@ def _coerce(key, value, kind):
     return value
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def device_and_dtype(device="auto", dtype="auto"):
+    """The scripts' --device / --dtype: auto = cuda when there is one; bf16 on a GPU, fp32 on the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BeagleError(f"--device {device}: CUDA is not available here")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise BeagleError(f"--dtype must be auto or one of {', '.join(DTYPES)} (got {dtype!r})")
+    return device, DTYPES[dtype]
+
+
 # -----------------------------------------------------------------------------
 # model
 

@@ -393,6 +393,34 @@ def test_llama_gguf_llama31_rope_freqs(llama_sp_model, tmp_path):
     llama_close(model(tokens)[0], llama_hf_logits(ref, tokens))
 
 
+def test_llama_device_and_dtype():
+    cpu = not torch.cuda.is_available()
+    assert llama.device_and_dtype("cpu", "auto") == ("cpu", torch.float32)
+    assert llama.device_and_dtype("cpu", "bf16") == llama.device_and_dtype("cpu", "bfloat16") == ("cpu", torch.bfloat16)
+    assert llama.device_and_dtype("auto", "fp16")[0] == ("cpu" if cpu else "cuda")
+    with pytest.raises(BeagleError, match="--dtype must be"):
+        llama.device_and_dtype("cpu", "int8")
+    if cpu:
+        with pytest.raises(BeagleError, match="CUDA is not available"):
+            llama.device_and_dtype("cuda", "auto")
+
+
+def test_llama_cli_help_and_types(capsys):
+    @dataclasses.dataclass
+    class Knobs:
+        steps: int = 3
+        lr: float = 0.1
+        name: str | None = None
+        flag: bool = False
+
+    assert llama.cli(Knobs, ["--steps", "5", "--lr=2e-3", "--name", "None", "--flag"]) == Knobs(5, 2e-3, None, True)
+    with pytest.raises(SystemExit, match="expects"):
+        llama.cli(Knobs, ["--steps", "many"])
+    with pytest.raises(SystemExit) as e:
+        llama.cli(Knobs, ["--help"])
+    assert e.value.code == 0 and "--steps" in capsys.readouterr().out
+
+
 def test_llama_convert_cli(llama_gguf_file, tmp_path):
     path, _ = llama_gguf_file
     run = lambda *a: subprocess.run([sys.executable, "llama.py", *a], capture_output=True, text=True,

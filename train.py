@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import data
 from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
     simulation_mask, window_positions
-from llama import BeagleError, cli
+from llama import DTYPES, BeagleError, cli, device_and_dtype, load_target
 
 
 @dataclass
@@ -237,7 +237,8 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     """The training loop for an already loaded frozen target (tests call it with a tiny one)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    amp_dtype = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    amp_dtype = {"auto": torch.bfloat16}.get(cfg.dtype, DTYPES.get(cfg.dtype))  # autocast: bf16 / fp16 only
+    amp_dtype = amp_dtype if amp_dtype in (torch.bfloat16, torch.float16) else None
     amp = torch.autocast("cuda", dtype=amp_dtype) if cuda and amp_dtype else nullcontext()
     master = rank == 0
     check_config(cfg)
@@ -409,23 +410,15 @@ def measure_memory(cfg, target, tokenizer, device):
 def main(cfg):
     check_config(cfg)  # before the (possibly slow) target load
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype = device_and_dtype(cfg.device, cfg.dtype)
     if world > 1:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend)
         if device.startswith("cuda"):
             device = f"cuda:{local}"
             torch.cuda.set_device(device)
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16, "float32": torch.float32}.get(cfg.dtype)
-    if dtype is None:
-        raise BeagleError(f"--dtype must be auto, bfloat16, float16 or float32 (got {cfg.dtype})")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # the paper trains in TF32 / mixed precision
-    try:
-        from llama import load_target
-    except ImportError:
-        raise BeagleError("llama.load_target is not available yet") from None
     target, tokenizer = load_target(cfg.target, device=device, dtype=dtype)
     try:
         if cfg.measure_memory:
