@@ -303,7 +303,7 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     tokens, live = tokens.to(device), live.to(device)
     cache = llama.KVCache(model.args, B, S, device, model.output.weight.dtype)
     positions = torch.arange(S, device=device)  # on the device once: no host-to-device copy per step
-    logits, _ = model(tokens, positions[:L], cache, prefill_mask(live[:, :L])[:, None])
+    logits, _ = model(tokens, positions[:L], cache, prefill_mask(live[:, :L])[:, None], last_only=True)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out = torch.empty(B, max_new, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

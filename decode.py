@@ -146,7 +146,7 @@ def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     else:
         cache = KVCache(target.args, 1, n + cfg.max_new_tokens, dev, target.output.weight.dtype)
     causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-    logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache, causal)
+    logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache, causal, last_only=True)
     out, pos = [], torch.tensor([n], device=dev)  # the position lives on the device: no copy per token
     while True:
         tok = pick(logits[0, -1], cfg, gen)
@@ -458,7 +458,7 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
         dcache = DraftCache(draft, n + cfg.max_new_tokens + Q)
     pos = torch.arange(n, device=dev)
     logits, h = target(torch.tensor([prompt], device=dev), pos, cache,
-                       torch.ones(n, n, dtype=torch.bool, device=dev).tril())
+                       torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
     dcache.write(0, *draft.kv(h, pos))
     root = pick(logits[0, -1], cfg, gen)
     out, accepted = [], []

@@ -262,12 +262,13 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
-    def forward(self, tokens, positions=None, cache=None, mask=None, slots=None):
+    def forward(self, tokens, positions=None, cache=None, mask=None, slots=None, last_only=False):
         """tokens (B, T); positions (T,) absolute, shared by the batch (default 0..T-1); mask bool, True =
         may attend, broadcastable to (B, H, T, S) where S is T without a cache and the number of live cache
         slots with one. No mask means plain causal attention over this call's tokens alone. slots (T,): the
         cache slots the tokens' K/V go to (default: their positions); a tree's siblings share a position but
-        each needs a slot of its own.
+        each needs a slot of its own. last_only: logits of the last position only (a prefill needs no more:
+        (B, T, V) logits of a long or batched prompt cost gigabytes).
         Returns logits (B, T, V) and the final-norm hidden states h (B, T, dim)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -278,7 +279,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, positions if slots is None else slots, mask, cache, i)
         h = self.norm(x)
-        return self.output(h), h
+        return self.output(h[:, -1:] if last_only else h), h
 
 
 # -----------------------------------------------------------------------------

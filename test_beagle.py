@@ -160,6 +160,9 @@ def test_llama_cached_decoding_equals_full_forward():
     model = llama_tiny()
     tokens = torch.randint(0, 97, (2, 24))
     full, h_full = model(tokens)
+    last, h_last = model(tokens, last_only=True)  # a prefill's head on the last position only
+    assert last.shape == (2, 1, full.shape[-1]) and torch.equal(h_last, h_full)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
     cache = KVCache(model.args, 2, 32)
     logits, h = model(tokens[:, :10], torch.arange(10), cache)  # prefill, causal over the cache
     steps = [logits]
@@ -1204,7 +1207,7 @@ def _data_tiny_target(vocab, stopping=False, seed=0):
         def forward(self, tokens, *args, **kwargs):
             logits, h = super().forward(tokens, *args, **kwargs)
             logits[..., 0] = -30.0
-            logits[..., 2] = torch.where(tokens % 5 == 1, 30.0, -30.0)
+            logits[..., 2] = torch.where(tokens[:, -logits.shape[1]:] % 5 == 1, 30.0, -30.0)  # (last_only)
             return logits, h
 
     torch.manual_seed(seed)
