@@ -4,6 +4,7 @@ arXiv 2505.24544), its training masks, and its checkpoint format.
 
     python train.py --stage 1 --data sharegpt.jsonl --out runs/s1            # trains it (see train.py)
     python decode.py --draft runs/s1/draft.safetensors ...                   # uses it (see decode.py)
+    python beagle.py --draft runs/s2/draft.safetensors --out drafts/x.safetensors  # a bf16 copy to ship
 
 Queries come from the target's token embeddings e(t_i), keys/values from the target's top-layer states h_j
 (and, while drafting, from the draft's own states); the embedding and the LM head are the target's, frozen and
@@ -22,19 +23,25 @@ Choices where the paper is silent (PAPER.md, "ambiguous"):
   position of the token it belongs to, so a draft state is the exact stand-in for the true state it estimates.
 - Window positions are 1-based; the positions before `offset` form a partial window starting at 0 (they see
   no true key, so they carry no loss).
+- VOCAB: a checkpoint may carry `vocab`, every token id of the target ranked by how often the target wrote it in
+  the training data (train.py stores it). decode.py --draft-vocab N lets the draft propose only the N most
+  frequent tokens: its LM head then reads N rows instead of the whole vocabulary (FR-Spec's idea), which matters
+  on a CPU, where one full-vocabulary head costs a fifth of a SmolLM2-135M forward. Still lossless: the target
+  checks every token.
 - Init: every linear weight ~ N(0, 0.02), wo and w2 (the two projections that write into the residual)
   ~ N(0, 0.02 / sqrt(2)), norms at 1 (nanoGPT's rule for one layer): hat_h starts close to e(t_i) + small.
 """
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import BeagleError, FeedForward, RMSNorm, apply_rope, rope, rope_frequencies
+from llama import DTYPES, BeagleError, FeedForward, RMSNorm, apply_rope, rope, rope_frequencies
 
 
 @dataclass
@@ -98,7 +105,7 @@ class Beagle(nn.Module):
             # An all-False row makes SDPA's softmax 0/0 = NaN (forward and backward): let such rows see key 0
             # and zero their output below, so they get exactly 0 and no gradient flows through them.
             first = torch.zeros_like(mask[..., :1, :])  # (.., 1, S)
-            first[..., 0] = True
+            first[..., 0].fill_(True)  # (not `= True`: that copies a host scalar, a GPU sync)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | (first & ~seen),
                                                enable_gqa=self.n_kv_heads != self.n_heads)
             y = torch.where(seen, y, 0.0)  # (B, H, T, D)
@@ -177,6 +184,8 @@ def save_draft(path, draft, target, extra=None):
     meta = {"format": FORMAT, "draft_args": json.dumps(asdict(draft.args)),
             "target": json.dumps(target_fingerprint(target)), "extra": json.dumps(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
+    if getattr(draft, "vocab", None) is not None:
+        tensors["vocab"] = draft.vocab.to(torch.int32).cpu()
     tmp = f"{path}.{os.getpid()}.tmp"
     from safetensors.torch import save_file
     save_file(tensors, tmp, metadata=meta)
@@ -207,10 +216,59 @@ def load_draft(path, target, device="cpu", dtype=torch.float32):
         raise BeagleError(f"{path}: unreadable draft metadata: {e}") from None
     check_fingerprint(saved, target)
     draft = Beagle(args)
+    vocab = tensors.pop("vocab", None)
+    if vocab is not None and vocab.shape != (args.vocab_size,):
+        raise BeagleError(f"{path}: its token ranking has shape {tuple(vocab.shape)}, not ({args.vocab_size},)")
     try:
         draft.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise BeagleError(f"{path}: weights do not match its own config: {str(e).splitlines()[0]}") from None
     draft = draft.to(device=device, dtype=dtype).eval()
     draft.inv_freq = rope_frequencies(args).to(device)  # .to(dtype) also cast it: RoPE angles stay in fp32
+    draft.vocab = None if vocab is None else vocab.long().to(device)  # see VOCAB in the module docstring
     return draft
+
+
+@dataclass
+class ExportConfig:
+    draft: str = "runs/s2/draft.safetensors"  # a checkpoint written by train.py (fp32 master weights)
+    out: str = "drafts/smollm2-135m-instruct.safetensors"  # where decode.py looks for the default target's draft
+    dtype: str = "bfloat16"
+    # (re)compute the token ranking (VOCAB above) from this training data, read with the target's tokenizer; for
+    # checkpoints written before train.py stored the ranking
+    vocab_data: str | None = None
+    target: str | None = None  # None: the default SmolLM2-135M-Instruct
+
+
+def export_draft(src, dst, dtype=torch.bfloat16, vocab=None):
+    """A copy of a draft checkpoint with its weights cast to dtype (same config, fingerprint and metadata) and, if
+    given, a new token ranking, written atomically. Drafts are loaded in the decoding dtype anyway, so bf16 loses
+    nothing on a bf16 GPU."""
+    tensors, meta = read_draft(src)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    if vocab is not None:
+        tensors["vocab"] = vocab.to(torch.int32)
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, dst)
+
+
+if __name__ == "__main__":
+    from llama import cli
+    cfg = cli(ExportConfig)
+    try:
+        if cfg.dtype not in DTYPES:
+            raise BeagleError(f"--dtype must be one of {', '.join(DTYPES)}")
+        vocab = None
+        if cfg.vocab_data:
+            import data
+            from llama import load_target
+            _, tok = load_target(cfg.target)
+            examples = data.tokenize_all(tok, data.load_conversations(cfg.vocab_data), 2048)
+            vocab = data.token_ranking(examples, json.loads(read_draft(cfg.draft)[1]["draft_args"])["vocab_size"])
+        export_draft(cfg.draft, cfg.out, DTYPES[cfg.dtype], vocab)
+        print(f"{cfg.draft} -> {cfg.out} ({cfg.dtype}, {os.path.getsize(cfg.out) / 2**20:.1f} MiB)")
+    except BeagleError as e:
+        sys.exit(f"error: {e}")

@@ -17,6 +17,7 @@ state_batches(examples, CachedStates("cache/", examples), 16, ...) yields the sa
 Re-running the generator with the same --out continues the file up to --n. Conversations whose first user turn
 is an MT-bench question are dropped everywhere (loading and generation): MT-bench is our evaluation set.
 """
+import glob
 import importlib.util
 import itertools
 import json
@@ -94,32 +95,52 @@ def is_mtbench(messages, questions):
     return questions is not None and first is not None and " ".join(first.split()) in questions
 
 
-def load_conversations(path, verbose=True):
-    if not os.path.isfile(path):
-        raise BeagleError(f"data file {path} not found")
+def _read_records(path):
+    """-> (records, lines that are not JSON) of one ShareGPT JSON list or JSONL file."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    records, bad = [], 0
     if text.lstrip().startswith("["):  # one JSON list; else JSONL, one object per line (bad lines skipped)
         try:
-            records = json.loads(text)
+            return json.loads(text), 0
         except json.JSONDecodeError as e:
             raise BeagleError(f"{path} is not valid JSON ({e})") from None
-    else:
-        for line in text.split("\n"):  # not splitlines(): that also cuts at U+2028, \x85 inside a JSON string
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    bad += 1
+    records, bad = [], 0
+    for line in text.split("\n"):  # not splitlines(): that also cuts at U+2028, \x85 inside a JSON string
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return records, bad
+
+
+def load_conversations(path, verbose=True):
+    """path: a file, or a glob ("data/selfgen-*.jsonl": files written by parallel generators). Conversations whose
+    first user turn repeats an earlier one (whitespace-normalised) are dropped, so that no conversation of the
+    held-out split has a twin in the training split."""
+    files = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    if not files or not all(os.path.isfile(p) for p in files):
+        raise BeagleError(f"data file {path} not found")
+    records, bad = [], 0
+    for p in files:
+        r, b = _read_records(p)
+        records, bad = records + r, bad + b
     convs = [c for c in map(_normalise, records) if c is not None]
     bad += len(records) - len(convs)
     questions = mtbench_questions()
-    kept = [c for c in convs if not is_mtbench(c, questions)]
+    kept, firsts = [], set()
+    for c in convs:
+        first = _norm_text(next((m["content"] for m in c if m["role"] == "user"), ""))
+        if not is_mtbench(c, questions) and first not in firsts:
+            kept.append(c)
+            firsts.add(first)
+    dropped = len(convs) - len(kept)
+    mtb = sum(is_mtbench(c, questions) for c in convs)
     if verbose:
-        print(f"{path}: {len(kept)} conversations, skipped {bad} empty/malformed, "
-              f"dropped {len(convs) - len(kept)} MT-bench" + (" (guard off: no MT-bench file)" if questions is None
-                                                              else ""))
+        print(f"{path}: {len(kept)} conversations" + (f" from {len(files)} files" if len(files) > 1 else "")
+              + f", skipped {bad} empty/malformed, dropped {mtb} MT-bench"
+              + (" (guard off: no MT-bench file)" if questions is None else "")
+              + f" and {dropped - mtb} repeated first user turns")
     if not kept:
         raise BeagleError(f"{path} holds no usable conversation (ShareGPT 'conversations' or 'messages' expected)")
     return kept
@@ -195,6 +216,16 @@ def tokenize_all(tokenizer, convs, max_len, verbose=True):
     if not examples:
         raise BeagleError("no conversation survived tokenization")
     return examples
+
+
+def token_ranking(examples, vocab_size):
+    """(vocab_size,) every token id, the ones the target wrote most often (assistant tokens) first; ties and unseen
+    ids by id. A draft may propose from the head of this list only (decode.py --draft-vocab)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids, mask in examples:
+        counts += torch.bincount(torch.tensor([t for t, m in zip(ids, mask) if m], dtype=torch.long),
+                                 minlength=vocab_size)[:vocab_size]
+    return torch.sort(-counts, stable=True).indices
 
 
 # -----------------------------------------------------------------------------

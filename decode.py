@@ -42,14 +42,16 @@ import llama
 from llama import BeagleError, KVCache
 
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
-# (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting; on an H200 a 135M target is launch-bound (bf16,
-# SmolLM2 shape: a plain token ~29 ms, a 5/10/60 iteration ~36 ms), so iterations cost about one plain token.
+# (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting. H200, bf16, CUDA graphs, the shipped draft: a plain
+# token 3.4 ms, a 5/10/60 iteration (5 draft steps + one 61-token verification, one graph) ~1.8 plain tokens.
 GPU_TREE = (5, 10, 60)
-# CPU: the target's cost grows with every token verified and each draft step pays a full-vocabulary LM head
-# (SmolLM2-135M, fp32, a busy 2-core box: a plain token ~45 ms; an iteration ~2.1x that for a depth-3 chain,
-# ~2.7x for 3/2/4, ~4.2x for 5/4/16, ~7.4x for 5/10/60), so a depth-3 chain needs the lowest tau to pay off.
-# Re-measure with a trained draft: python decode.py --bench mtbench --device cpu --depth D --top-k K ...
-CPU_TREE = (3, 1, 3)
+# CPU (2 cores, fp32, the shipped draft, 4 MT-bench prompts x 96 tokens; decode.py's timings, README "Results"): a
+# verification forward of a few tokens costs ~1.35 plain forwards, and each draft step's full-vocabulary LM head
+# ~0.24 of one (it reads 113 MB of the 538 MB the target reads per token). So: few, cheap draft steps, proposing from
+# the target's 4096 most frequent tokens only (beagle.py, VOCAB). Measured iterations: depth-3 chain 2.10 plain
+# steps with the full vocabulary, 1.58 with 4096 tokens; 3 / 2 / 4 with 4096 tokens 1.66 at the best tau.
+CPU_TREE = (3, 2, 4)
+CPU_DRAFT_VOCAB = 4096  # GPU: the whole vocabulary (the head is cheap there)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class DecodeConfig:
     depth: int = 0  # 0: GPU_TREE / CPU_TREE by device
     top_k: int = 0
     tree_tokens: int = 0
+    draft_vocab: int = -1  # N > 0: the draft proposes from the N most frequent target tokens; 0: all; -1: by device
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0: exact argmax
     top_p: float = 1.0
@@ -70,15 +73,16 @@ class DecodeConfig:
     json: bool = False
     compare: bool = False
     bench: str | None = None  # mtbench | FILE.jsonl
-    bench_limit: int = 0  # 0: all questions
+    bench_limit: int = 0  # N > 0: N questions spread evenly over the file (MT-bench: every category); 0: all
     bench_out: str = "bench"
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     template: str | None = None  # force a chat template (vicuna | chatml | jinja source); raw: no template
     system: str | None = None
     # static-shape steps (caches of a fixed size, masks built on the device) captured as CUDA graphs on a GPU; on
-    # the CPU the same static steps run eagerly (for tests). Off until measured on the GPU.
-    cuda_graph: bool = False
+    # the CPU the same static steps run eagerly (for tests). None: on for cuda (H200, SmolLM2: plain decoding
+    # 9.5 -> 311 tok/s), off for cpu
+    cuda_graph: bool | None = None
 
 
 @dataclass
@@ -274,6 +278,33 @@ def tree_mask(block, n, width):
     return (cols < 0) | (block[:, cols.clamp(0, C - 1)] & (cols >= 0) & (cols < C))
 
 
+def set_draft_vocab(target, draft, n, explicit=True):
+    """Let the draft propose from the n most frequent target tokens (its checkpoint's ranking; beagle.py, VOCAB):
+    draft.head = (token ids (n,), their rows of the target's LM head). n = 0, or a draft without a ranking when n
+    was not asked for explicitly: the whole vocabulary (draft.head = None)."""
+    draft.head = None
+    if n <= 0 or n >= target.args.vocab_size:
+        return
+    if getattr(draft, "vocab", None) is None:
+        if explicit:
+            raise BeagleError("--draft-vocab needs a draft with a token ranking (train.py stores one; for older "
+                              "drafts: python beagle.py --draft D --out D2 --vocab-data DATA)")
+        return
+    ids = draft.vocab[:n].to(target.output.weight.device)
+    draft.head = ids, target.output.weight[ids].contiguous()
+
+
+def draft_top(target, draft, hat, k):
+    """hat (R, dim) draft states -> the draft's k best next tokens of each row: (log-probs (R, k), ids (R, k))."""
+    head = getattr(draft, "head", None)
+    if head is None:
+        top = F.log_softmax(target.output(hat).float(), -1).topk(k)
+        return top.values, top.indices
+    ids, weight = head  # (a softmax over the n tokens: only the ranking of candidates matters)
+    top = F.log_softmax(F.linear(hat, weight).float(), -1).topk(k)
+    return top.values, ids[top.indices]
+
+
 @torch.no_grad()
 def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
     """EAGLE-2 dynamic tree from the bonus token `root` (0-d tensor, position n) over the n true draft keys.
@@ -287,16 +318,18 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
     parent = torch.empty(P, dtype=torch.long, device=dev)  # pool index of the parent; P = the root
     dep = torch.empty(P, dtype=torch.long, device=dev)
     # qanc[q]: which querying nodes are ancestors-or-self of querying node q (q = its draft scratch slot - n)
-    qanc = torch.zeros(Q, Q, dtype=torch.bool, device=dev)
-    qanc[0, 0] = True
+    # (built from the identity: the graphed steps never write a Python scalar into a tensor, which on a GPU is a
+    # synchronizing copy from host memory)
+    qanc = torch.eye(Q, dtype=torch.bool, device=dev)  # query 0 (the root) is its own only ancestor
 
     # step 1: the root queries the true keys only
     W = width(n, L, 0)
     emb = target.tok_embeddings(root.view(1, 1))  # (1, 1, dim)
     hat = draft.attend(emb, fill(n, 1, dev), dcache.k[:, :, :W], dcache.v[:, :, :W],
                        (torch.arange(W, device=dev) < n)[None, None, None])  # (1, 1, dim)
-    top = F.log_softmax(target.output(hat[0]).float(), -1).topk(k)  # (1, k)
-    tok[:k], score[:k], parent[:k], dep[:k] = top.indices[0], top.values[0], P, 1
+    values, indices = draft_top(target, draft, hat[0], k)  # (1, k)
+    tok[:k], score[:k] = indices[0], values[0]
+    parent[:k].fill_(P), dep[:k].fill_(1)
     front = torch.arange(k, device=dev)  # pool indices of the frontier
     front_q = torch.zeros(k, dtype=torch.long, device=dev)  # query index of each frontier node's parent
     nq, prev = 1, 0  # query indices used so far; first query index of the previous step
@@ -306,16 +339,16 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
         dcache.write(n + prev, *draft.kv(hat, fill(n + s - 2, hat.shape[1], dev)))
         # the frontier (depth s-1, position n+s-1) queries true keys + the draft states of its ancestors
         qi = torch.arange(nq, nq + k, device=dev)
-        qanc[qi] = qanc[front_q]
-        qanc[qi, qi] = True
+        qanc[qi] |= qanc[front_q]  # rows qi are still identity rows: self + the parent's ancestors
         W = width(n, L, nq)
         hat = draft.attend(target.tok_embeddings(tok[front][None]), fill(n + s - 1, k, dev), dcache.k[:, :, :W],
                            dcache.v[:, :, :W], tree_mask(qanc[front_q, :nq], n, W)[None, None])  # (1, k, dim)
-        top = F.log_softmax(target.output(hat[0]).float(), -1).topk(k)  # (k, k) children of each frontier node
-        cum = (score[front, None] + top.values).flatten()  # (k*k,)
+        values, indices = draft_top(target, draft, hat[0], k)  # (k, k) children of each frontier node
+        cum = (score[front, None] + values).flatten()  # (k*k,)
         lo = k + (s - 2) * k * k
-        tok[lo:lo + k * k], score[lo:lo + k * k] = top.indices.flatten(), cum
-        parent[lo:lo + k * k], dep[lo:lo + k * k] = front.repeat_interleave(k), s
+        tok[lo:lo + k * k], score[lo:lo + k * k] = indices.flatten(), cum
+        parent[lo:lo + k * k] = front.repeat_interleave(k)
+        dep[lo:lo + k * k].fill_(s)
         best = cum.sort(descending=True, stable=True).indices[:k]  # the next frontier
         front, front_q = lo + best, qi.repeat_interleave(k)[best]
         nq, prev = nq + k, nq
@@ -340,7 +373,7 @@ def ancestors(parent, depth):
     cur = rows
     for _ in range(depth):  # climb one level per step; the root's self-loop makes extra steps harmless
         cur = parent[cur]
-        anc[rows, cur] = True
+        anc |= rows[None, :] == cur[:, None]  # row i marks column cur[i]
     return anc
 
 
@@ -349,8 +382,7 @@ def accept_greedy(logits, tokens, parent, depth, anc, max_depth):
     target's argmax after their parent, root first, padded past its end with the root; found (max_depth+2,) =
     [m, the path's m draft tokens (then padding), the target's argmax after the path's end]."""
     choice = logits.argmax(-1)  # (T,) the target's token after each node
-    ok = tokens == choice[parent]
-    ok[0] = True
+    ok = (tokens == choice[parent]) | (torch.arange(len(tokens), device=tokens.device) == 0)  # the root is given
     on_path = ~(anc & ~ok).any(-1)  # the node and all its ancestors match
     best = (depth * on_path).argmax().view(1)  # siblings differ, so the matching nodes form one path: its end
     # (best is (1,), not 0-d: indexing with a 0-d tensor would read it back to the host)
@@ -534,6 +566,7 @@ def resolve(cfg):
     if cfg.mode not in ("ar", "chain", "tree"):
         raise BeagleError("--mode must be ar, chain or tree")
     depth, top_k, tree_tokens = GPU_TREE if gpu else CPU_TREE
+    cfg.cuda_graph = gpu if cfg.cuda_graph is None else cfg.cuda_graph
     cfg.depth, cfg.top_k, cfg.tree_tokens = cfg.depth or depth, cfg.top_k or top_k, cfg.tree_tokens or tree_tokens
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise BeagleError("--temperature must be >= 0 and --top-p in (0, 1]")
@@ -551,7 +584,12 @@ def load(cfg):
         print("note: no draft (give --draft PATH); plain decoding", file=sys.stderr)
         cfg.mode = "ar"
         return target, tokenizer, None
-    return target, tokenizer, beagle.load_draft(path, target, cfg.device, llama.DTYPES[cfg.dtype])
+    draft = beagle.load_draft(path, target, cfg.device, llama.DTYPES[cfg.dtype])
+    auto = cfg.draft_vocab < 0
+    gpu = torch.device(cfg.device).type == "cuda"
+    set_draft_vocab(target, draft, (0 if gpu else CPU_DRAFT_VOCAB) if auto else cfg.draft_vocab, explicit=not auto)
+    cfg.draft_vocab = 0 if draft.head is None else len(draft.head[0])  # resolved, for the reports
+    return target, tokenizer, draft
 
 
 class Streamer:
@@ -665,26 +703,21 @@ def hardware(device):
     return f"{names[0] if names else platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
-def bench(cfg):
-    """Plain and speculative decoding interleaved prompt by prompt; per-category and overall numbers."""
-    if cfg.mode == "ar":
-        raise BeagleError("--bench compares plain decoding with --mode chain or tree")
-    convs = read_jsonl_or_lines(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
-    convs = convs[:cfg.bench_limit] if cfg.bench_limit > 0 else convs
-    target, tokenizer, draft = load(cfg)
-    if draft is None:
-        raise BeagleError("--bench needs a draft (--draft PATH)")
-    stop = set(tokenizer.stop_ids)
-    warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, stop, ("ar", cfg.mode))
-    records = []
-    for q, (turns, category) in enumerate(convs):
-        for i, res in converse(target, draft, tokenizer, cfg, turns, ("ar", cfg.mode), stop):  # interleaved
-            b, s = res["ar"], res[cfg.mode]
-            records.append(dict(question=q, category=category, turn=i + 1, plain_tokens=len(b.tokens),
-                                plain_seconds=b.seconds, tokens=len(s.tokens), seconds=s.seconds,
-                                accepted=s.accepted_lengths, identical=b.tokens == s.tokens))
-            print(f"[{q + 1}/{len(convs)} {category} turn {i + 1}] plain {len(b.tokens) / b.seconds:.1f} tok/s, "
-                  f"{cfg.mode} {len(s.tokens) / s.seconds:.1f} tok/s, tau {s.tau:.2f}", file=sys.stderr)
+def spread(items, limit):
+    """limit > 0: that many items, evenly spaced (MT-bench lists its 8 categories one after another)."""
+    if not 0 < limit < len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def bench_report(records, settings, depth):
+    """-> ({category or "overall": numbers}, the same as a markdown table)."""
     groups = {c: [r for r in records if r["category"] == c] for c in dict.fromkeys(r["category"] for r in records)}
     groups["overall"] = records
     table = {}
@@ -694,27 +727,53 @@ def bench(cfg):
         acc = [m for r in rs for m in r["accepted"]]
         table[name] = dict(turns=len(rs), plain_tokens_per_s=round(plain, 2), tokens_per_s=round(spec, 2),
                            speedup=round(spec / plain, 3), tau=round(1 + sum(acc) / max(len(acc), 1), 3),
-                           acceptance_by_depth=acceptance_rates(acc, cfg.depth),
+                           acceptance_by_depth=acceptance_rates(acc, depth),
                            identical=round(sum(r["identical"] for r in rs) / len(rs), 3))
-    settings = dict(bench=cfg.bench, questions=len(convs), mode=cfg.mode, depth=cfg.depth,
-                    top_k=1 if cfg.mode == "chain" else cfg.top_k,
-                    tree_tokens=cfg.depth if cfg.mode == "chain" else cfg.tree_tokens,
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    top_k_sample=cfg.top_k_sample, seed=cfg.seed,
-                    target=cfg.target or "default (SmolLM2-135M-Instruct)",
-                    draft=cfg.draft or str(DEFAULT_DRAFT), device=cfg.device, dtype=cfg.dtype,
-                    hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
     head = "| category | turns | plain tok/s | spec tok/s | speedup | tau | acceptance by depth | identical |"
     md = ["# decode.py --bench", "", " ".join(f"{k}={v}" for k, v in settings.items()), "", head,
           "|---|---|---|---|---|---|---|---|"]
     for name, t in table.items():
         md.append(f"| {name} | {t['turns']} | {t['plain_tokens_per_s']} | {t['tokens_per_s']} | {t['speedup']}x | "
                   f"{t['tau']} | {' '.join(str(a) for a in t['acceptance_by_depth'])} | {t['identical']:.0%} |")
-    os.makedirs(cfg.bench_out, exist_ok=True)
-    Path(cfg.bench_out, "bench.json").write_text(json.dumps(dict(settings=settings, results=table,
-                                                                 records=records), indent=1))
-    Path(cfg.bench_out, "bench.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    return table, "\n".join(md) + "\n"
+
+
+def bench(cfg):
+    """Plain and speculative decoding interleaved prompt by prompt; per-category and overall numbers."""
+    if cfg.mode == "ar":
+        raise BeagleError("--bench compares plain decoding with --mode chain or tree")
+    convs = read_jsonl_or_lines(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
+    picked = spread(list(enumerate(convs)), cfg.bench_limit)  # (index in the file, conversation)
+    convs = [c for _, c in picked]
+    target, tokenizer, draft = load(cfg)
+    if draft is None:
+        raise BeagleError("--bench needs a draft (--draft PATH)")
+    stop = set(tokenizer.stop_ids)
+    warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, stop, ("ar", cfg.mode))
+    records = []
+    settings = dict(bench=cfg.bench, questions=len(convs), mode=cfg.mode, depth=cfg.depth,
+                    top_k=1 if cfg.mode == "chain" else cfg.top_k,
+                    tree_tokens=cfg.depth if cfg.mode == "chain" else cfg.tree_tokens,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                    top_k_sample=cfg.top_k_sample, seed=cfg.seed, cuda_graph=cfg.cuda_graph,
+                    draft_vocab=cfg.draft_vocab,
+                    target=cfg.target or "default (SmolLM2-135M-Instruct)",
+                    draft=cfg.draft or str(DEFAULT_DRAFT), device=cfg.device, dtype=cfg.dtype,
+                    hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
+    for q, (turns, category) in enumerate(convs):
+        for i, res in converse(target, draft, tokenizer, cfg, turns, ("ar", cfg.mode), stop):  # interleaved
+            b, s = res["ar"], res[cfg.mode]
+            records.append(dict(question=picked[q][0], category=category, turn=i + 1, plain_tokens=len(b.tokens),
+                                plain_seconds=b.seconds, tokens=len(s.tokens), seconds=s.seconds,
+                                accepted=s.accepted_lengths, identical=b.tokens == s.tokens))
+            print(f"[{q + 1}/{len(convs)} {category} turn {i + 1}] plain {len(b.tokens) / b.seconds:.1f} tok/s, "
+                  f"{cfg.mode} {len(s.tokens) / s.seconds:.1f} tok/s, tau {s.tau:.2f}", file=sys.stderr)
+        table, md = bench_report(records, dict(settings, questions_done=q + 1), cfg.depth)
+        os.makedirs(cfg.bench_out, exist_ok=True)  # rewritten after every question: an interrupted run keeps its part
+        write_atomic(Path(cfg.bench_out, "bench.json"), json.dumps(dict(settings=dict(settings, questions_done=q + 1),
+                                                                        results=table, records=records), indent=1))
+        write_atomic(Path(cfg.bench_out, "bench.md"), md)
+    print(md, end="")
     return table
 
 

@@ -8,6 +8,7 @@ The tests of Beagle, on the CPU in fp32, offline: tiny random models for most ch
 
 transformers is a test-only dependency: our model, tokenizer, chat template and GGUF loader are checked against it.
 """
+import copy
 import dataclasses
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -814,6 +816,27 @@ def test_train_checkpoint_roundtrip_and_errors(tmp_path):
         load_draft(str(tmp_path / "other.safetensors"), target)
 
 
+def test_train_export_draft_bf16(tmp_path):
+    """python beagle.py --draft A --out B: the shipped bf16 copy keeps the config and the target check."""
+    target = train_tiny_target()
+    draft = Beagle(DraftArgs.from_target(target.args))
+    src, dst = str(tmp_path / "d.safetensors"), str(tmp_path / "ship" / "d16.safetensors")
+    save_draft(src, draft, target, extra={"stage": 2})
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "beagle.py"), "--draft", src, "--out", dst],
+                   check=True, capture_output=True)
+    assert os.path.getsize(dst) < 0.6 * os.path.getsize(src)
+    tensors, meta = beagle.read_draft(dst)
+    assert all(v.dtype == torch.bfloat16 for v in tensors.values()) and json.loads(meta["extra"]) == {"stage": 2}
+    back = load_draft(dst, target)
+    assert all(torch.equal(a.to(torch.bfloat16).float(), b) for a, b in
+               zip(draft.state_dict().values(), back.state_dict().values()))
+    with pytest.raises(BeagleError, match="another target"):
+        load_draft(dst, train_tiny_target(seed=1))
+    bad = subprocess.run([sys.executable, "beagle.py", "--draft", str(tmp_path / "none"), "--out", dst],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: no draft checkpoint")
+
+
 def test_train_fingerprint_dtype_robust():
     t = train_tiny_target()
     a = beagle.target_fingerprint(t)
@@ -890,7 +913,7 @@ def train_cfg(tmp_path, out, **kw):
 
 def test_train_loop_resume_stage2_init(tmp_path):
     target, tok = train_tiny_target(), TrainCharTokenizer()
-    full = train.train(train_cfg(tmp_path, "full", max_steps=7), target, tok)
+    full = train.train(train_cfg(tmp_path, "full", max_steps=7, eval_interval=5), target, tok)
     train.train(train_cfg(tmp_path, "part", max_steps=4), target, tok)  # "interrupted" mid-epoch 1
     resumed = train.train(train_cfg(tmp_path, "part", max_steps=7, resume=True), target, tok)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -901,8 +924,11 @@ def test_train_loop_resume_stage2_init(tmp_path):
     for f in ("draft.safetensors", "state.pt", "train.csv", "eval.csv", "curves.png"):
         assert (out / f).stat().st_size > 0, f
     rows = (out / "eval.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3" and len(rows) == 1 + 3  # 3, 6, 7
-    assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[2:])
+    assert rows[0] == "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3"
+    # 3 steps an epoch: evaluated at every epoch's end (3, 6), every 5 steps (5) and at the end (7)
+    assert [r.split(",")[:3] for r in rows[1:]] == [["3", "0", "1.0"], ["5", "1", "1.667"], ["6", "1", "2.0"],
+                                                   ["7", "2", "2.333"]]
+    assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:])
     # stage 2 starts from the stage-1 draft: with lr 0 its weights are the checkpoint's, and it trains
     ckpt = str(out / "draft.safetensors")
     s2 = train.train(train_cfg(tmp_path, "s2", stage=2, init=ckpt, lr=0.0, max_steps=1), target, tok)
@@ -985,6 +1011,7 @@ def test_train_cli_end_to_end(tmp_path):
                                      init="nowhere.safetensors", device="cpu", progress=False))
     with pytest.raises(BeagleError, match="--sim-steps"):
         train.main(train.TrainConfig(stage=2, sim_steps=4, window=3))
+    train.check_config(train.TrainConfig(stage=1, window=1))  # stage 1 ignores --sim-steps (k = 1: next token only)
 
 
 # =====================================================================================================================
@@ -1079,6 +1106,20 @@ def test_data_load_errors(tmp_path, capsys):
     assert "skipped 2 empty/malformed" in capsys.readouterr().out
     with pytest.raises(BeagleError, match="not valid JSON"):
         data.load_conversations(_data_write(tmp_path, "c.json", '[{"conversations": '))
+
+
+def test_data_load_glob_drops_repeated_first_turns(tmp_path, capsys):
+    """Files of parallel generators load as one set; a first user turn seen before (in any file, up to
+    whitespace) is dropped, so the held-out split never has a twin among the training conversations."""
+    conv = lambda q, a: json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+    _data_write(tmp_path, "part-0.jsonl", "\n".join([conv("Hi there", "1"), conv("Name a fruit.", "2")]))
+    _data_write(tmp_path, "part-1.jsonl", "\n".join([conv(" Hi  there\n", "3"), conv("Name a color.", "4")]))
+    convs = data.load_conversations(str(tmp_path / "part-*.jsonl"))
+    assert [c[1]["content"] for c in convs] == ["1", "2", "4"]  # sorted file order, the first twin kept
+    assert "3 conversations from 2 files" in capsys.readouterr().out
+    assert len(data.load_conversations(str(tmp_path / "part-1.jsonl"), verbose=False)) == 2
+    with pytest.raises(BeagleError, match="not found"):
+        data.load_conversations(str(tmp_path / "nothing-*.jsonl"))
 
 
 def test_data_mtbench_guard(tmp_path, capsys):
@@ -1513,6 +1554,54 @@ def test_decode_greedy_spec_equals_plain_tiny(decode_tiny, monkeypatch):
     assert moves and mid_stops >= 2
 
 
+def test_decode_draft_vocab_subset_is_lossless(decode_tiny):
+    """--draft-vocab N: the draft proposes only the N most frequent tokens of its ranking (every proposal is one of
+    them), its log-probs are the full head's restricted to them, and the output is still plain greedy's."""
+    target, prompts, _, trained = decode_tiny
+    ranking = torch.randperm(48, generator=torch.Generator().manual_seed(3))
+    draft = copy.deepcopy(trained)
+    draft.vocab = ranking
+    with pytest.raises(BeagleError, match="token ranking"):
+        decode.set_draft_vocab(target, trained, 16)  # a draft without a ranking, asked explicitly
+    decode.set_draft_vocab(target, trained, 16, explicit=False)
+    assert trained.head is None  # ... or by default: the whole vocabulary
+    decode.set_draft_vocab(target, draft, 16)
+    hat = torch.randn(5, 64)
+    values, ids = decode.draft_top(target, draft, hat, 3)
+    assert set(ids.flatten().tolist()) <= set(ranking[:16].tolist())
+    sub = target.output(hat)[:, ranking[:16]].log_softmax(-1)
+    assert torch.allclose(values, sub.topk(3).values, atol=1e-5)
+    accepted = []
+    for prompt in prompts:
+        want = generate_ar(target, prompt, decode_cfg(), set()).tokens
+        for mode, depth, top_k, tree_tokens in DECODE_SETTINGS[:7]:
+            cfg = decode_cfg(mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens)
+            r = generate_spec(target, draft, prompt, cfg, set())
+            assert r.tokens == want, (mode, depth, top_k, tree_tokens)
+            accepted += r.accepted_lengths
+    assert max(accepted) >= 2  # drafts from the subset do get accepted
+    decode.set_draft_vocab(target, draft, 0)
+    assert draft.head is None
+
+
+def test_data_token_ranking_and_checkpoint(tmp_path):
+    examples = [([5, 3, 3, 7], [False, True, True, True]), ([5, 5, 7, 1], [True, False, True, False])]
+    ranking = data.token_ranking(examples, 9)  # counts of the assistant tokens: 3 twice, 7 twice, 5 once
+    assert ranking.tolist() == [3, 7, 5, 0, 1, 2, 4, 6, 8]  # ties and unseen ids by id
+    target = train_tiny_target()
+    draft = Beagle(DraftArgs.from_target(target.args))
+    draft.vocab = torch.randperm(target.args.vocab_size)
+    path = str(tmp_path / "d.safetensors")
+    save_draft(path, draft, target)
+    assert torch.equal(load_draft(path, target).vocab, draft.vocab)
+    draft.vocab = None
+    save_draft(path, draft, target)
+    assert load_draft(path, target).vocab is None  # (a draft without a ranking still loads)
+    beagle.export_draft(path, path, torch.float32, vocab=torch.arange(5))
+    with pytest.raises(BeagleError, match="token ranking has shape"):
+        load_draft(path, target)
+
+
 # -----------------------------------------------------------------------------
 # the pieces against slow references built from their definitions
 
@@ -1760,6 +1849,23 @@ def test_decode_real_greedy_spec_equals_plain(decode_real):
                 assert r.tau > 1.5 and max(r.accepted_lengths) >= 3, r.accepted_lengths
 
 
+def test_decode_real_shipped_draft(decode_real):
+    """The committed default draft loads for the default target with its token ranking, is trained (it is accepted
+    well beyond chance), and with it speculative output equals plain greedy output (CPU and GPU tree settings)."""
+    target, tok = decode_real
+    stop = set(tok.stop_ids)
+    draft = beagle.load_draft(str(decode.DEFAULT_DRAFT), target)
+    assert draft.vocab is not None and sorted(draft.vocab.tolist()) == list(range(target.args.vocab_size))
+    ids = tok.chat([{"role": "user", "content": "Why is the sky blue?"}])
+    want = generate_ar(target, ids, DecodeConfig(max_new_tokens=48), stop).tokens
+    for (depth, top_k, tree_tokens), vocab in ((decode.CPU_TREE, decode.CPU_DRAFT_VOCAB), (decode.GPU_TREE, 0)):
+        decode.set_draft_vocab(target, draft, vocab)
+        cfg = DecodeConfig(depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=48)
+        r = generate_spec(target, draft, ids, cfg, stop)
+        assert r.tokens == want, (depth, top_k, tree_tokens, vocab)
+    assert r.tau > 1.5, r.accepted_lengths  # 5 / 10 / 60: a random draft gets ~1.0
+
+
 def test_decode_real_plain_equals_transformers_generate(decode_real):
     transformers = pytest.importorskip("transformers")
     target, tok = decode_real
@@ -1815,6 +1921,9 @@ def test_decode_mtbench_questions():
     convs = decode.read_jsonl_or_lines(decode.mtbench_path())
     assert len(convs) == 80 and all(len(turns) == 2 for turns, _ in convs)
     assert len({category for _, category in convs}) == 8
+    for limit in (8, 20):  # --bench-limit: a subset with every category, equally often
+        assert Counter(category for _, category in decode.spread(convs, limit)).most_common()[-1][1] == limit // 8
+    assert decode.spread(convs, 0) == convs == decode.spread(convs, 100)
 
 
 def test_decode_prompt_file_formats(tmp_path):
@@ -1966,8 +2075,11 @@ def test_graph_step_shapes_do_not_depend_on_n(graph_tiny, monkeypatch):
 
 
 class GraphHostReads(TorchDispatchMode):
-    """Fails on every ATen op that reads a device value back to the host (.item(), bool(t), nonzero, ...)."""
-    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "equal", "is_nonzero")
+    """Fails on every ATen op that reads a device value back to the host (.item(), bool(t), nonzero, ...), and on
+    tensors made on the host (lift_fresh: torch.tensor(...), t[i] = python_scalar), which reach a GPU through a
+    synchronizing copy from pageable memory (an error under graph capture: write t[i].fill_(x) instead)."""
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "equal", "is_nonzero",
+               "lift_fresh")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -2154,7 +2266,11 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
 
 def test_graph_cli_flag():
     assert llama.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
-    assert llama.cli(DecodeConfig, []).cuda_graph is False
+    assert llama.cli(DecodeConfig, ["--cuda-graph", "false"]).cuda_graph is False
+    cfg = llama.cli(DecodeConfig, ["--device", "cpu"])
+    assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
+    decode.resolve(cfg)
+    assert cfg.cuda_graph is False
 
 
 # -----------------------------------------------------------------------------

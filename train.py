@@ -56,7 +56,7 @@ class TrainConfig:
     grad_clip: float = 0.5
     noise: float = 0.2  # std of the Gaussian noise on the target states used as keys/values
     vloss_weight: float = 10.0  # regression loss weight, relative to the soft cross-entropy
-    eval_interval: int = 500  # steps between evaluations (and checkpoints)
+    eval_interval: int = 500  # steps between evaluations (and checkpoints); also at the end of every epoch
     eval_frac: float = 0.02  # held-out share of the conversations
     eval_min: int = 32  # ... but at least this many (at most a fifth of the data): agreement on 6 is noise
     eval_max_batches: int = 50
@@ -224,7 +224,7 @@ def step_randomness(cfg, step, rank, window, device):
 
 
 def check_config(cfg):
-    if cfg.stage not in (1, 2) or not 1 <= cfg.sim_steps <= cfg.window:
+    if cfg.stage not in (1, 2) or cfg.window < 1 or (cfg.stage == 2 and not 1 <= cfg.sim_steps <= cfg.window):
         raise BeagleError(f"need --stage 1|2 and 1 <= --sim-steps <= --window (got stage {cfg.stage}, "
                           f"sim-steps {cfg.sim_steps}, window {cfg.window})")
     if cfg.resume and cfg.init:
@@ -253,6 +253,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     draft = Beagle(DraftArgs.from_target(target.args)).to(device)  # fp32 master weights; autocast on GPU
     if cfg.init:
         draft.load_state_dict(load_draft(cfg.init, target).state_dict())
+    draft.vocab = data.token_ranking(train_ex, target.args.vocab_size)  # saved with it (beagle.py, VOCAB)
     opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step, epoch, batch = 0, 0, 0  # batch: index (in optimizer steps) of the next step inside the epoch
     state_path = os.path.join(cfg.out, "state.pt")
@@ -268,6 +269,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                    if st["config"][k] != getattr(cfg, k)]
         if changed:  # these change what the remaining steps compute: not a continuation any more
             raise BeagleError(f"--resume with a different --{changed[0].replace('_', '-')} than the run in {cfg.out}")
+        tensors.pop("vocab", None)  # the token ranking: recomputed from the data above
         draft.load_state_dict(tensors)
         opt.load_state_dict(st["opt"])
         step, epoch, batch = st["step"], st["epoch"], st["batch"]
@@ -333,7 +335,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                 append_csv(os.path.join(cfg.out, "train.csv"), {"step": step, "epoch": epoch,
                                                                   "loss": loss.item(), "ce": ce, "vloss": vl, "lr": lr})
                 t0, tokens = time.time(), 0
-            if step % cfg.eval_interval == 0 or step == total:
+            if step % cfg.eval_interval == 0 or step == total or batch == per_epoch:
                 if master:
                     if eval_ex:
                         acc = evaluate(target, draft, eval_ex, cfg, pad_id, device, amp)
@@ -341,7 +343,8 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                         say(f"eval step {step} | top-1 agreement at draft steps 1..{cfg.window}: held-out "
                             + " ".join(f"{a:.3f}" for a in acc) + " | train " + " ".join(f"{a:.3f}" for a in seen))
                         append_csv(os.path.join(cfg.out, "eval.csv"), {
-                            "step": step, "epoch": epoch, **{f"acc{m + 1}": a for m, a in enumerate(acc)},
+                            "step": step, "epoch": epoch, "epochs": round(step / per_epoch, 3),
+                            **{f"acc{m + 1}": a for m, a in enumerate(acc)},
                             **{f"train_acc{m + 1}": a for m, a in enumerate(seen)}})
                     save_checkpoint(cfg, draft, target, opt, step, epoch, batch)
                     plot(cfg.out)
