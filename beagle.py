@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import DTYPES, BeagleError, FeedForward, RMSNorm, apply_rope, rope, rope_frequencies
+from llama import DTYPES, BeagleError, FeedForward, Linear, RMSNorm, apply_rope, rope, rope_frequencies
 
 
 @dataclass
@@ -70,10 +70,10 @@ class Beagle(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.query_norm = RMSNorm(args.dim, args.norm_eps)  # on e(t)
         self.kv_norm = RMSNorm(args.dim, args.norm_eps)  # on target (or draft) states
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)

@@ -45,12 +45,12 @@ DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instr
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting. H200, bf16, CUDA graphs, the shipped draft: a plain
 # token 3.4 ms, a 5/10/60 iteration (5 draft steps + one 61-token verification, one graph) ~1.8 plain tokens.
 GPU_TREE = (5, 10, 60)
-# CPU (2 cores, fp32, the shipped draft, 4 MT-bench prompts x 96 tokens; decode.py's timings, README "Results"): a
-# verification forward of a few tokens costs ~1.35 plain forwards, and each draft step's full-vocabulary LM head
-# ~0.24 of one (it reads 113 MB of the 538 MB the target reads per token). So: few, cheap draft steps, proposing from
-# the target's 4096 most frequent tokens only (beagle.py, VOCAB). Measured iterations: depth-3 chain 2.10 plain
-# steps with the full vocabulary, 1.58 with 4096 tokens; 3 / 2 / 4 with 4096 tokens 1.66 at the best tau.
-CPU_TREE = (3, 2, 4)
+# CPU (2 cores, fp32, the shipped draft, 4 MT-bench prompts x 96 tokens; README "Results"): plain decoding reads the
+# 538 MB of weights once per token (~23 ms with llama.linear); verifying T tokens costs ~1.4x that for T = 2-4 and
+# ~1.8x for T = 5, and a draft step with the whole vocabulary's LM head a fifth of it. So: trees of at most 3 draft
+# tokens, and a draft that proposes from the target's 4096 most frequent tokens only (beagle.py, VOCAB).
+# Measured speedups: 2 / 2 / 3 0.92x, 3 / 1 / 3 0.89x, 3 / 2 / 4 0.76x, 5 / 4 / 12 0.53x (tau 1.60, 1.52, 1.66, 1.88).
+CPU_TREE = (2, 2, 3)
 CPU_DRAFT_VOCAB = 4096  # GPU: the whole vocabulary (the head is cheap there)
 
 
@@ -301,7 +301,7 @@ def draft_top(target, draft, hat, k):
         top = F.log_softmax(target.output(hat).float(), -1).topk(k)
         return top.values, top.indices
     ids, weight = head  # (a softmax over the n tokens: only the ranking of candidates matters)
-    top = F.log_softmax(F.linear(hat, weight).float(), -1).topk(k)
+    top = F.log_softmax(llama.linear(hat, weight).float(), -1).topk(k)
     return top.values, ids[top.indices]
 
 

@@ -157,6 +157,31 @@ def llama_tiny(seed=0, **kw):
     return Transformer(args).eval()
 
 
+def test_llama_linear_cpu_fast_path():
+    """llama.linear: W @ x.T for 1-8 rows at inference on the CPU (one row sent as two), F.linear otherwise; the
+    same numbers either way, any leading shape, and training still gets its gradients."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 40), torch.randn(96)
+    for shape in [(1, 40), (1, 1, 40), (3, 40), (2, 4, 40), (1, 9, 40), (0, 40)]:
+        x = torch.randn(shape)
+        for bias in (None, b):
+            with torch.no_grad():
+                got = llama.linear(x, w, bias)
+            assert got.shape == (*shape[:-1], 96)
+            assert torch.allclose(got, F.linear(x, w, bias), atol=1e-5)
+    calls = []
+    real = torch.Tensor.__matmul__
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.Tensor, "__matmul__", lambda a, c: (calls.append(tuple(c.shape)), real(a, c))[1])
+        llama.linear(torch.randn(1, 1, 40), w)
+        llama.linear(torch.randn(5, 40), w)
+        llama.linear(torch.randn(9, 40), w)  # many rows: F.linear
+    assert calls == [(40, 2), (40, 5)]
+    layer = llama.Linear(40, 96, bias=False)
+    layer(torch.randn(1, 40)).sum().backward()  # (with autograd: F.linear)
+    assert layer.weight.grad is not None
+
+
 @torch.no_grad()
 def test_llama_cached_decoding_equals_full_forward():
     model = llama_tiny()
