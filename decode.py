@@ -7,7 +7,8 @@ Plain and speculative decoding with a Beagle draft (Zhong et al., arXiv 2505.245
     python decode.py --prompt "Hi" --compare                                   # + plain decoding, speedup, identical?
     python decode.py --prompt "Hi" --temperature 0.7 --top-p 0.9 --seed 1      # lossless speculative sampling
     python decode.py --bench mtbench --bench-limit 10 --bench-out runs/bench   # MT-bench, plain vs speculative
-    python decode.py --prompt "Hi" --compare --cuda-graph                      # GPU: every step one CUDA graph
+    python decode.py --prompt "Hi" --device cuda --cuda-graph false            # GPU without CUDA graphs (eager)
+    python decode.py --prompt "Hi" --draft-vocab 0                             # the draft proposes from all tokens
 
 Speculative decoding, one iteration (PAPER.md, "Inference"). The committed prefix t_0..t_{n-1} has true target
 states h_0..h_{n-1}; their draft keys/values live in a static draft cache. The bonus token t_n (the target's own
