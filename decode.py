@@ -46,11 +46,11 @@ DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instr
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting. H200, bf16, CUDA graphs, the shipped draft: a plain
 # token 3.4 ms, a 5/10/60 iteration (5 draft steps + one 61-token verification, one graph) ~1.8 plain tokens.
 GPU_TREE = (5, 10, 60)
-# CPU (2 cores, fp32, the shipped draft, 4 MT-bench prompts x 96 tokens; README "Results"): plain decoding reads the
-# 538 MB of weights once per token (~23 ms with llama.linear); verifying T tokens costs ~1.4x that for T = 2-4 and
-# ~1.8x for T = 5, and a draft step with the whole vocabulary's LM head a fifth of it. So: trees of at most 3 draft
-# tokens, and a draft that proposes from the target's 4096 most frequent tokens only (beagle.py, VOCAB).
-# Measured speedups: 2 / 2 / 3 0.92x, 3 / 1 / 3 0.89x, 3 / 2 / 4 0.76x, 5 / 4 / 12 0.53x (tau 1.60, 1.52, 1.66, 1.88).
+# CPU (2 cores, fp32, the shipped draft, 4 MT-bench prompts x 96 tokens; README "Results"): with llama.linear a
+# forward of 1 to 4 tokens costs about the same (~25 ms: reading the weights), 5 tokens ~1.4x that, and a draft step
+# with the whole vocabulary's LM head a fifth of it. So: trees of at most 3 draft tokens, and a draft that proposes
+# from the target's 4096 most frequent tokens only (beagle.py, VOCAB). Measured speedups: 2 / 2 / 3 1.31x,
+# 3 / 2 / 3 1.25x, 3 / 1 / 3 1.17x, 3 / 2 / 4 1.01x (tau 1.60, 1.61, 1.52, 1.66).
 CPU_TREE = (2, 2, 3)
 CPU_DRAFT_VOCAB = 4096  # GPU: the whole vocabulary (the head is cheap there)
 

@@ -204,17 +204,20 @@ class KVCache:
 
 def linear(x, weight, bias=None):
     """F.linear with a CPU fast path for decoding. For a few rows without autograd, the CPU BLAS we measured
-    (torch 2.13, 2-core AMD EPYC, fp32) reads the weights much faster through W @ x.T than through F.linear's
-    x @ W.T, and faster for 2 rows than for 1, whose matrix-vector path is slow. One forward's worth of
-    SmolLM2-135M matrices: 1 row 32.6 ms through F.linear, 2 rows 15.5 ms and 4 rows 15.9 ms through W @ x.T.
-    Decoding is bound by reading the weights, so a single row goes through as two copies of itself. Same
-    numbers up to fp32 rounding; everything else (GPU, training, other dtypes, many rows) takes F.linear."""
+    (torch 2.13, 2-core AMD EPYC, fp32) reads the weights about twice as fast through W @ x.T with 2 or 4 rows as
+    through F.linear's x @ W.T with one, whose matrix-vector path is slow: one forward's worth of SmolLM2-135M
+    matrices, 1 row through F.linear 32.5 ms, 2 or 4 rows through W @ x.T 17.5 and 19.3 ms. Decoding is bound by
+    reading the weights, so 1 and 3 rows are padded to 2 and 4 (copies of the first row), and a forward of 1 to 4
+    tokens then costs about the same: what makes verifying a small tree nearly free. Same numbers up to fp32
+    rounding; everything else (GPU, training, other dtypes, more than 8 rows) takes F.linear."""
     rows = x.numel() // x.shape[-1]
     if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= 8
             or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, -1)
-    y = (weight @ (x2 if rows > 1 else torch.cat([x2, x2])).T).T[:rows]
+    pad = (2 if rows <= 2 else 4 if rows <= 4 else rows) - rows  # 1 and 3 rows: slower than 2 and 4
+    x2 = torch.cat([x2, x2[:1].expand(pad, -1)]) if pad else x2
+    y = (weight @ x2.T).T[:rows].contiguous()  # (contiguous: strided outputs slow every later op down)
     y = y if bias is None else y + bias
     return y.reshape(*x.shape[:-1], -1)
 
