@@ -186,8 +186,12 @@ def save_draft(path, draft, target, extra=None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
     if getattr(draft, "vocab", None) is not None:
         tensors["vocab"] = draft.vocab.to(torch.int32).cpu()
-    tmp = f"{path}.{os.getpid()}.tmp"
+    write_atomic(path, tensors, meta)
+
+
+def write_atomic(path, tensors, meta):
     from safetensors.torch import save_file
+    tmp = f"{path}.{os.getpid()}.tmp"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
 
@@ -248,11 +252,8 @@ def export_draft(src, dst, dtype=torch.bfloat16, vocab=None):
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     if vocab is not None:
         tensors["vocab"] = vocab.to(torch.int32)
-    from safetensors.torch import save_file
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    tmp = f"{dst}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, dst)
+    write_atomic(dst, tensors, meta)
 
 
 if __name__ == "__main__":
@@ -265,9 +266,9 @@ if __name__ == "__main__":
         if cfg.vocab_data:
             import data
             from llama import load_target
-            _, tok = load_target(cfg.target)
+            target, tok = load_target(cfg.target)
             examples = data.tokenize_all(tok, data.load_conversations(cfg.vocab_data), 2048)
-            vocab = data.token_ranking(examples, json.loads(read_draft(cfg.draft)[1]["draft_args"])["vocab_size"])
+            vocab = data.token_ranking(examples, target.args.vocab_size)
         export_draft(cfg.draft, cfg.out, DTYPES[cfg.dtype], vocab)
         print(f"{cfg.draft} -> {cfg.out} ({cfg.dtype}, {os.path.getsize(cfg.out) / 2**20:.1f} MiB)")
     except BeagleError as e:

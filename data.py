@@ -124,18 +124,20 @@ def load_conversations(path, verbose=True):
     records, bad = [], 0
     for p in files:
         r, b = _read_records(p)
-        records, bad = records + r, bad + b
+        records.extend(r)
+        bad += b
     convs = [c for c in map(_normalise, records) if c is not None]
     bad += len(records) - len(convs)
     questions = mtbench_questions()
-    kept, firsts = [], set()
+    kept, firsts, mtb = [], set(), 0
     for c in convs:
         first = _norm_text(next((m["content"] for m in c if m["role"] == "user"), ""))
-        if not is_mtbench(c, questions) and first not in firsts:
+        if is_mtbench(c, questions):
+            mtb += 1
+        elif first not in firsts:
             kept.append(c)
             firsts.add(first)
     dropped = len(convs) - len(kept)
-    mtb = sum(is_mtbench(c, questions) for c in convs)
     if verbose:
         print(f"{path}: {len(kept)} conversations" + (f" from {len(files)} files" if len(files) > 1 else "")
               + f", skipped {bad} empty/malformed, dropped {mtb} MT-bench"
@@ -221,10 +223,8 @@ def tokenize_all(tokenizer, convs, max_len, verbose=True):
 def token_ranking(examples, vocab_size):
     """(vocab_size,) every token id, the ones the target wrote most often (assistant tokens) first; ties and unseen
     ids by id. A draft may propose from the head of this list only (decode.py --draft-vocab)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for ids, mask in examples:
-        counts += torch.bincount(torch.tensor([t for t, m in zip(ids, mask) if m], dtype=torch.long),
-                                 minlength=vocab_size)[:vocab_size]
+    labels = torch.tensor([t for ids, mask in examples for t, m in zip(ids, mask) if m], dtype=torch.long)
+    counts = torch.bincount(labels, minlength=vocab_size)[:vocab_size]
     return torch.sort(-counts, stable=True).indices
 
 
