@@ -227,6 +227,37 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class Graphed:
+    """fn(*inputs) -> tensor(s), static shapes, no host syncs. on=False: fn itself, eagerly. on=True: the first call
+    warms fn up and captures it in a CUDA graph; each call copies its inputs into the static buffers the graph reads,
+    replays it and returns the static outputs, which the next replay (of any graph sharing the pool) overwrites:
+    read them before the next call. The warm-up repeats fn's cache writes with the same inputs: harmless."""
+
+    def __init__(self, fn, on, pool=None):
+        self.fn, self.on, self.pool, self.graph = fn, on, pool, None
+
+    def __call__(self, *inputs):
+        if not self.on:
+            return self.fn(*inputs)
+        if self.graph is None:
+            self.inputs = [x.clone() for x in inputs]  # static input buffers: the graph reads these addresses
+            side = torch.cuda.Stream()  # warm up off the current stream (what torch.cuda.graph expects), so lazy
+            side.wait_stream(torch.cuda.current_stream())  # inits (cuBLAS workspaces, ...) are not captured
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # the pool: graphs run one at a time and their outputs are read before the next replay, so they can
+            # share one memory pool for their intermediates instead of holding one each
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.outputs = self.fn(*self.inputs)
+        for buf, x in zip(self.inputs, inputs):
+            buf.copy_(x)
+        self.graph.replay()
+        return self.outputs
+
+
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()

@@ -36,8 +36,8 @@ import decode
 import llama
 import train
 from beagle import Beagle, DraftArgs, block_mask, load_draft, save_draft, simulation_mask, window_positions
-from decode import DecodeConfig, DraftCache, Graphed, generate_ar, generate_spec
-from llama import BeagleError, KVCache, ModelArgs, Transformer
+from decode import DecodeConfig, DraftCache, generate_ar, generate_spec
+from llama import BeagleError, Graphed, KVCache, ModelArgs, Transformer
 
 
 @pytest.fixture(autouse=True, scope="session")
