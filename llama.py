@@ -141,10 +141,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # normalise in fp32, as the reference implementations do
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x):
+        # F.rms_norm normalises in fp32 whatever x's dtype and rounds once, after the weight (HF rounds before it
+        # too: an ulp apart at most in bf16, the same numbers in fp32); one fused kernel on the GPU. x goes to the
+        # weight's dtype: a no-op, except under autocast (an fp32 draft on bf16 inputs), where it normalises in fp32
+        return F.rms_norm(x.to(self.weight.dtype), self.weight.shape, self.weight, self.eps)
 
 
 def rope_frequencies(args):
@@ -167,16 +168,20 @@ def rope_frequencies(args):
     return inv_freq
 
 
-def rope(inv_freq, positions, dtype):
-    """cos, sin of shape (T, head_dim) for integer positions (T,)."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2), fp32 as in HF
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def rope_table(args, length):
+    """(length, 2, head_dim): cos and sin of positions 0..length-1, computed once per model in fp32 as HF does, and
+    rounded to the model's dtype with the model (HF rounds them too). HF's layout (angles repeated for both halves),
+    with the first half of sin negated: rotate_half(x) * sin is then swap_halves(x) * sin (apply_rope)."""
+    angles = torch.arange(length).float()[:, None] * rope_frequencies(args)  # (L, D/2)
+    angles = torch.cat([angles, angles], -1)  # (L, D)
+    sign = torch.ones(args.head_dim).index_fill_(0, torch.arange(args.head_dim // 2), -1.0)
+    return torch.stack([angles.cos(), angles.sin() * sign], 1)
 
 
-def apply_rope(x, cos, sin):  # x (B, H, T, D); HF's rotate_half convention
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x, cos, sin):
+    """x (B, T, H, D), cos and sin (T, H or 1, D) rows of rope_table: HF's x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = (-x2, x1) is the two halves swapped (one flip) and the minus is in the table."""
+    return torch.addcmul(x * cos, x.unflatten(-1, (2, -1)).flip(-2).flatten(-2), sin)
 
 
 class KVCache:
@@ -184,22 +189,21 @@ class KVCache:
     read through a mask, so rejected speculative tokens need no undo. Positions are shared by the batch."""
 
     def __init__(self, args, batch_size, max_len, device=None, dtype=torch.float32):
-        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # one buffer, k heads then v heads, as Attention's projection lays them out: one copy writes both
+        Hkv = args.n_kv_heads
+        self.kv = torch.zeros(args.n_layers, batch_size, 2 * Hkv, max_len, args.head_dim, device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, :, :Hkv], self.kv[:, :, Hkv:]  # views (n_layers, B, Hkv, L, D)
         self.max_len = max_len
 
-    def update(self, layer, slots, k, v):  # k, v (B, Hkv, T, D) go to cache slots (T,)
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
-        return self.k[layer], self.v[layer]
+    def update(self, layer, slots, kv):  # kv (B, 2 Hkv, T, D), k heads then v heads, goes to cache slots (T,)
+        self.kv[layer].index_copy_(2, slots, kv)
+        return self.kv[layer]  # (B, 2 Hkv, L, D)
 
     def move(self, src, dst):
         """Copy slots src (LongTensor) to dst, dst+1, ... (keeps an accepted tree path, dropping the rest). dst is an
         int or a 0-d LongTensor on the device (then no host sync: CUDA graphs)."""
         slots = dst + torch.arange(src.numel(), device=src.device)
-        self.k.index_copy_(3, slots, self.k.index_select(3, src))  # gather first: overlap is safe
-        self.v.index_copy_(3, slots, self.v.index_select(3, src))
+        self.kv.index_copy_(3, slots, self.kv.index_select(3, src))  # gather first: overlap is safe
 
 
 def linear(x, weight, bias=None):
@@ -262,21 +266,22 @@ class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        # q, k and v in one matrix: rows of q (H heads), then k (Hkv heads), then v (Hkv heads)
+        self.wqkv = Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, slots, mask, cache, layer):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H = self.n_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * self.n_kv_heads, self.head_dim)
+        # one rotation for all the heads: cos, sin (T, H + 2 Hkv, D) leave v as it is (see Transformer.forward)
+        qkv = apply_rope(qkv, cos, sin).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+        q, kv = qkv[:, :H], qkv[:, H:]  # (B, H, T, D), (B, 2 Hkv, T, D)
         if cache is not None:
-            k, v = cache.update(layer, slots, k, v)
+            kv = cache.update(layer, slots, kv)  # (B, 2 Hkv, L, D)
             if mask is not None:  # the mask's width says how much of the cache is live
-                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+                kv = kv[:, :, :mask.shape[-1]]
+        k, v = kv.chunk(2, dim=1)  # (B, Hkv, S, D) each
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -285,12 +290,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim, hidden_dim):
         super().__init__()
-        self.w1 = Linear(dim, hidden_dim, bias=False)  # gate
+        self.w13 = Linear(dim, 2 * hidden_dim, bias=False)  # rows of gate (w1), then up (w3)
         self.w2 = Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -316,7 +321,7 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.register_buffer("rope", rope_table(args, args.max_seq_len), persistent=False)  # cast with the model
 
     def forward(self, tokens, positions=None, cache=None, mask=None, slots=None, last_only=False):
         """tokens (B, T); positions (T,) absolute, shared by the batch (default 0..T-1); mask bool, True =
@@ -331,7 +336,13 @@ class Transformer(nn.Module):
         if cache is not None and mask is None:  # causal over the cache: slot j is visible to position p if j <= p
             mask = torch.arange(cache.max_len, device=tokens.device) <= positions[:, None]
         x = self.tok_embeddings(tokens)
-        cos, sin = rope(self.inv_freq, positions, x.dtype)
+        # the rotation of every head of wqkv's output: q and k heads at their position, v heads at position 0,
+        # whose rotation is the identity (cos 1, sin 0), so the k and v that the cache stores come out as one tensor
+        a, T = self.args, tokens.shape[1]
+        at = F.pad(positions[:, None].expand(T, a.n_heads + a.n_kv_heads), (0, a.n_kv_heads))  # (T, H + 2 Hkv)
+        cos, sin = self.rope[at].unbind(-2)  # (T, H + 2 Hkv, D) each
+        if mask is not None:  # SDPA would turn a boolean mask into an additive one in every layer: once here
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, positions if slots is None else slots, mask, cache, i)
         h = self.norm(x)
@@ -341,15 +352,16 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # loading Hugging Face-format directories: config.json + model.safetensors (or shards, or pytorch_model*.bin)
 
-NAMES = [  # one row per weight: llama.cpp GGUF, Hugging Face, ours; {i} is the layer index; all end in ".weight"
+NAMES = [  # one row per weight: llama.cpp GGUF, Hugging Face, ours; {i} is the layer index; all end in ".weight".
+    # Rows sharing our name are concatenated along the rows, in this order (q|k|v and gate|up: fused projections)
     ("token_embd", "model.embed_tokens", "tok_embeddings"),
-    ("blk.{i}.attn_q", "model.layers.{i}.self_attn.q_proj", "layers.{i}.attention.wq"),
-    ("blk.{i}.attn_k", "model.layers.{i}.self_attn.k_proj", "layers.{i}.attention.wk"),
-    ("blk.{i}.attn_v", "model.layers.{i}.self_attn.v_proj", "layers.{i}.attention.wv"),
+    ("blk.{i}.attn_q", "model.layers.{i}.self_attn.q_proj", "layers.{i}.attention.wqkv"),
+    ("blk.{i}.attn_k", "model.layers.{i}.self_attn.k_proj", "layers.{i}.attention.wqkv"),
+    ("blk.{i}.attn_v", "model.layers.{i}.self_attn.v_proj", "layers.{i}.attention.wqkv"),
     ("blk.{i}.attn_output", "model.layers.{i}.self_attn.o_proj", "layers.{i}.attention.wo"),
-    ("blk.{i}.ffn_gate", "model.layers.{i}.mlp.gate_proj", "layers.{i}.feed_forward.w1"),
+    ("blk.{i}.ffn_gate", "model.layers.{i}.mlp.gate_proj", "layers.{i}.feed_forward.w13"),
+    ("blk.{i}.ffn_up", "model.layers.{i}.mlp.up_proj", "layers.{i}.feed_forward.w13"),
     ("blk.{i}.ffn_down", "model.layers.{i}.mlp.down_proj", "layers.{i}.feed_forward.w2"),
-    ("blk.{i}.ffn_up", "model.layers.{i}.mlp.up_proj", "layers.{i}.feed_forward.w3"),
     ("blk.{i}.attn_norm", "model.layers.{i}.input_layernorm", "layers.{i}.attention_norm"),
     ("blk.{i}.ffn_norm", "model.layers.{i}.post_attention_layernorm", "layers.{i}.ffn_norm"),
     ("output_norm", "model.norm", "norm"),
@@ -429,27 +441,36 @@ def load_hf(path, device="cpu", dtype=torch.float32):
     args = model_args_from_config(read_json(path / "config.json"), path)
     with torch.device("meta"):  # no memory: a 7B model must never exist twice
         model = Transformer(args)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
     names = name_map(1, 2, args.n_layers, args.tie_embeddings)  # HF -> ours
-    state = {}
+    # each HF tensor's shape: ours, or for a part of a fused one its share of the rows
+    a, shapes = args, {k: v.shape for k, v in model.state_dict().items()}
+    rows = {"q_proj": a.n_heads * a.head_dim, "k_proj": a.n_kv_heads * a.head_dim, "v_proj": a.n_kv_heads * a.head_dim,
+            "gate_proj": a.hidden_dim, "up_proj": a.hidden_dim}
+    want = {hf: (rows[hf.split(".")[-2]], shapes[ours][1]) if hf.split(".")[-2] in rows else shapes[ours]
+            for hf, ours in names.items()}
+    parts = {}
     for file in weight_files(path):
         for hf, t in read_tensors(file):
             if hf not in names:
                 if hf.endswith("rotary_emb.inv_freq") or hf == "lm_head.weight":  # an old buffer / a tied copy
                     continue
                 raise BeagleError(f"{file}: unexpected tensor {hf} (not a plain Llama checkpoint)")
-            if t.shape != shapes[names[hf]]:
+            if t.shape != want[hf]:
                 raise BeagleError(f"{file}: tensor {hf} has shape {tuple(t.shape)} but config.json implies "
-                                  f"{tuple(shapes[names[hf]])}")
-            state[names[hf]] = t.to(device=device, dtype=dtype)
-    missing = [hf for hf, ours in names.items() if ours not in state]
+                                  f"{tuple(want[hf])}")
+            parts[hf] = t.to(device=device, dtype=dtype)
+    missing = [hf for hf in names if hf not in parts]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise BeagleError(f"{path}: missing tensor {missing[0]}{more}")
+    state = {}
+    for hf, ours in names.items():  # in NAMES order: q, k, v and gate, up
+        state.setdefault(ours, []).append(parts.pop(hf))
+    state = {ours: torch.cat(ts) if len(ts) > 1 else ts[0] for ours, ts in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.inv_freq = rope_frequencies(args).to(device)  # non-persistent buffer: still on meta, rebuild it (fp32)
+    model.rope = rope_table(args, args.max_seq_len).to(device, dtype)  # non-persistent buffer: still on meta
     return model.eval()
 
 

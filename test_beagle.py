@@ -112,7 +112,7 @@ def test_llama_hf_dir_matches_transformers(case, tmp_path):
     tokens = torch.randint(0, 128, (2, 100))  # past original_max_position_embeddings: the rescaling matters
     logits, h = model(tokens)
     llama_close(logits, llama_hf_logits(ref, tokens))
-    assert h.shape == (2, 100, 64) and model.inv_freq.device.type == "cpu"
+    assert h.shape == (2, 100, 64) and model.rope.device.type == "cpu"
 
 
 def test_llama_legacy_config_keys(tmp_path):
@@ -142,9 +142,9 @@ def test_llama_sharded_and_bin_and_dtype(tmp_path):
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
     torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     llama_close(llama.load_hf(tmp_path / "bin")(tokens)[0], expected)
-    # the requested dtype everywhere except the fp32 rope frequencies
+    # the requested dtype everywhere, the RoPE table included (computed in fp32, rounded as HF rounds it)
     half = llama.load_hf(tmp_path / "sharded", dtype=torch.bfloat16)
-    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and half.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and half.rope.dtype == torch.bfloat16
     llama_close(half(tokens)[0].float(), expected, rel=0.05)
 
 
@@ -390,10 +390,9 @@ def test_llama_gguf_round_trip(llama_gguf_file, tmp_path, llama_accelerate_free)
     # exact for F32 norms, fp16 rounding for F16, the quantizer's own round trip for Q8_0; q/k rows unpermuted
     torch.testing.assert_close(ours["layers.1.attention_norm.weight"], theirs["model.layers.1.input_layernorm.weight"],
                                rtol=0, atol=0)
-    torch.testing.assert_close(ours["layers.0.attention.wq.weight"], theirs["model.layers.0.self_attn.q_proj.weight"],
-                               rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(ours["layers.0.attention.wk.weight"], theirs["model.layers.0.self_attn.k_proj.weight"],
-                               rtol=1e-2, atol=1e-3)
+    wq, wk, wv = ours["layers.0.attention.wqkv.weight"].split([256, 128, 128])  # q|k|v, concatenated at load
+    torch.testing.assert_close(wq, theirs["model.layers.0.self_attn.q_proj.weight"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(wk, theirs["model.layers.0.self_attn.k_proj.weight"], rtol=1e-2, atol=1e-3)
     q8 = gguf.quants.quantize(theirs["model.embed_tokens.weight"].numpy(), Q.Q8_0)
     torch.testing.assert_close(ours["tok_embeddings.weight"], torch.from_numpy(gguf.quants.dequantize(q8, Q.Q8_0)))
     assert model.args.tie_embeddings is False and model.args.n_kv_heads == 2
@@ -775,13 +774,18 @@ def test_train_no_visible_key_rows_are_finite_and_zero_attention():
     hat4 = draft(emb[:, 4:5], pos[4:5], h, pos, mask[:, :, 4:5])
     assert torch.allclose(hat4, hat[:, 4:5], atol=1e-6)
     # row 6 (keys 0..4) equals attention written out by hand: GQA head g reads kv head g // 2, RoPE by position
-    from llama import apply_rope, rope
+    def rope(x, pos):  # x (B, H, T, D): HF's rotate_half RoPE, written out
+        angles = pos.float()[:, None] / draft.args.rope_theta ** (torch.arange(0, 8, 2).float() / 8)  # (T, D/2)
+        angles = torch.cat([angles, angles], -1)
+        x1, x2 = x.chunk(2, -1)
+        return x * angles.cos() + torch.cat([-x2, x1], -1) * angles.sin()
+
     with torch.no_grad():
         x, kx = emb[:, 6:7], draft.kv_norm(h[:, :5])
-        q = draft.wq(draft.query_norm(x)).view(2, 1, 4, 8).transpose(1, 2)  # (B, H, 1, D)
-        q = apply_rope(q, *rope(draft.inv_freq, torch.tensor([6]), q.dtype))
-        k = apply_rope(draft.wk(kx).view(2, 5, 2, 8).transpose(1, 2), *rope(draft.inv_freq, torch.arange(5), q.dtype))
-        v = draft.wv(kx).view(2, 5, 2, 8).transpose(1, 2)
+        wk, wv = draft.wkv.weight.chunk(2)  # (Hkv D, dim) each
+        q = rope(draft.wq(draft.query_norm(x)).view(2, 1, 4, 8).transpose(1, 2), torch.tensor([6]))  # (B, H, 1, D)
+        k = rope((kx @ wk.T).view(2, 5, 2, 8).transpose(1, 2), torch.arange(5))
+        v = (kx @ wv.T).view(2, 5, 2, 8).transpose(1, 2)
         k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # (B, H, 5, D)
         att = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1) @ v  # (B, H, 1, D)
         y = draft.wo(att.transpose(1, 2).reshape(2, 1, 32)) + x
@@ -823,7 +827,7 @@ def test_train_checkpoint_roundtrip_and_errors(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), back.state_dict().values()))
     # same target in bf16 / fp16: same fingerprint; another target: a one-line BeagleError
     bf = load_draft(path, train_tiny_target().to(torch.bfloat16), dtype=torch.bfloat16)
-    assert bf.wq.weight.dtype == torch.bfloat16 and bf.inv_freq.dtype == torch.float32
+    assert bf.wq.weight.dtype == torch.bfloat16 and bf.rope.dtype == torch.bfloat16  # RoPE rounded as HF does
     load_draft(path, train_tiny_target().half())
     with pytest.raises(BeagleError, match="another target: same shape"):
         load_draft(path, train_tiny_target(seed=1))
@@ -990,18 +994,21 @@ def train_tiny_hf_dir(path):
     sd = model.state_dict()
     top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}  # our names -> the HF layout
-    layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-
-    def hf_name(name):
+    layer = {"attention.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],  # fused: split rows
+             "attention.wo": ["self_attn.o_proj"], "feed_forward.w13": ["mlp.gate_proj", "mlp.up_proj"],
+             "feed_forward.w2": ["mlp.down_proj"], "attention_norm": ["input_layernorm"],
+             "ffn_norm": ["post_attention_layernorm"]}
+    hf = {}
+    for name, t in sd.items():
         if name in top:
-            return top[name]
+            hf[top[name]] = t
+            continue
         _, i, rest = name.split(".", 2)  # layers.{i}.<module>.weight
-        return f"model.layers.{i}.{layer[rest.removesuffix('.weight')]}.weight"
-
-    save_file({hf_name(k): v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
+        parts = layer[rest.removesuffix(".weight")]
+        rows = [32, 16, 16] if len(parts) == 3 else [64, 64] if len(parts) == 2 else [t.shape[0]]  # 4 q, 2 kv heads
+        for part, piece in zip(parts, t.split(rows)):
+            hf[f"model.layers.{i}.{part}.weight"] = piece
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(path / "model.safetensors"))
     return str(path)
 
 
