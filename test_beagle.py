@@ -2336,3 +2336,115 @@ def test_graph_real_static_equals_dynamic(tmp_path, monkeypatch, capsys):
                                          "--json", "--compare", "--cuda-graph", "--device", "cpu"]))
     row = json.loads(capsys.readouterr().out)
     assert row["identical"] and row["new_tokens"] == 8 and row["mode"] == "tree"
+
+
+# =====================================================================================================================
+# ==== round 2: llama ====
+# =====================================================================================================================
+
+class LlamaOpCount(TorchDispatchMode):
+    """Counts the aten ops a forward dispatches, views (which launch no kernel) apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        self.views += func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def llama_ops_per_forward(n_layers, T):
+    """Non-view aten ops of one cached forward of T tokens (T=1: a decode step, else a tree) with a mask over the
+    whole cache, on a tiny GQA model of n_layers layers."""
+    model = llama_tiny(n_layers=n_layers)
+    cache, n = KVCache(model.args, 1, 128), 20
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, n)), torch.arange(n), cache)
+        tokens, positions = torch.randint(0, 97, (1, T)), n + torch.arange(T) % 6  # a tree: positions n + depth
+        with LlamaOpCount() as count:
+            model(tokens, positions, cache, torch.rand(1, 1, T, 128) < 0.5, slots=n + torch.arange(T))
+    return count.ops
+
+
+@pytest.mark.parametrize("T,bound", [(1, 33), (61, 29)])
+def test_llama_ops_per_layer_bounded(T, bound):
+    """The GPU decode step is launch-bound: every op in a layer costs n_layers kernel launches. The per-layer count
+    (a 4-layer minus a 2-layer model, over 2) must not grow: 2 norms, 4 matrices (each 3 ops on the CPU's few-row
+    path, 1 else), one rotation of q|k|v, one cache write, attention, SwiGLU and 2 residual adds."""
+    per_layer = (llama_ops_per_forward(4, T) - llama_ops_per_forward(2, T)) / 2
+    assert per_layer <= bound, per_layer
+
+
+def test_llama_fused_projections_match_hf_tensors(tmp_path):
+    """wqkv is q|k|v rows and w13 gate|up rows of the HF tensors, exactly; the cache's k and v are views of one
+    buffer, so one copy writes both."""
+    ref = llama_hf_model(num_key_value_heads=2)
+    ref.save_pretrained(tmp_path)
+    model, sd = llama.load_hf(tmp_path), ref.state_dict()
+    attn, ffn = model.layers[1].attention, model.layers[1].feed_forward
+    hf = lambda name: sd[f"model.layers.1.{name}.weight"]
+    assert torch.equal(attn.wqkv.weight, torch.cat([hf("self_attn.q_proj"), hf("self_attn.k_proj"), hf("self_attn.v_proj")]))
+    assert torch.equal(ffn.w13.weight, torch.cat([hf("mlp.gate_proj"), hf("mlp.up_proj")]))
+    cache = KVCache(model.args, 1, 8)
+    assert cache.k.shape == cache.v.shape == (2, 1, 2, 8, 16)
+    cache.kv.fill_(0)
+    cache.update(1, torch.tensor([3]), torch.arange(4 * 16.0).view(1, 4, 1, 16))  # k heads 0, 1 then v heads
+    assert torch.equal(cache.k[1, 0, :, 3].flatten(), torch.arange(32.0))
+    assert torch.equal(cache.v[1, 0, :, 3].flatten(), torch.arange(32.0, 64.0)) and cache.k.abs().sum() == 496
+    # the CPU few-row path serves the fused matrices: W @ x.T for one token's q|k|v
+    calls, real = [], torch.Tensor.__matmul__
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.Tensor, "__matmul__", lambda a, c: (calls.append(tuple(a.shape)), real(a, c))[1])
+        model(torch.tensor([[5]]))
+    assert (4 * 16 + 2 * 2 * 16, 64) in calls and (2 * 96, 64) in calls
+
+
+def test_llama_rope_table_equals_hf_rotation():
+    """The table's rows rotate like HF's rotate_half RoPE computed from scratch for those positions, in fp32 and
+    (rounded like HF) in bf16; position 0 is the identity, which the v heads use."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    args = ModelArgs(dim=64, n_heads=4, n_kv_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3, max_seq_len=300)
+    hf_rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0,
+                                               rope_scaling=dict(LLAMA3), max_position_embeddings=300))
+    pos = torch.tensor([0, 1, 7, 150, 299])
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 5, 4, 16).to(dtype)  # (B, T, H, D)
+        cos, sin = hf_rope(x, pos[None])
+        want, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+        table = llama.rope_table(args, 300).to(dtype)
+        got = llama.apply_rope(x, *table[pos, None].unbind(-2))
+        torch.testing.assert_close(got.transpose(1, 2), want, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(llama.apply_rope(x, *table[[0]][:, None].unbind(-2)), x)
+
+
+def llama_old_format(src, dst):
+    """A draft checkpoint as it was saved before the projections were fused: wk, wv and w1, w3 apart."""
+    from safetensors import safe_open
+    with safe_open(src, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["wk.weight"], tensors["wv.weight"] = tensors.pop("wkv.weight").chunk(2)
+    w1, w3 = tensors.pop("feed_forward.w13.weight").chunk(2)
+    tensors["feed_forward.w1.weight"], tensors["feed_forward.w3.weight"] = w1, w3
+    save_file({k: v.contiguous() for k, v in tensors.items()}, dst, metadata=meta)
+
+
+def test_llama_old_format_draft_gives_the_same_hat_h(tmp_path):
+    target = train_tiny_target()
+    draft = Beagle(DraftArgs.from_target(target.args))
+    new, old = str(tmp_path / "new.safetensors"), str(tmp_path / "old.safetensors")
+    save_draft(new, draft, target)
+    llama_old_format(new, old)
+    tok = torch.randint(0, 262, (2, 12))
+    with torch.no_grad():
+        _, h = target(tok)
+        emb, pos = target.tok_embeddings(tok), torch.arange(12)
+        hats = [load_draft(p, target)(emb, pos, h, pos, block_mask(12, 3, 1)[None, None]) for p in (new, old)]
+    assert torch.equal(hats[0], hats[1]) and not torch.equal(hats[0], emb)
+    beagle.export_draft(old, str(tmp_path / "re.safetensors"), torch.float32)  # a copy is written fused
+    tensors, _ = beagle.read_draft(str(tmp_path / "re.safetensors"))
+    assert "wk.weight" not in tensors and torch.equal(tensors["wkv.weight"], draft.wkv.weight)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "re.safetensors"), framework="pt") as f:
+        assert {"wkv.weight", "feed_forward.w13.weight"} <= set(f.keys()) and "wv.weight" not in f.keys()
