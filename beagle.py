@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import DTYPES, BeagleError, FeedForward, Linear, RMSNorm, apply_rope, rope_table
+from llama import DTYPES, BeagleError, FeedForward, Linear, RMSNorm, apply_rope, rope_table, write_atomic
 
 
 @dataclass
@@ -185,14 +185,12 @@ def save_draft(path, draft, target, extra=None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
     if getattr(draft, "vocab", None) is not None:
         tensors["vocab"] = draft.vocab.to(torch.int32).cpu()
-    write_atomic(path, tensors, meta)
+    write_safetensors(path, tensors, meta)
 
 
-def write_atomic(path, tensors, meta):
+def write_safetensors(path, tensors, meta):
     from safetensors.torch import save_file
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 OLD_NAMES = {"wkv.weight": ("wk.weight", "wv.weight"),  # drafts saved before the projections were fused
@@ -260,7 +258,7 @@ def export_draft(src, dst, dtype=torch.bfloat16, vocab=None):
     if vocab is not None:
         tensors["vocab"] = vocab.to(torch.int32)
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    write_atomic(dst, tensors, meta)
+    write_safetensors(dst, tensors, meta)
 
 
 if __name__ == "__main__":

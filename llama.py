@@ -12,16 +12,22 @@ The weights use the Hugging Face layout (q/k rows ordered for `rotate_half` RoPE
 with one literal name map and no permutation. `forward` returns the logits and the top-layer hidden states
 *after* the final RMSNorm (what the LM head reads): those are the states the Beagle draft attends to.
 """
+import argparse
+import ast
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
+import io
 import json
 import math
 import os
 import re
 import shutil
 import sys
-import tempfile
+import textwrap
+import tokenize
+import typing
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,55 +70,90 @@ class ModelArgs:
 
 
 # -----------------------------------------------------------------------------
-# a small CLI over a dataclass, shared by every script: --key value / --key=value, typed by the field
+# the CLI of every script, derived from its config dataclass
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        hint = " (a value that starts with '-': --key=value)" if "expected one argument" in message else ""
+        sys.exit(f"error: {message}{hint}")
+
+
+def field_comments(cls):
+    """{field name: its comment}: the `# ...` at the end of the field's line, else the comment lines right above it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source file (a class made in a REPL): no help texts
+        return {}
+    notes = {t.start[0]: t.string.lstrip("#").strip()
+             for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    lines, comments = source.splitlines(), {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = [notes[i] for i in range(node.lineno, node.end_lineno + 1) if i in notes]
+            i = node.lineno - 1
+            while not text and i in notes and lines[i - 1].lstrip().startswith("#"):
+                i -= 1
+            comments[node.target.id] = " ".join(text or [notes[j] for j in range(i + 1, node.lineno)])
+    return comments
+
+
+KINDS = {bool: ("true|false", "true or false"), int: ("INT", "an integer"), float: ("FLOAT", "a number"),
+         str: ("STR", "a string")}  # metavar in --help, what an error says was expected
+
+
+def _coerce(value, option, kind, optional):
+    if optional and value.lower() == "none":
+        return None
+    if kind is bool and value.lower() in ("1", "0", "true", "false", "yes", "no"):
+        return value.lower() in ("1", "true", "yes")
+    try:
+        if kind is not bool:
+            return kind(value)
+    except ValueError:
+        pass
+    sys.exit(f"error: {option} expects {KINDS[kind][1]}{' or none' if optional else ''}, got {value!r}")
+
 
 def cli(config_cls, argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    if "-h" in argv or "--help" in argv:  # the script's docstring, then every option with its default
-        print((sys.modules["__main__"].__doc__ or "").strip() + "\n\noptions:")
-        for f in fields.values():
-            kind = getattr(f.type, "__name__", str(f.type))
-            print(f"  --{f.name.replace('_', '-'):<22} default {f.default!r:<22} ({kind})")
-        sys.exit(0)
-    kwargs, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            sys.exit(f"error: unexpected argument {arg!r} (options look like --key value)")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in fields:
-            sys.exit(f"error: unknown option --{key.replace('_', '-')}; known: "
-                     + " ".join("--" + k.replace("_", "-") for k in fields))
-        kind = str(fields[key].type)
-        if not eq:  # a bare --flag is True for booleans, else the value is the next argument
-            if "bool" in kind and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                value = "true"
-            elif i + 1 < len(argv):
-                i, value = i + 1, argv[i + 1]
-            else:
-                sys.exit(f"error: option --{key} needs a value")
-        kwargs[key] = _coerce(key, value, kind)
-        i += 1
-    return config_cls(**kwargs)
+    """--key value or --key=value for each field of the dataclass (--max-new-tokens sets max_new_tokens), coerced to
+    the field's type: bool (a bare --flag is true), int, float, str, and `X | None` (none: None). --help lists the
+    options with their comments and defaults. A mistake is a one-line error."""
+    hints, comments = typing.get_type_hints(config_cls), field_comments(config_cls)
+    parser = _Parser(description=(sys.modules["__main__"].__doc__ or "").strip(), allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = {}
+    for f in dataclasses.fields(config_cls):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        kind, optional = args[0], type(None) in typing.get_args(hints[f.name])
+        if len(args) > 1 or kind not in KINDS:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: the CLI takes bool, int, float, str or X | None")
+        option = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "none" if default is None else str(default).lower() if kind is bool else repr(default)
+        note = (comments.get(f.name, "") + f" (default {shown}{'; none allowed' if optional else ''})").strip()
+        parser.add_argument(option, dest=f.name, default=argparse.SUPPRESS, help=note.replace("%", "%%"),
+                            metavar=KINDS[kind][0] + ("|none" if optional else ""),
+                            nargs="?" if kind is bool else None, const="true" if kind is bool else None)
+        kinds[f.name] = option, kind, optional
+    given, unknown = parser.parse_known_args(argv)
+    if unknown:
+        what = "unknown option" if unknown[0].startswith("-") else "unexpected argument"
+        sys.exit(f"error: {what} {unknown[0].split('=')[0]!r} (--help lists the options)")
+    return config_cls(**{k: _coerce(v, *kinds[k]) for k, v in vars(given).items()})
 
 
-def _coerce(key, value, kind):
-    if value.lower() == "none" and "None" in kind:
-        return None
+def write_atomic(path, write):
+    """write(tmp) writes a file (or a directory) at tmp, beside path, which then replaces path in one rename: a crash
+    or an error never leaves half a file at path, and the temp file is removed on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if "bool" in kind:
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return value.lower() in ("1", "true", "yes")
-        if "int" in kind:
-            return int(value)
-        if "float" in kind:
-            return float(value)
-    except ValueError:
-        sys.exit(f"error: --{key} expects {kind}, got {value!r}")
-    return value
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -616,22 +657,17 @@ def convert_gguf(gguf_path, out_dir):
                       bos_token=string("bos"), eos_token=string("eos"), unk_token=string("unknown"),
                       pad_token=string("padding"), add_bos_token=meta.get("tokenizer.ggml.add_bos_token", False),
                       clean_up_tokenization_spaces=False, model_max_length=config["max_position_embeddings"])
-    # write next to the destination, then rename: a half-written model directory never exists
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+
+    def write(tmp):  # a half-written model directory never exists (an empty out_dir is replaced)
+        tmp.mkdir()
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         tok.save(str(tmp / "tokenizer.json"))
         for name, obj in (("config.json", config), ("tokenizer_config.json", tok_config),
                           ("generation_config.json", dict(bos_token_id=special("bos"), eos_token_id=stops))):
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(out_dir, write)
 
 
 # -----------------------------------------------------------------------------

@@ -2448,3 +2448,99 @@ def test_llama_old_format_draft_gives_the_same_hat_h(tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "re.safetensors"), framework="pt") as f:
         assert {"wkv.weight", "feed_forward.w13.weight"} <= set(f.keys()) and "wv.weight" not in f.keys()
+
+
+@dataclasses.dataclass
+class LlamaKnobs:
+    max_new_tokens: int = 256  # tokens to generate per prompt
+    temperature: float = 0.0  # 0: exact argmax
+    # where the answers go,
+    # one line each
+    out: str = "out.jsonl"
+    prompt: str | None = None
+    compile: bool = False  # torch.compile the step (100% optional)
+    cuda_graph: bool | None = None  # None: on for cuda
+    steps: int | None = 3
+
+
+def test_llama_cli_types_and_values():
+    cli = lambda *argv: llama.cli(LlamaKnobs, list(argv))
+    assert cli() == LlamaKnobs()
+    assert cli("--max-new-tokens", "5", "--temperature=0.7", "--out", "a b") == LlamaKnobs(5, 0.7, "a b")
+    assert cli("--prompt=--not-an-option", "--out=x=y").prompt == "--not-an-option"  # any value after '='
+    assert cli("--out=x=y").out == "x=y" and cli("--temperature", "-1.5").temperature == -1.5
+    assert cli("--compile").compile is True and cli("--compile", "--steps", "4") == LlamaKnobs(compile=True, steps=4)
+    assert cli("--compile", "false").compile is False and cli("--compile=NO").compile is False
+    assert cli("--cuda-graph").cuda_graph is True and cli("--cuda-graph", "None").cuda_graph is None
+    assert cli("--prompt", "none").prompt is None and cli("--out", "none").out == "none"  # str, not optional
+    assert cli("--steps=none").steps is None and cli("--steps", "7").steps == 7
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-new-tokens", "abc"], "error: --max-new-tokens expects an integer, got 'abc'"),
+    (["--temperature=hot"], "error: --temperature expects a number, got 'hot'"),
+    (["--compile", "maybe"], "error: --compile expects true or false, got 'maybe'"),
+    (["--steps", "x"], "error: --steps expects an integer or none, got 'x'"),
+    (["--max-new-tokens", "none"], "error: --max-new-tokens expects an integer, got 'none'"),
+    (["--max-new-token", "5"], "error: unknown option '--max-new-token' (--help lists the options)"),
+    (["--nope=3"], "error: unknown option '--nope' (--help lists the options)"),
+    (["stray"], "error: unexpected argument 'stray' (--help lists the options)"),
+    (["--out"], "error: argument --out: expected one argument (a value that starts with '-': --key=value)"),
+])
+def test_llama_cli_errors_are_one_line(argv, message):
+    with pytest.raises(SystemExit) as e:
+        llama.cli(LlamaKnobs, argv)
+    assert e.value.code == message
+
+
+def test_llama_cli_help_from_comments(capsys):
+    with pytest.raises(SystemExit) as e:
+        llama.cli(LlamaKnobs, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0
+    for text in ["--max-new-tokens INT tokens to generate per prompt (default 256)",
+                 "--temperature FLOAT 0: exact argmax (default 0.0)",
+                 "--out STR where the answers go, one line each (default 'out.jsonl')",
+                 "--prompt STR|none (default none; none allowed)",
+                 "--compile [true|false] torch.compile the step (100% optional) (default false)",
+                 "--cuda-graph [true|false|none] None: on for cuda (default none; none allowed)"]:
+        assert text in out, text
+    assert llama.field_comments(DecodeConfig)["mode"] == "ar | chain | tree"
+
+
+def test_llama_cli_help_subprocess():
+    """A script's --help: its docstring, then every option with its comment and default."""
+    r = subprocess.run([sys.executable, "beagle.py", "--help"], capture_output=True, text=True,
+                       cwd=Path(llama.__file__).parent)
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 0 and r.stdout.startswith("usage: beagle.py"), r.stderr
+    assert "The Beagle draft: one cross-attention decoder layer" in out
+    assert "--draft STR a checkpoint written by train.py (fp32 master weights) (default 'runs/s2/draft.safetensors')" in out
+    assert "--vocab-data STR|none (re)compute the token ranking" in out  # a comment above its field
+    r = subprocess.run([sys.executable, "beagle.py", "--dtpye", "bf16"], capture_output=True, text=True,
+                       cwd=Path(llama.__file__).parent)
+    assert r.returncode == 1 and r.stderr == "error: unknown option '--dtpye' (--help lists the options)\n"
+
+
+def test_llama_write_atomic(tmp_path):
+    path = tmp_path / "f.txt"
+    llama.write_atomic(path, lambda tmp: tmp.write_text("one"))
+    assert path.read_text() == "one"
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        llama.write_atomic(path, fails)
+    assert path.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]  # temp file gone
+    llama.write_atomic(tmp_path / "d", lambda tmp: (tmp.mkdir(), (tmp / "x").write_text("2")))  # a directory too
+    assert (tmp_path / "d" / "x").read_text() == "2"
+
+    def fails_in_dir(tmp):
+        tmp.mkdir()
+        fails(tmp / "x")
+
+    with pytest.raises(OSError, match="disk full"):
+        llama.write_atomic(tmp_path / "e", fails_in_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt"]  # the half-written directory is gone
