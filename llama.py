@@ -137,6 +137,11 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+# SDPA's fused CUDA kernels take GQA only without a mask (with one it falls back to its unfused math path, several
+# kernels more per layer): there, repeat the kv heads for their query heads first, one copy for k and v together
+REPEAT_KV_DEVICES = ("cuda",)
+
+
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -156,9 +161,10 @@ class Attention(nn.Module):
             kv = cache.update(layer, slots, kv)  # (B, 2 Hkv, L, D)
             if mask is not None:  # the mask's width says how much of the cache is live
                 kv = kv[:, :, :mask.shape[-1]]
-        k, v = kv.chunk(2, dim=1)  # (B, Hkv, S, D) each
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if mask is not None and H != self.n_kv_heads and kv.device.type in REPEAT_KV_DEVICES:
+            kv = kv.repeat_interleave(H // self.n_kv_heads, dim=1)  # (B, 2 H, S, D): query head h reads kv head h//g
+        k, v = kv.chunk(2, dim=1)  # (B, Hkv or H, S, D) each
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != H)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

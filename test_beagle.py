@@ -2568,3 +2568,29 @@ def test_llama_gguf_unexpected_and_unsupported(llama_gguf_file, tmp_path, monkey
     with pytest.raises(BeagleError, match="tokenizer model 'bert' is not supported"):
         llama.gguf_tokenizer({**meta, "tokenizer.ggml.model": "bert"}, "x.gguf")
     assert not (tmp_path / "out").exists()
+
+
+@torch.no_grad()
+def test_llama_repeated_kv_heads_equal_gqa(monkeypatch):
+    """On CUDA, a masked forward repeats the kv heads instead of asking SDPA for GQA: forced here on the CPU, the same
+    logits for a cached decode step and a tree."""
+    model = llama_tiny()
+    tokens = torch.randint(0, 97, (1, 30))
+    mask = torch.rand(1, 1, 12, 30) < 0.5
+    mask[..., :18] = True
+    runs = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(llama, "REPEAT_KV_DEVICES", devices)
+        cache = KVCache(model.args, 1, 30)
+        model(tokens[:, :18], torch.arange(18), cache)
+        runs.append(model(tokens[:, 18:], 18 + torch.arange(12) % 4, cache, mask, slots=18 + torch.arange(12))[0])
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
+    target = train_tiny_target()  # the draft too (4 query heads over 2 kv heads)
+    draft = Beagle(DraftArgs.from_target(target.args))
+    _, h = target(tokens)
+    emb, pos, block = target.tok_embeddings(tokens), torch.arange(30), block_mask(30, 3, 1)[None, None]
+    hats = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(llama, "REPEAT_KV_DEVICES", devices)
+        hats.append(draft(emb, pos, h, pos, block))
+    torch.testing.assert_close(hats[0], hats[1], atol=1e-5, rtol=1e-5)
