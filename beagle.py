@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import DTYPES, BeagleError, FeedForward, Linear, RMSNorm, apply_rope, rope, rope_frequencies
+import llama
+from llama import DTYPES, BeagleError, FeedForward, Linear, RMSNorm, apply_rope, rope_table, write_atomic
 
 
 @dataclass
@@ -55,12 +56,13 @@ class DraftArgs:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     vocab_size: int = 49152  # the target's; the draft has no vocabulary weights of its own
+    max_seq_len: int = 2048  # the target's: the positions RoPE has a table for
 
     @classmethod
     def from_target(cls, args):  # the draft layer has the shape of one target layer
         return cls(dim=args.dim, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
                    hidden_dim=args.hidden_dim, norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-                   rope_scaling=args.rope_scaling, vocab_size=args.vocab_size)
+                   rope_scaling=args.rope_scaling, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len)
 
 
 class Beagle(nn.Module):
@@ -71,12 +73,11 @@ class Beagle(nn.Module):
         self.query_norm = RMSNorm(args.dim, args.norm_eps)  # on e(t)
         self.kv_norm = RMSNorm(args.dim, args.norm_eps)  # on target (or draft) states
         self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wkv = Linear(args.dim, 2 * args.n_kv_heads * args.head_dim, bias=False)  # rows of k, then v
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
-        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.register_buffer("rope", rope_table(args, args.max_seq_len), persistent=False)  # cast with the draft
         for name, p in self.named_parameters():
             if p.dim() == 2:  # linears; residual-writing projections scaled down (see module docstring)
                 std = 0.02 / math.sqrt(2) if name.endswith(("wo.weight", "w2.weight")) else 0.02
@@ -85,19 +86,18 @@ class Beagle(nn.Module):
     def kv(self, states, positions):
         """states (B, S, dim) at absolute positions (S,) -> k, v (B, Hkv, S, D), RoPE applied to k."""
         B, S, _ = states.shape
-        x = self.kv_norm(states)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope(self.inv_freq, positions, k.dtype)
-        return apply_rope(k, cos, sin), v
+        kv = self.wkv(self.kv_norm(states)).view(B, S, 2 * self.n_kv_heads, self.head_dim)
+        k, v = kv.chunk(2, dim=2)  # (B, S, Hkv, D) each
+        cos, sin = self.rope[positions, None].to(k.dtype).unbind(-2)  # (S, 1, D); .to: for autocast
+        return apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, emb, positions, k, v, mask):
         """emb (B, T, dim) = target.tok_embeddings(query tokens) at positions (T,); k, v (B, Hkv, S, D);
         mask bool (B|1, 1, T, S), True = may attend. Returns hat_h (B, T, dim)."""
         B, T, _ = emb.shape
-        q = self.wq(self.query_norm(emb)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        cos, sin = rope(self.inv_freq, positions, q.dtype)
-        q = apply_rope(q, cos, sin)
+        q = self.wq(self.query_norm(emb)).view(B, T, self.n_heads, self.head_dim)
+        cos, sin = self.rope[positions, None].to(q.dtype).unbind(-2)  # (T, 1, D)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, D)
         if k.shape[2] == 0:  # no keys at all: every row is a no-visible-key row
             y = torch.zeros_like(q)
         else:
@@ -106,8 +106,11 @@ class Beagle(nn.Module):
             # and zero their output below, so they get exactly 0 and no gradient flows through them.
             first = torch.zeros_like(mask[..., :1, :])  # (.., 1, S)
             first[..., 0].fill_(True)  # (not `= True`: that copies a host scalar, a GPU sync)
+            g = self.n_heads // self.n_kv_heads
+            if g > 1 and k.device.type in llama.REPEAT_KV_DEVICES:  # (SDPA's fused kernels: no GQA with a mask)
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, H, S, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | (first & ~seen),
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+                                               enable_gqa=k.shape[1] != self.n_heads)
             y = torch.where(seen, y, 0.0)  # (B, H, T, D)
         y = self.wo(y.transpose(1, 2).reshape(B, T, -1)) + emb
         return self.feed_forward(self.ffn_norm(y)) + y
@@ -186,18 +189,21 @@ def save_draft(path, draft, target, extra=None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
     if getattr(draft, "vocab", None) is not None:
         tensors["vocab"] = draft.vocab.to(torch.int32).cpu()
-    write_atomic(path, tensors, meta)
+    write_safetensors(path, tensors, meta)
 
 
-def write_atomic(path, tensors, meta):
+def write_safetensors(path, tensors, meta):
     from safetensors.torch import save_file
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+OLD_NAMES = {"wkv.weight": ("wk.weight", "wv.weight"),  # drafts saved before the projections were fused
+             "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight")}
 
 
 def read_draft(path):
-    """-> (tensors, metadata) with BeagleError one-liners for everything a user can get wrong."""
+    """-> (tensors, metadata) with BeagleError one-liners for everything a user can get wrong. Old checkpoints get
+    their separate projections concatenated into the fused ones (OLD_NAMES), so everything reads one format."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise BeagleError(f"no draft checkpoint at {path}")
@@ -209,13 +215,17 @@ def read_draft(path):
         raise BeagleError(f"cannot read draft checkpoint {path} (corrupt or not safetensors): {e}") from None
     if meta.get("format") != FORMAT:
         raise BeagleError(f"{path} is not a Beagle draft checkpoint (no '{FORMAT}' metadata)")
+    for new, old in OLD_NAMES.items():
+        if new not in tensors and all(name in tensors for name in old):
+            tensors[new] = torch.cat([tensors.pop(name) for name in old])
     return tensors, meta
 
 
 def load_draft(path, target, device="cpu", dtype=torch.float32):
     tensors, meta = read_draft(path)
     try:
-        args, saved = DraftArgs(**json.loads(meta["draft_args"])), json.loads(meta["target"])
+        args, saved = json.loads(meta["draft_args"]), json.loads(meta["target"])
+        args = DraftArgs(**{"max_seq_len": target.args.max_seq_len, **args})  # (older drafts do not store it)
     except Exception as e:
         raise BeagleError(f"{path}: unreadable draft metadata: {e}") from None
     check_fingerprint(saved, target)
@@ -227,8 +237,7 @@ def load_draft(path, target, device="cpu", dtype=torch.float32):
         draft.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise BeagleError(f"{path}: weights do not match its own config: {str(e).splitlines()[0]}") from None
-    draft = draft.to(device=device, dtype=dtype).eval()
-    draft.inv_freq = rope_frequencies(args).to(device)  # .to(dtype) also cast it: RoPE angles stay in fp32
+    draft = draft.to(device=device, dtype=dtype).eval()  # the RoPE table too, rounded from fp32 as HF does
     draft.vocab = None if vocab is None else vocab.long().to(device)  # see VOCAB in the module docstring
     return draft
 
@@ -253,7 +262,7 @@ def export_draft(src, dst, dtype=torch.bfloat16, vocab=None):
     if vocab is not None:
         tensors["vocab"] = vocab.to(torch.int32)
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    write_atomic(dst, tensors, meta)
+    write_safetensors(dst, tensors, meta)
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ class DraftCache:
     the next iteration's true states overwrite (so draft states are discarded for free)."""
 
     def __init__(self, draft, max_len):
-        w = draft.wk.weight
+        w = draft.wq.weight
         self.k = w.new_zeros(1, draft.n_kv_heads, max_len, draft.head_dim)
         self.v = torch.zeros_like(self.k)
 

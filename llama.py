@@ -12,27 +12,26 @@ The weights use the Hugging Face layout (q/k rows ordered for `rotate_half` RoPE
 with one literal name map and no permutation. `forward` returns the logits and the top-layer hidden states
 *after* the final RMSNorm (what the LM head reads): those are the states the Beagle draft attends to.
 """
+import argparse
+import ast
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
+import io
 import json
 import math
 import os
-import re
 import shutil
 import sys
-import tempfile
+import textwrap
+import tokenize
+import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import gguf
-import jinja2
-import jinja2.sandbox
-import numpy as np
-import sentencepiece
-import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,76 +63,7 @@ class ModelArgs:
 
 
 # -----------------------------------------------------------------------------
-# a small CLI over a dataclass, shared by every script: --key value / --key=value, typed by the field
-
-def cli(config_cls, argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    if "-h" in argv or "--help" in argv:  # the script's docstring, then every option with its default
-        print((sys.modules["__main__"].__doc__ or "").strip() + "\n\noptions:")
-        for f in fields.values():
-            kind = getattr(f.type, "__name__", str(f.type))
-            print(f"  --{f.name.replace('_', '-'):<22} default {f.default!r:<22} ({kind})")
-        sys.exit(0)
-    kwargs, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            sys.exit(f"error: unexpected argument {arg!r} (options look like --key value)")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in fields:
-            sys.exit(f"error: unknown option --{key.replace('_', '-')}; known: "
-                     + " ".join("--" + k.replace("_", "-") for k in fields))
-        kind = str(fields[key].type)
-        if not eq:  # a bare --flag is True for booleans, else the value is the next argument
-            if "bool" in kind and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                value = "true"
-            elif i + 1 < len(argv):
-                i, value = i + 1, argv[i + 1]
-            else:
-                sys.exit(f"error: option --{key} needs a value")
-        kwargs[key] = _coerce(key, value, kind)
-        i += 1
-    return config_cls(**kwargs)
-
-
-def _coerce(key, value, kind):
-    if value.lower() == "none" and "None" in kind:
-        return None
-    try:
-        if "bool" in kind:
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return value.lower() in ("1", "true", "yes")
-        if "int" in kind:
-            return int(value)
-        if "float" in kind:
-            return float(value)
-    except ValueError:
-        sys.exit(f"error: --{key} expects {kind}, got {value!r}")
-    return value
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def device_and_dtype(device="auto", dtype="auto"):
-    """The scripts' --device / --dtype: auto = cuda when there is one; bf16 on a GPU, fp32 on the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BeagleError(f"--device {device}: CUDA is not available here")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        raise BeagleError(f"--dtype must be auto or one of {', '.join(DTYPES)} (got {dtype!r})")
-    return device, DTYPES[dtype]
-
-
-# -----------------------------------------------------------------------------
-# model
+# the model: Llama with HF's weight layout, a static KV cache, and a CUDA-graph wrapper of static-shape steps
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -141,10 +71,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # normalise in fp32, as the reference implementations do
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x):
+        # F.rms_norm normalises in fp32 whatever x's dtype and rounds once, after the weight (HF rounds before it
+        # too: an ulp apart at most in bf16, the same numbers in fp32); one fused kernel on the GPU. x goes to the
+        # weight's dtype: a no-op, except under autocast (an fp32 draft on bf16 inputs), where it normalises in fp32
+        return F.rms_norm(x.to(self.weight.dtype), self.weight.shape, self.weight, self.eps)
 
 
 def rope_frequencies(args):
@@ -167,49 +98,28 @@ def rope_frequencies(args):
     return inv_freq
 
 
-def rope(inv_freq, positions, dtype):
-    """cos, sin of shape (T, head_dim) for integer positions (T,)."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2), fp32 as in HF
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def rope_table(args, length):
+    """(length, 2, head_dim): cos and sin of positions 0..length-1, computed once per model in fp32 as HF does, and
+    rounded to the model's dtype with the model (HF rounds them too). HF's layout (angles repeated for both halves),
+    with the first half of sin negated: rotate_half(x) * sin is then swap_halves(x) * sin (apply_rope)."""
+    angles = torch.arange(length).float()[:, None] * rope_frequencies(args)  # (L, D/2)
+    angles = torch.cat([angles, angles], -1)  # (L, D)
+    sign = torch.ones(args.head_dim).index_fill_(0, torch.arange(args.head_dim // 2), -1.0)
+    return torch.stack([angles.cos(), angles.sin() * sign], 1)
 
 
-def apply_rope(x, cos, sin):  # x (B, H, T, D); HF's rotate_half convention
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class KVCache:
-    """Static cache (gpt-fast style): one preallocated buffer per layer, written at absolute positions and
-    read through a mask, so rejected speculative tokens need no undo. Positions are shared by the batch."""
-
-    def __init__(self, args, batch_size, max_len, device=None, dtype=torch.float32):
-        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-
-    def update(self, layer, slots, k, v):  # k, v (B, Hkv, T, D) go to cache slots (T,)
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
-        return self.k[layer], self.v[layer]
-
-    def move(self, src, dst):
-        """Copy slots src (LongTensor) to dst, dst+1, ... (keeps an accepted tree path, dropping the rest). dst is an
-        int or a 0-d LongTensor on the device (then no host sync: CUDA graphs)."""
-        slots = dst + torch.arange(src.numel(), device=src.device)
-        self.k.index_copy_(3, slots, self.k.index_select(3, src))  # gather first: overlap is safe
-        self.v.index_copy_(3, slots, self.v.index_select(3, src))
+def apply_rope(x, cos, sin):
+    """x (B, T, H, D), cos and sin (T, H or 1, D) rows of rope_table: HF's x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = (-x2, x1) is the two halves swapped (one flip) and the minus is in the table."""
+    return torch.addcmul(x * cos, x.unflatten(-1, (2, -1)).flip(-2).flatten(-2), sin)
 
 
 def linear(x, weight, bias=None):
-    """F.linear with a CPU fast path for decoding. For a few rows without autograd, the CPU BLAS we measured
-    (torch 2.13, 2-core AMD EPYC, fp32) reads the weights about twice as fast through W @ x.T with 2 or 4 rows as
-    through F.linear's x @ W.T with one, whose matrix-vector path is slow: one forward's worth of SmolLM2-135M
-    matrices, 1 row through F.linear 32.5 ms, 2 or 4 rows through W @ x.T 17.5 and 19.3 ms. Decoding is bound by
-    reading the weights, so 1 and 3 rows are padded to 2 and 4 (copies of the first row), and a forward of 1 to 4
-    tokens then costs about the same: what makes verifying a small tree nearly free. Same numbers up to fp32
-    rounding; everything else (GPU, training, other dtypes, more than 8 rows) takes F.linear."""
+    """F.linear with a CPU fast path for decoding: for a few rows without autograd, the CPU BLAS reads the weights
+    much faster through W @ x.T with 2 or 4 rows than through F.linear's matrix-vector path with one (see README).
+    Decoding is bound by reading the weights, so 1 and 3 rows are padded to 2 and 4 (copies of the first row), and a
+    forward of 1 to 4 tokens costs about the same: what makes verifying a small tree nearly free. Same numbers up
+    to fp32 rounding; everything else (GPU, training, other dtypes, more than 8 rows) takes F.linear."""
     rows = x.numel() // x.shape[-1]
     if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= 8
             or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
@@ -225,6 +135,121 @@ def linear(x, weight, bias=None):
 class Linear(nn.Linear):
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+# SDPA's fused CUDA kernels take GQA only without a mask (with one it falls back to its unfused math path, several
+# kernels more per layer): there, repeat the kv heads for their query heads first, one copy for k and v together
+REPEAT_KV_DEVICES = ("cuda",)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        # q, k and v in one matrix: rows of q (H heads), then k (Hkv heads), then v (Hkv heads)
+        self.wqkv = Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, slots, mask, cache, layer):
+        B, T, _ = x.shape
+        H = self.n_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * self.n_kv_heads, self.head_dim)
+        # one rotation for all the heads: cos, sin (T, H + 2 Hkv, D) leave v as it is (see Transformer.forward)
+        qkv = apply_rope(qkv, cos, sin).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+        q, kv = qkv[:, :H], qkv[:, H:]  # (B, H, T, D), (B, 2 Hkv, T, D)
+        if cache is not None:
+            kv = cache.update(layer, slots, kv)  # (B, 2 Hkv, L, D)
+            if mask is not None:  # the mask's width says how much of the cache is live
+                kv = kv[:, :, :mask.shape[-1]]
+        if mask is not None and H != self.n_kv_heads and kv.device.type in REPEAT_KV_DEVICES:
+            kv = kv.repeat_interleave(H // self.n_kv_heads, dim=1)  # (B, 2 H, S, D): query head h reads kv head h//g
+        k, v = kv.chunk(2, dim=1)  # (B, Hkv or H, S, D) each
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != H)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w13 = Linear(dim, 2 * hidden_dim, bias=False)  # rows of gate (w1), then up (w3)
+        self.w2 = Linear(hidden_dim, dim, bias=False)  # down
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x, cos, sin, slots, mask, cache, layer):
+        x = x + self.attention(self.attention_norm(x), cos, sin, slots, mask, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope", rope_table(args, args.max_seq_len), persistent=False)  # cast with the model
+
+    def forward(self, tokens, positions=None, cache=None, mask=None, slots=None, last_only=False):
+        """tokens (B, T); positions (T,) absolute, shared by the batch (default 0..T-1); mask bool, True =
+        may attend, broadcastable to (B, H, T, S) where S is T without a cache and the number of live cache
+        slots with one. No mask means plain causal attention over this call's tokens alone. slots (T,): the
+        cache slots the tokens' K/V go to (default: their positions); a tree's siblings share a position but
+        each needs a slot of its own. last_only: logits of the last position only (a prefill needs no more:
+        (B, T, V) logits of a long or batched prompt cost gigabytes).
+        Returns logits (B, T, V) and the final-norm hidden states h (B, T, dim)."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        if cache is not None and mask is None:  # causal over the cache: slot j is visible to position p if j <= p
+            mask = torch.arange(cache.max_len, device=tokens.device) <= positions[:, None]
+        x = self.tok_embeddings(tokens)
+        # the rotation of every head of wqkv's output: q and k heads at their position, v heads at position 0,
+        # whose rotation is the identity (cos 1, sin 0), so the k and v that the cache stores come out as one tensor
+        a, T = self.args, tokens.shape[1]
+        at = F.pad(positions[:, None].expand(T, a.n_heads + a.n_kv_heads), (0, a.n_kv_heads))  # (T, H + 2 Hkv)
+        cos, sin = self.rope[at].unbind(-2)  # (T, H + 2 Hkv, D) each
+        if mask is not None and mask.dtype == torch.bool:  # SDPA would make it additive in every layer: once here
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, positions if slots is None else slots, mask, cache, i)
+        h = self.norm(x)
+        return self.output(h[:, -1:] if last_only else h), h
+
+
+class KVCache:
+    """Static cache (gpt-fast style): one preallocated buffer, written at absolute positions and read through a
+    mask, so rejected speculative tokens need no undo. Positions are shared by the batch."""
+
+    def __init__(self, args, batch_size, max_len, device=None, dtype=torch.float32):
+        # one buffer, k heads then v heads, as Attention's projection lays them out: one copy writes both
+        Hkv = args.n_kv_heads
+        self.kv = torch.zeros(args.n_layers, batch_size, 2 * Hkv, max_len, args.head_dim, device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, :, :Hkv], self.kv[:, :, Hkv:]  # views (n_layers, B, Hkv, L, D)
+        self.max_len = max_len
+
+    def update(self, layer, slots, kv):  # kv (B, 2 Hkv, T, D), k heads then v heads, goes to cache slots (T,)
+        self.kv[layer].index_copy_(2, slots, kv)
+        return self.kv[layer]  # (B, 2 Hkv, L, D)
+
+    def move(self, src, dst):
+        """Copy slots src (LongTensor) to dst, dst+1, ... (keeps an accepted tree path, dropping the rest). dst is an
+        int or a 0-d LongTensor on the device (then no host sync: CUDA graphs)."""
+        slots = dst + torch.arange(src.numel(), device=src.device)
+        self.kv.index_copy_(3, slots, self.kv.index_select(3, src))  # gather first: overlap is safe
 
 
 class Graphed:
@@ -258,98 +283,19 @@ class Graphed:
         return self.outputs
 
 
-class Attention(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-
-    def forward(self, x, cos, sin, slots, mask, cache, layer):
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, slots, k, v)
-            if mask is not None:  # the mask's width says how much of the cache is live
-                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.w1 = Linear(dim, hidden_dim, bias=False)  # gate
-        self.w2 = Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = Linear(dim, hidden_dim, bias=False)  # up
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class Block(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
-
-    def forward(self, x, cos, sin, slots, mask, cache, layer):
-        x = x + self.attention(self.attention_norm(x), cos, sin, slots, mask, cache, layer)
-        return x + self.feed_forward(self.ffn_norm(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
-
-    def forward(self, tokens, positions=None, cache=None, mask=None, slots=None, last_only=False):
-        """tokens (B, T); positions (T,) absolute, shared by the batch (default 0..T-1); mask bool, True =
-        may attend, broadcastable to (B, H, T, S) where S is T without a cache and the number of live cache
-        slots with one. No mask means plain causal attention over this call's tokens alone. slots (T,): the
-        cache slots the tokens' K/V go to (default: their positions); a tree's siblings share a position but
-        each needs a slot of its own. last_only: logits of the last position only (a prefill needs no more:
-        (B, T, V) logits of a long or batched prompt cost gigabytes).
-        Returns logits (B, T, V) and the final-norm hidden states h (B, T, dim)."""
-        if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-        if cache is not None and mask is None:  # causal over the cache: slot j is visible to position p if j <= p
-            mask = torch.arange(cache.max_len, device=tokens.device) <= positions[:, None]
-        x = self.tok_embeddings(tokens)
-        cos, sin = rope(self.inv_freq, positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, positions if slots is None else slots, mask, cache, i)
-        h = self.norm(x)
-        return self.output(h[:, -1:] if last_only else h), h
-
-
 # -----------------------------------------------------------------------------
 # loading Hugging Face-format directories: config.json + model.safetensors (or shards, or pytorch_model*.bin)
 
-NAMES = [  # one row per weight: llama.cpp GGUF, Hugging Face, ours; {i} is the layer index; all end in ".weight"
+NAMES = [  # one row per weight: llama.cpp GGUF, Hugging Face, ours; {i} is the layer index; all end in ".weight".
+    # Rows sharing our name are concatenated along the rows, in this order (q|k|v and gate|up: fused projections)
     ("token_embd", "model.embed_tokens", "tok_embeddings"),
-    ("blk.{i}.attn_q", "model.layers.{i}.self_attn.q_proj", "layers.{i}.attention.wq"),
-    ("blk.{i}.attn_k", "model.layers.{i}.self_attn.k_proj", "layers.{i}.attention.wk"),
-    ("blk.{i}.attn_v", "model.layers.{i}.self_attn.v_proj", "layers.{i}.attention.wv"),
+    ("blk.{i}.attn_q", "model.layers.{i}.self_attn.q_proj", "layers.{i}.attention.wqkv"),
+    ("blk.{i}.attn_k", "model.layers.{i}.self_attn.k_proj", "layers.{i}.attention.wqkv"),
+    ("blk.{i}.attn_v", "model.layers.{i}.self_attn.v_proj", "layers.{i}.attention.wqkv"),
     ("blk.{i}.attn_output", "model.layers.{i}.self_attn.o_proj", "layers.{i}.attention.wo"),
-    ("blk.{i}.ffn_gate", "model.layers.{i}.mlp.gate_proj", "layers.{i}.feed_forward.w1"),
+    ("blk.{i}.ffn_gate", "model.layers.{i}.mlp.gate_proj", "layers.{i}.feed_forward.w13"),
+    ("blk.{i}.ffn_up", "model.layers.{i}.mlp.up_proj", "layers.{i}.feed_forward.w13"),
     ("blk.{i}.ffn_down", "model.layers.{i}.mlp.down_proj", "layers.{i}.feed_forward.w2"),
-    ("blk.{i}.ffn_up", "model.layers.{i}.mlp.up_proj", "layers.{i}.feed_forward.w3"),
     ("blk.{i}.attn_norm", "model.layers.{i}.input_layernorm", "layers.{i}.attention_norm"),
     ("blk.{i}.ffn_norm", "model.layers.{i}.post_attention_layernorm", "layers.{i}.ffn_norm"),
     ("output_norm", "model.norm", "norm"),
@@ -429,49 +375,43 @@ def load_hf(path, device="cpu", dtype=torch.float32):
     args = model_args_from_config(read_json(path / "config.json"), path)
     with torch.device("meta"):  # no memory: a 7B model must never exist twice
         model = Transformer(args)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
     names = name_map(1, 2, args.n_layers, args.tie_embeddings)  # HF -> ours
-    state = {}
+    # the shape of each HF tensor: ours, or for a part of a fused matrix (NAMES) its share of the rows
+    a, shapes = args, {k: v.shape for k, v in model.state_dict().items()}
+    share = {"q_proj": a.n_heads * a.head_dim, "k_proj": a.n_kv_heads * a.head_dim, "v_proj": a.n_kv_heads * a.head_dim,
+             "gate_proj": a.hidden_dim, "up_proj": a.hidden_dim}
+    want = {hf: (share[hf.split(".")[-2]], shapes[ours][1]) if hf.split(".")[-2] in share else shapes[ours]
+            for hf, ours in names.items()}
+    parts = {}
     for file in weight_files(path):
         for hf, t in read_tensors(file):
             if hf not in names:
                 if hf.endswith("rotary_emb.inv_freq") or hf == "lm_head.weight":  # an old buffer / a tied copy
                     continue
                 raise BeagleError(f"{file}: unexpected tensor {hf} (not a plain Llama checkpoint)")
-            if t.shape != shapes[names[hf]]:
+            if t.shape != want[hf]:
                 raise BeagleError(f"{file}: tensor {hf} has shape {tuple(t.shape)} but config.json implies "
-                                  f"{tuple(shapes[names[hf]])}")
-            state[names[hf]] = t.to(device=device, dtype=dtype)
-    missing = [hf for hf, ours in names.items() if ours not in state]
+                                  f"{tuple(want[hf])}")
+            parts[hf] = t.to(device=device, dtype=dtype)
+    missing = [hf for hf in names if hf not in parts]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise BeagleError(f"{path}: missing tensor {missing[0]}{more}")
+    state = {}
+    for hf, ours in names.items():  # in NAMES order: q, k, v and gate, up
+        state.setdefault(ours, []).append(parts.pop(hf))
+    for ours, ts in state.items():  # one fused matrix at a time, its parts freed as it is built
+        state[ours] = torch.cat(ts) if len(ts) > 1 else ts[0]
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.inv_freq = rope_frequencies(args).to(device)  # non-persistent buffer: still on meta, rebuild it (fp32)
+    model.rope = rope_table(args, args.max_seq_len).to(device, dtype)  # non-persistent buffer: still on meta
     return model.eval()
 
 
 # -----------------------------------------------------------------------------
-# GGUF (llama.cpp) -> HF-format directory
-
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def pre_tokenizer(pre, where):
-    """llama.cpp's name for how text is split before byte-level BPE (tokenizer.ggml.pre) -> a pre-tokenizer."""
-    P = tokenizers.pre_tokenizers
-    if pre in ("default", "gpt2"):
-        return P.ByteLevel(add_prefix_space=False)
-    if pre in ("smollm", "starcoder", "refact"):  # trained with every digit alone: llama.cpp splits \p{N} first
-        return P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False)])
-    if pre in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe"):
-        return P.Sequence([P.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
-                           P.ByteLevel(add_prefix_space=False, use_regex=False)])
-    raise BeagleError(f"{where}: pre-tokenizer {pre!r} is not supported (gpt2, smollm, llama-bpe and their aliases)")
-
+# GGUF (llama.cpp) -> HF-format directory: what the default target (byte-level BPE, SmolLM2's pre-tokenizer) and
+# Llama-2-style GGUFs (sentencepiece BPE, Llama-3.1's rope_freqs) need, in the quantization types gguf-py reads
 
 def unpermute(w, n_heads):
     """Undo llama.cpp's row order for q/k (rotary pairs interleaved) back to HF's rotate_half halves."""
@@ -483,7 +423,8 @@ def sentencepiece_tokenizer(pieces, scores, unk=0, legacy=False):
     """Sentencepiece BPE as a `tokenizers` BPE, built as transformers' LlamaTokenizer builds it: merges ranked by the
     merged piece's score, byte fallback, spaces as '▁', one prepended at the start of the text (and after every
     special token when `legacy`)."""
-    T, vocab = tokenizers, {p: i for i, p in enumerate(pieces)}
+    import tokenizers as T
+    vocab = {p: i for i, p in enumerate(pieces)}
     merges = sorted(((p[:k], p[k:], s) for p, s in zip(pieces, scores) for k in range(1, len(p))
                      if p[:k] in vocab and p[k:] in vocab),
                     key=lambda m: (-m[2], -len(m[0]), -len(m[1]), vocab[m[0] + m[1]], vocab[m[0]], vocab[m[1]]))
@@ -498,7 +439,8 @@ def sentencepiece_tokenizer(pieces, scores, unk=0, legacy=False):
 def llama3_scaling(rope_freqs, args):
     """Llama-3.1/3.2 GGUFs store the llama3 rope rescaling as per-frequency divisors; recover HF's rope_scaling
     (Meta's low/high factors 1 and 4 over an 8192 context, the factor read off the largest divisor) and check it."""
-    divisors = torch.from_numpy(np.array(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float32))
+    import gguf
+    divisors = torch.from_numpy(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).astype("float32"))
     scaling = dict(rope_type="llama3", factor=round(divisors.max().item(), 4), low_freq_factor=1.0,
                    high_freq_factor=4.0, original_max_position_embeddings=8192)
     want = rope_frequencies(args) / divisors.flatten()
@@ -512,10 +454,14 @@ def gguf_tokenizer(meta, where):
     tokens, model = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.model")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
-    T = tokenizers
+    import tokenizers as T
+    P = T.pre_tokenizers
     if model == "gpt2":  # byte-level BPE, merges listed in the file
+        if meta.get("tokenizer.ggml.pre") != "smollm":
+            raise BeagleError(f"{where}: pre-tokenizer {meta.get('tokenizer.ggml.pre')!r} is not supported (smollm)")
         tok = T.Tokenizer(T.models.BPE(vocab, [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
-        tok.pre_tokenizer = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), where)
+        # SmolLM2 was trained with every digit alone: llama.cpp splits each \p{N} off before the GPT-2 regex
+        tok.pre_tokenizer = P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False)])
         tok.decoder = T.decoders.ByteLevel()
     elif model == "llama":  # sentencepiece BPE
         unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
@@ -532,6 +478,7 @@ def gguf_tokenizer(meta, where):
 
 def convert_gguf(gguf_path, out_dir):
     """A llama-architecture GGUF -> out_dir with config.json, model.safetensors (fp32) and tokenizer files."""
+    import gguf
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise BeagleError(f"{gguf_path}: no such file")
@@ -553,7 +500,7 @@ def convert_gguf(gguf_path, out_dir):
             raise BeagleError(f"{gguf_path} lacks {key if '.ggml.' in key else 'llama.' + key}")
     heads, dim = get("attention.head_count"), get("embedding_length")
     kv_heads, tied = get("attention.head_count_kv", heads), "output.weight" not in tensors
-    if get("rope.scaling.type", "none") not in ("none", "linear"):
+    if get("rope.scaling.type", "none") != "none":
         raise BeagleError(f"{gguf_path}: rope scaling {get('rope.scaling.type')!r} is not supported")
     tokens = meta["tokenizer.ggml.tokens"]
     special = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -564,8 +511,6 @@ def convert_gguf(gguf_path, out_dir):
                   rope_theta=get("rope.freq_base", 10000.0), max_position_embeddings=get("context_length", 2048),
                   tie_word_embeddings=tied, bos_token_id=special("bos"), eos_token_id=special("eos"),
                   torch_dtype="float32")
-    if get("rope.scaling.type") == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
     if "rope_freqs.weight" in tensors:
         args = model_args_from_config(config, gguf_path)
         config["rope_scaling"] = llama3_scaling(tensors.pop("rope_freqs.weight"), args)
@@ -579,15 +524,14 @@ def convert_gguf(gguf_path, out_dir):
         except NotImplementedError:
             raise BeagleError(f"{gguf_path}: tensor {name} is {t.tensor_type.name}, which the gguf package cannot "
                               "dequantize") from None
-        w = torch.from_numpy(np.array(w, dtype=np.float32)).reshape(tuple(reversed(t.shape.tolist())))
+        w = torch.from_numpy(w.astype("float32")).reshape(tuple(reversed(t.shape.tolist())))
         if name.endswith("attn_q.weight"):  # GGUF lists dims innermost first, hence reversed; q/k rows permuted
             w = unpermute(w, heads)
         elif name.endswith("attn_k.weight"):
             w = unpermute(w, kv_heads)
         state[names[name]] = w
-    missing = [n for n in names.values() if n not in state]
-    if missing:
-        raise BeagleError(f"{gguf_path}: missing tensor {missing[0]}")
+    if len(state) < len(names):
+        raise BeagleError(f"{gguf_path}: missing tensor {next(n for n in names.values() if n not in state)}")
     tok = gguf_tokenizer(meta, gguf_path)
     string = lambda key: tokens[special(key)] if special(key) is not None else None
     stops = sorted({i for i in (special("eos"), special("eot"), special("eom")) if i is not None})
@@ -595,22 +539,17 @@ def convert_gguf(gguf_path, out_dir):
                       bos_token=string("bos"), eos_token=string("eos"), unk_token=string("unknown"),
                       pad_token=string("padding"), add_bos_token=meta.get("tokenizer.ggml.add_bos_token", False),
                       clean_up_tokenization_spaces=False, model_max_length=config["max_position_embeddings"])
-    # write next to the destination, then rename: a half-written model directory never exists
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+
+    def write(tmp):  # a half-written model directory never exists (an empty out_dir is replaced)
+        tmp.mkdir()
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         tok.save(str(tmp / "tokenizer.json"))
         for name, obj in (("config.json", config), ("tokenizer_config.json", tok_config),
                           ("generation_config.json", dict(bos_token_id=special("bos"), eos_token_id=stops))):
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(out_dir, write)
 
 
 # -----------------------------------------------------------------------------
@@ -631,6 +570,8 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|e
 
 def compile_template(source):
     """A chat template compiled the way transformers' apply_chat_template does it."""
+    import jinja2.sandbox
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -646,6 +587,8 @@ class Tokenizer:
     """tokenizer.json (tokenizers) or tokenizer.model (sentencepiece), plus the chat template and stop tokens."""
 
     def __init__(self, path, template=None):
+        import jinja2
+        import tokenizers
         path = Path(path)
         cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
         gen = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
@@ -653,6 +596,7 @@ class Tokenizer:
         if (path / "tokenizer.json").exists():
             self.hf = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         elif (path / "tokenizer.model").exists():  # converted as transformers does, so both give the same ids
+            import sentencepiece
             sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
             n = sp.get_piece_size()
             pieces, scores = [sp.id_to_piece(i) for i in range(n)], [sp.get_score(i) for i in range(n)]
@@ -706,6 +650,7 @@ class Tokenizer:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def render(self, messages, add_generation_prompt=True):
+        import jinja2
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.strings)
         except jinja2.exceptions.TemplateError as e:
@@ -754,6 +699,110 @@ def load_target(path=None, device="cpu", dtype=torch.float32, template=None):
                 if not (path / "config.json").exists():
                     raise
     return load_hf(path, device, dtype), Tokenizer(path, template)
+
+
+# -----------------------------------------------------------------------------
+# the CLI of every script, derived from its config dataclass; device and dtype; atomic writes
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        hint = " (a value that starts with '-': --key=value)" if "expected one argument" in message else ""
+        sys.exit(f"error: {message}{hint}")
+
+
+def field_comments(cls):
+    """{field name: its comment}: the `# ...` at the end of the field's line, else the comment lines right above it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source file (a class made in a REPL): no help texts
+        return {}
+    notes = {t.start[0]: t.string.lstrip("#").strip()
+             for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    lines, comments = source.splitlines(), {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = [notes[i] for i in range(node.lineno, node.end_lineno + 1) if i in notes]
+            i = node.lineno - 1
+            while not text and i in notes and lines[i - 1].lstrip().startswith("#"):
+                i -= 1
+            comments[node.target.id] = " ".join(text or [notes[j] for j in range(i + 1, node.lineno)])
+    return comments
+
+
+KINDS = {bool: ("true|false", "true or false"), int: ("INT", "an integer"), float: ("FLOAT", "a number"),
+         str: ("STR", "a string")}  # metavar in --help, what an error says was expected
+
+
+def _coerce(value, option, kind, optional):
+    if optional and value.lower() == "none":
+        return None
+    if kind is bool and value.lower() in ("1", "0", "true", "false", "yes", "no"):
+        return value.lower() in ("1", "true", "yes")
+    try:
+        if kind is not bool:
+            return kind(value)
+    except ValueError:
+        pass
+    sys.exit(f"error: {option} expects {KINDS[kind][1]}{' or none' if optional else ''}, got {value!r}")
+
+
+def cli(config_cls, argv=None):
+    """--key value or --key=value for each field of the dataclass (--max-new-tokens sets max_new_tokens), coerced to
+    the field's type: bool (a bare --flag is true), int, float, str, and `X | None` (none: None). --help lists the
+    options with their comments and defaults. A mistake is a one-line error."""
+    hints, comments = typing.get_type_hints(config_cls), field_comments(config_cls)
+    parser = _Parser(description=(sys.modules["__main__"].__doc__ or "").strip(), allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = {}
+    for f in dataclasses.fields(config_cls):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        kind, optional = args[0], type(None) in typing.get_args(hints[f.name])
+        if len(args) > 1 or kind not in KINDS:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: the CLI takes bool, int, float, str or X | None")
+        option = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "none" if default is None else str(default).lower() if kind is bool else repr(default)
+        note = (comments.get(f.name, "") + f" (default {shown}{'; none allowed' if optional else ''})").strip()
+        parser.add_argument(option, dest=f.name, default=argparse.SUPPRESS, help=note.replace("%", "%%"),
+                            metavar=KINDS[kind][0] + ("|none" if optional else ""),
+                            nargs="?" if kind is bool else None, const="true" if kind is bool else None)
+        kinds[f.name] = option, kind, optional
+    given, unknown = parser.parse_known_args(argv)
+    if unknown:
+        what = "unknown option" if unknown[0].startswith("-") else "unexpected argument"
+        sys.exit(f"error: {what} {unknown[0].split('=')[0]!r} (--help lists the options)")
+    return config_cls(**{k: _coerce(v, *kinds[k]) for k, v in vars(given).items()})
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def device_and_dtype(device="auto", dtype="auto"):
+    """The scripts' --device / --dtype: auto = cuda when there is one; bf16 on a GPU, fp32 on the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BeagleError(f"--device {device}: CUDA is not available here")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise BeagleError(f"--dtype must be auto or one of {', '.join(DTYPES)} (got {dtype!r})")
+    return device, DTYPES[dtype]
+
+
+def write_atomic(path, write):
+    """write(tmp) writes a file (or a directory) at tmp, beside path, which then replaces path in one rename: a crash
+    or an error never leaves half a file at path, and the temp file is removed on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @dataclass

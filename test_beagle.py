@@ -112,7 +112,7 @@ def test_llama_hf_dir_matches_transformers(case, tmp_path):
     tokens = torch.randint(0, 128, (2, 100))  # past original_max_position_embeddings: the rescaling matters
     logits, h = model(tokens)
     llama_close(logits, llama_hf_logits(ref, tokens))
-    assert h.shape == (2, 100, 64) and model.inv_freq.device.type == "cpu"
+    assert h.shape == (2, 100, 64) and model.rope.device.type == "cpu"
 
 
 def test_llama_legacy_config_keys(tmp_path):
@@ -142,9 +142,9 @@ def test_llama_sharded_and_bin_and_dtype(tmp_path):
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
     torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     llama_close(llama.load_hf(tmp_path / "bin")(tokens)[0], expected)
-    # the requested dtype everywhere except the fp32 rope frequencies
+    # the requested dtype everywhere, the RoPE table included (computed in fp32, rounded as HF rounds it)
     half = llama.load_hf(tmp_path / "sharded", dtype=torch.bfloat16)
-    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and half.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and half.rope.dtype == torch.bfloat16
     llama_close(half(tokens)[0].float(), expected, rel=0.05)
 
 
@@ -390,10 +390,9 @@ def test_llama_gguf_round_trip(llama_gguf_file, tmp_path, llama_accelerate_free)
     # exact for F32 norms, fp16 rounding for F16, the quantizer's own round trip for Q8_0; q/k rows unpermuted
     torch.testing.assert_close(ours["layers.1.attention_norm.weight"], theirs["model.layers.1.input_layernorm.weight"],
                                rtol=0, atol=0)
-    torch.testing.assert_close(ours["layers.0.attention.wq.weight"], theirs["model.layers.0.self_attn.q_proj.weight"],
-                               rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(ours["layers.0.attention.wk.weight"], theirs["model.layers.0.self_attn.k_proj.weight"],
-                               rtol=1e-2, atol=1e-3)
+    wq, wk, wv = ours["layers.0.attention.wqkv.weight"].split([256, 128, 128])  # q|k|v, concatenated at load
+    torch.testing.assert_close(wq, theirs["model.layers.0.self_attn.q_proj.weight"], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(wk, theirs["model.layers.0.self_attn.k_proj.weight"], rtol=1e-2, atol=1e-3)
     q8 = gguf.quants.quantize(theirs["model.embed_tokens.weight"].numpy(), Q.Q8_0)
     torch.testing.assert_close(ours["tok_embeddings.weight"], torch.from_numpy(gguf.quants.dequantize(q8, Q.Q8_0)))
     assert model.args.tie_embeddings is False and model.args.n_kv_heads == 2
@@ -775,13 +774,18 @@ def test_train_no_visible_key_rows_are_finite_and_zero_attention():
     hat4 = draft(emb[:, 4:5], pos[4:5], h, pos, mask[:, :, 4:5])
     assert torch.allclose(hat4, hat[:, 4:5], atol=1e-6)
     # row 6 (keys 0..4) equals attention written out by hand: GQA head g reads kv head g // 2, RoPE by position
-    from llama import apply_rope, rope
+    def rope(x, pos):  # x (B, H, T, D): HF's rotate_half RoPE, written out
+        angles = pos.float()[:, None] / draft.args.rope_theta ** (torch.arange(0, 8, 2).float() / 8)  # (T, D/2)
+        angles = torch.cat([angles, angles], -1)
+        x1, x2 = x.chunk(2, -1)
+        return x * angles.cos() + torch.cat([-x2, x1], -1) * angles.sin()
+
     with torch.no_grad():
         x, kx = emb[:, 6:7], draft.kv_norm(h[:, :5])
-        q = draft.wq(draft.query_norm(x)).view(2, 1, 4, 8).transpose(1, 2)  # (B, H, 1, D)
-        q = apply_rope(q, *rope(draft.inv_freq, torch.tensor([6]), q.dtype))
-        k = apply_rope(draft.wk(kx).view(2, 5, 2, 8).transpose(1, 2), *rope(draft.inv_freq, torch.arange(5), q.dtype))
-        v = draft.wv(kx).view(2, 5, 2, 8).transpose(1, 2)
+        wk, wv = draft.wkv.weight.chunk(2)  # (Hkv D, dim) each
+        q = rope(draft.wq(draft.query_norm(x)).view(2, 1, 4, 8).transpose(1, 2), torch.tensor([6]))  # (B, H, 1, D)
+        k = rope((kx @ wk.T).view(2, 5, 2, 8).transpose(1, 2), torch.arange(5))
+        v = (kx @ wv.T).view(2, 5, 2, 8).transpose(1, 2)
         k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # (B, H, 5, D)
         att = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1) @ v  # (B, H, 1, D)
         y = draft.wo(att.transpose(1, 2).reshape(2, 1, 32)) + x
@@ -823,7 +827,7 @@ def test_train_checkpoint_roundtrip_and_errors(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), back.state_dict().values()))
     # same target in bf16 / fp16: same fingerprint; another target: a one-line BeagleError
     bf = load_draft(path, train_tiny_target().to(torch.bfloat16), dtype=torch.bfloat16)
-    assert bf.wq.weight.dtype == torch.bfloat16 and bf.inv_freq.dtype == torch.float32
+    assert bf.wq.weight.dtype == torch.bfloat16 and bf.rope.dtype == torch.bfloat16  # RoPE rounded as HF does
     load_draft(path, train_tiny_target().half())
     with pytest.raises(BeagleError, match="another target: same shape"):
         load_draft(path, train_tiny_target(seed=1))
@@ -990,18 +994,21 @@ def train_tiny_hf_dir(path):
     sd = model.state_dict()
     top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}  # our names -> the HF layout
-    layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-
-    def hf_name(name):
+    layer = {"attention.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],  # fused: split rows
+             "attention.wo": ["self_attn.o_proj"], "feed_forward.w13": ["mlp.gate_proj", "mlp.up_proj"],
+             "feed_forward.w2": ["mlp.down_proj"], "attention_norm": ["input_layernorm"],
+             "ffn_norm": ["post_attention_layernorm"]}
+    hf = {}
+    for name, t in sd.items():
         if name in top:
-            return top[name]
+            hf[top[name]] = t
+            continue
         _, i, rest = name.split(".", 2)  # layers.{i}.<module>.weight
-        return f"model.layers.{i}.{layer[rest.removesuffix('.weight')]}.weight"
-
-    save_file({hf_name(k): v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
+        parts = layer[rest.removesuffix(".weight")]
+        rows = [32, 16, 16] if len(parts) == 3 else [64, 64] if len(parts) == 2 else [t.shape[0]]  # 4 q, 2 kv heads
+        for part, piece in zip(parts, t.split(rows)):
+            hf[f"model.layers.{i}.{part}.weight"] = piece
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(path / "model.safetensors"))
     return str(path)
 
 
@@ -1339,7 +1346,7 @@ def test_data_user_prefix():
 
 
 def test_data_generate_conversations_resume(tmp_path, monkeypatch):
-    tok, model = DataCharTokenizer(), _data_tiny_target(260, stopping=True)
+    tok, model = DataCharTokenizer(), _data_tiny_target(260, stopping=True, seed=4)  # a seed where some turn runs long
     out = str(tmp_path / "gen" / "self.jsonl")
     cfg = data.GenConfig(out=out, n=5, batch_size=8, max_user_tokens=12, max_reply_tokens=12, seed=0)
     drops = data.generate_conversations(cfg, model, tok, verbose=False)
@@ -1583,7 +1590,9 @@ def test_decode_draft_vocab_subset_is_lossless(decode_tiny):
     """--draft-vocab N: the draft proposes only the N most frequent tokens of its ranking (every proposal is one of
     them), its log-probs are the full head's restricted to them, and the output is still plain greedy's."""
     target, prompts, _, trained = decode_tiny
-    ranking = torch.randperm(48, generator=torch.Generator().manual_seed(3))
+    # a ranking as train.py builds one: the tokens the target writes most often first
+    written = Counter(t for p in prompts for t in generate_ar(target, p, decode_cfg(), set()).tokens)
+    ranking = torch.tensor(sorted(range(48), key=lambda t: -written[t]))
     draft = copy.deepcopy(trained)
     draft.vocab = ranking
     with pytest.raises(BeagleError, match="token ranking"):
@@ -2329,3 +2338,261 @@ def test_graph_real_static_equals_dynamic(tmp_path, monkeypatch, capsys):
                                          "--json", "--compare", "--cuda-graph", "--device", "cpu"]))
     row = json.loads(capsys.readouterr().out)
     assert row["identical"] and row["new_tokens"] == 8 and row["mode"] == "tree"
+
+
+# =====================================================================================================================
+# ==== round 2: llama ====
+# =====================================================================================================================
+
+class LlamaOpCount(TorchDispatchMode):
+    """Counts the aten ops a forward dispatches, views (which launch no kernel) apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        self.views += func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def llama_ops_per_forward(n_layers, T):
+    """Non-view aten ops of one cached forward of T tokens (T=1: a decode step, else a tree) with a mask over the
+    whole cache, on a tiny GQA model of n_layers layers."""
+    model = llama_tiny(n_layers=n_layers)
+    cache, n = KVCache(model.args, 1, 128), 20
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, n)), torch.arange(n), cache)
+        tokens, positions = torch.randint(0, 97, (1, T)), n + torch.arange(T) % 6  # a tree: positions n + depth
+        with LlamaOpCount() as count:
+            model(tokens, positions, cache, torch.rand(1, 1, T, 128) < 0.5, slots=n + torch.arange(T))
+    return count.ops
+
+
+@pytest.mark.parametrize("T,bound", [(1, 33), (61, 29)])
+def test_llama_ops_per_layer_bounded(T, bound):
+    """The GPU decode step is launch-bound: every op in a layer costs n_layers kernel launches. The per-layer count
+    (a 4-layer minus a 2-layer model, over 2) must not grow: 2 norms, 4 matrices (each 3 ops on the CPU's few-row
+    path, 1 else), one rotation of q|k|v, one cache write, attention, SwiGLU and 2 residual adds."""
+    per_layer = (llama_ops_per_forward(4, T) - llama_ops_per_forward(2, T)) / 2
+    assert per_layer <= bound, per_layer
+
+
+def test_llama_fused_projections_match_hf_tensors(tmp_path):
+    """wqkv is q|k|v rows and w13 gate|up rows of the HF tensors, exactly; the cache's k and v are views of one
+    buffer, so one copy writes both."""
+    ref = llama_hf_model(num_key_value_heads=2)
+    ref.save_pretrained(tmp_path)
+    model, sd = llama.load_hf(tmp_path), ref.state_dict()
+    attn, ffn = model.layers[1].attention, model.layers[1].feed_forward
+    hf = lambda name: sd[f"model.layers.1.{name}.weight"]
+    assert torch.equal(attn.wqkv.weight, torch.cat([hf("self_attn.q_proj"), hf("self_attn.k_proj"), hf("self_attn.v_proj")]))
+    assert torch.equal(ffn.w13.weight, torch.cat([hf("mlp.gate_proj"), hf("mlp.up_proj")]))
+    cache = KVCache(model.args, 1, 8)
+    assert cache.k.shape == cache.v.shape == (2, 1, 2, 8, 16)
+    cache.kv.fill_(0)
+    cache.update(1, torch.tensor([3]), torch.arange(4 * 16.0).view(1, 4, 1, 16))  # k heads 0, 1 then v heads
+    assert torch.equal(cache.k[1, 0, :, 3].flatten(), torch.arange(32.0))
+    assert torch.equal(cache.v[1, 0, :, 3].flatten(), torch.arange(32.0, 64.0)) and cache.k.abs().sum() == 496
+    # the CPU few-row path serves the fused matrices: W @ x.T for one token's q|k|v
+    calls, real = [], torch.Tensor.__matmul__
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.Tensor, "__matmul__", lambda a, c: (calls.append(tuple(a.shape)), real(a, c))[1])
+        model(torch.tensor([[5]]))
+    assert (4 * 16 + 2 * 2 * 16, 64) in calls and (2 * 96, 64) in calls
+
+
+def test_llama_rope_table_equals_hf_rotation():
+    """The table's rows rotate like HF's rotate_half RoPE computed from scratch for those positions, in fp32 and
+    (rounded like HF) in bf16; position 0 is the identity, which the v heads use."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    args = ModelArgs(dim=64, n_heads=4, n_kv_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3, max_seq_len=300)
+    hf_rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500000.0,
+                                               rope_scaling=dict(LLAMA3), max_position_embeddings=300))
+    pos = torch.tensor([0, 1, 7, 150, 299])
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 5, 4, 16).to(dtype)  # (B, T, H, D)
+        cos, sin = hf_rope(x, pos[None])
+        want, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+        table = llama.rope_table(args, 300).to(dtype)
+        got = llama.apply_rope(x, *table[pos, None].unbind(-2))
+        torch.testing.assert_close(got.transpose(1, 2), want, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(llama.apply_rope(x, *table[[0]][:, None].unbind(-2)), x)
+
+
+def llama_old_format(src, dst):
+    """A draft checkpoint as it was saved before the projections were fused: wk, wv and w1, w3 apart."""
+    from safetensors import safe_open
+    with safe_open(src, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["wk.weight"], tensors["wv.weight"] = tensors.pop("wkv.weight").chunk(2)
+    w1, w3 = tensors.pop("feed_forward.w13.weight").chunk(2)
+    tensors["feed_forward.w1.weight"], tensors["feed_forward.w3.weight"] = w1, w3
+    save_file({k: v.contiguous() for k, v in tensors.items()}, dst, metadata=meta)
+
+
+def test_llama_old_format_draft_gives_the_same_hat_h(tmp_path):
+    target = train_tiny_target()
+    draft = Beagle(DraftArgs.from_target(target.args))
+    new, old = str(tmp_path / "new.safetensors"), str(tmp_path / "old.safetensors")
+    save_draft(new, draft, target)
+    llama_old_format(new, old)
+    tok = torch.randint(0, 262, (2, 12))
+    with torch.no_grad():
+        _, h = target(tok)
+        emb, pos = target.tok_embeddings(tok), torch.arange(12)
+        hats = [load_draft(p, target)(emb, pos, h, pos, block_mask(12, 3, 1)[None, None]) for p in (new, old)]
+    assert torch.equal(hats[0], hats[1]) and not torch.equal(hats[0], emb)
+    beagle.export_draft(old, str(tmp_path / "re.safetensors"), torch.float32)  # a copy is written fused
+    tensors, _ = beagle.read_draft(str(tmp_path / "re.safetensors"))
+    assert "wk.weight" not in tensors and torch.equal(tensors["wkv.weight"], draft.wkv.weight)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "re.safetensors"), framework="pt") as f:
+        assert {"wkv.weight", "feed_forward.w13.weight"} <= set(f.keys()) and "wv.weight" not in f.keys()
+
+
+@dataclasses.dataclass
+class LlamaKnobs:
+    max_new_tokens: int = 256  # tokens to generate per prompt
+    temperature: float = 0.0  # 0: exact argmax
+    # where the answers go,
+    # one line each
+    out: str = "out.jsonl"
+    prompt: str | None = None
+    compile: bool = False  # torch.compile the step (100% optional)
+    cuda_graph: bool | None = None  # None: on for cuda
+    steps: int | None = 3
+
+
+def test_llama_cli_types_and_values():
+    cli = lambda *argv: llama.cli(LlamaKnobs, list(argv))
+    assert cli() == LlamaKnobs()
+    assert cli("--max-new-tokens", "5", "--temperature=0.7", "--out", "a b") == LlamaKnobs(5, 0.7, "a b")
+    assert cli("--prompt=--not-an-option", "--out=x=y").prompt == "--not-an-option"  # any value after '='
+    assert cli("--out=x=y").out == "x=y" and cli("--temperature", "-1.5").temperature == -1.5
+    assert cli("--compile").compile is True and cli("--compile", "--steps", "4") == LlamaKnobs(compile=True, steps=4)
+    assert cli("--compile", "false").compile is False and cli("--compile=NO").compile is False
+    assert cli("--cuda-graph").cuda_graph is True and cli("--cuda-graph", "None").cuda_graph is None
+    assert cli("--prompt", "none").prompt is None and cli("--out", "none").out == "none"  # str, not optional
+    assert cli("--steps=none").steps is None and cli("--steps", "7").steps == 7
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-new-tokens", "abc"], "error: --max-new-tokens expects an integer, got 'abc'"),
+    (["--temperature=hot"], "error: --temperature expects a number, got 'hot'"),
+    (["--compile", "maybe"], "error: --compile expects true or false, got 'maybe'"),
+    (["--steps", "x"], "error: --steps expects an integer or none, got 'x'"),
+    (["--max-new-tokens", "none"], "error: --max-new-tokens expects an integer, got 'none'"),
+    (["--max-new-token", "5"], "error: unknown option '--max-new-token' (--help lists the options)"),
+    (["--nope=3"], "error: unknown option '--nope' (--help lists the options)"),
+    (["stray"], "error: unexpected argument 'stray' (--help lists the options)"),
+    (["--out"], "error: argument --out: expected one argument (a value that starts with '-': --key=value)"),
+])
+def test_llama_cli_errors_are_one_line(argv, message):
+    with pytest.raises(SystemExit) as e:
+        llama.cli(LlamaKnobs, argv)
+    assert e.value.code == message
+
+
+def test_llama_cli_help_from_comments(capsys):
+    with pytest.raises(SystemExit) as e:
+        llama.cli(LlamaKnobs, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0
+    for text in ["--max-new-tokens INT tokens to generate per prompt (default 256)",
+                 "--temperature FLOAT 0: exact argmax (default 0.0)",
+                 "--out STR where the answers go, one line each (default 'out.jsonl')",
+                 "--prompt STR|none (default none; none allowed)",
+                 "--compile [true|false] torch.compile the step (100% optional) (default false)",
+                 "--cuda-graph [true|false|none] None: on for cuda (default none; none allowed)"]:
+        assert text in out, text
+    assert llama.field_comments(DecodeConfig)["mode"] == "ar | chain | tree"
+
+
+def test_llama_cli_help_subprocess():
+    """A script's --help: its docstring, then every option with its comment and default."""
+    r = subprocess.run([sys.executable, "beagle.py", "--help"], capture_output=True, text=True,
+                       cwd=Path(llama.__file__).parent)
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 0 and r.stdout.startswith("usage: beagle.py"), r.stderr
+    assert "The Beagle draft: one cross-attention decoder layer" in out
+    assert "--draft STR a checkpoint written by train.py (fp32 master weights) (default 'runs/s2/draft.safetensors')" in out
+    assert "--vocab-data STR|none (re)compute the token ranking" in out  # a comment above its field
+    r = subprocess.run([sys.executable, "beagle.py", "--dtpye", "bf16"], capture_output=True, text=True,
+                       cwd=Path(llama.__file__).parent)
+    assert r.returncode == 1 and r.stderr == "error: unknown option '--dtpye' (--help lists the options)\n"
+
+
+def test_llama_write_atomic(tmp_path):
+    path = tmp_path / "f.txt"
+    llama.write_atomic(path, lambda tmp: tmp.write_text("one"))
+    assert path.read_text() == "one"
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        llama.write_atomic(path, fails)
+    assert path.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]  # temp file gone
+    llama.write_atomic(tmp_path / "d", lambda tmp: (tmp.mkdir(), (tmp / "x").write_text("2")))  # a directory too
+    assert (tmp_path / "d" / "x").read_text() == "2"
+
+    def fails_in_dir(tmp):
+        tmp.mkdir()
+        fails(tmp / "x")
+
+    with pytest.raises(OSError, match="disk full"):
+        llama.write_atomic(tmp_path / "e", fails_in_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt"]  # the half-written directory is gone
+
+
+def test_llama_import_is_the_model_alone():
+    """`import llama` for the model does not import the GGUF, tokenizer or template libraries."""
+    code = "import sys, llama; print(sorted(m for m in ('gguf', 'jinja2', 'sentencepiece', 'tokenizers') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(llama.__file__).parent)
+    assert r.stdout.strip() == "[]", r.stderr
+
+
+def test_llama_gguf_unexpected_and_unsupported(llama_gguf_file, tmp_path, monkeypatch):
+    path, _ = llama_gguf_file
+    real = llama.name_map
+    monkeypatch.setattr(llama, "name_map", lambda *a: {k: v for k, v in real(*a).items() if k != "blk.1.ffn_up.weight"})
+    with pytest.raises(BeagleError, match="unexpected tensor blk.1.ffn_up.weight .not a plain Llama GGUF"):
+        llama.convert_gguf(path, tmp_path / "out")
+    monkeypatch.setattr(llama, "name_map", lambda *a: {**real(*a), "blk.9.attn_q.weight": "model.layers.9.q.weight"})
+    with pytest.raises(BeagleError, match="missing tensor model.layers.9.q.weight"):
+        llama.convert_gguf(path, tmp_path / "out")
+    meta = {"tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe"}
+    with pytest.raises(BeagleError, match="pre-tokenizer 'llama-bpe' is not supported"):
+        llama.gguf_tokenizer(meta, "x.gguf")
+    with pytest.raises(BeagleError, match="tokenizer model 'bert' is not supported"):
+        llama.gguf_tokenizer({**meta, "tokenizer.ggml.model": "bert"}, "x.gguf")
+    assert not (tmp_path / "out").exists()
+
+
+@torch.no_grad()
+def test_llama_repeated_kv_heads_equal_gqa(monkeypatch):
+    """On CUDA, a masked forward repeats the kv heads instead of asking SDPA for GQA: forced here on the CPU, the same
+    logits for a cached decode step and a tree."""
+    model = llama_tiny()
+    tokens = torch.randint(0, 97, (1, 30))
+    mask = torch.rand(1, 1, 12, 30) < 0.5
+    mask[..., :18] = True
+    runs = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(llama, "REPEAT_KV_DEVICES", devices)
+        cache = KVCache(model.args, 1, 30)
+        model(tokens[:, :18], torch.arange(18), cache)
+        runs.append(model(tokens[:, 18:], 18 + torch.arange(12) % 4, cache, mask, slots=18 + torch.arange(12))[0])
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
+    target = train_tiny_target()  # the draft too (4 query heads over 2 kv heads)
+    draft = Beagle(DraftArgs.from_target(target.args))
+    _, h = target(tokens)
+    emb, pos, block = target.tok_embeddings(tokens), torch.arange(30), block_mask(30, 3, 1)[None, None]
+    hats = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(llama, "REPEAT_KV_DEVICES", devices)
+        hats.append(draft(emb, pos, h, pos, block))
+    torch.testing.assert_close(hats[0], hats[1], atol=1e-5, rtol=1e-5)
