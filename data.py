@@ -300,11 +300,20 @@ def probs(logits, temperature=1.0, top_p=1.0, top_k=0):
     return p
 
 
-def sample(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
-    """logits (B, V) -> token ids (B,). temperature 0 is an explicit argmax (never a division by zero)."""
+def sample(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, u=None):
+    """logits (B, V) -> token ids (B,). temperature 0 is an explicit argmax (never a division by zero). Else inverse
+    CDF: token i where the cumulative probability first exceeds u (B,) uniforms in [0, 1) (drawn from generator
+    when not given). No host sync and no RNG inside, so it can run in a CUDA graph with u as its input."""
     if temperature == 0:
         return logits.argmax(-1)
-    return torch.multinomial(probs(logits, temperature, top_p, top_k), 1, generator=generator).squeeze(-1)
+    if u is None:
+        u = torch.rand(logits.shape[0], device=logits.device, generator=generator)
+    c = probs(logits, temperature, top_p, top_k).cumsum(-1)  # (B, V)
+    total = c[:, -1:]
+    # u * total < total strictly (the rounding of u * total could reach it): some c[i] > x, the first one has
+    # c[i - 1] <= x < c[i], so its probability is > 0 and a masked-out token (zero step) is never drawn
+    x = torch.minimum(u[:, None].to(c.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(c, x, right=True).squeeze(-1)  # (B,)
 
 
 def prefill_mask(live):
@@ -316,42 +325,132 @@ def prefill_mask(live):
     return (causal & live[:, None, :]) | torch.eye(L, dtype=torch.bool, device=live.device)
 
 
+# The engine. Each row of a fixed batch of B rows owns one row of a fixed KV cache of S slots. Prompts are
+# left-padded so that every row's last prompt token sits at slot L - 1 and the new tokens at L, L + 1, ...: all rows
+# share one position per step (the model wants positions (T,)). A row padded by p runs at positions shifted by p;
+# RoPE makes attention scores depend only on position differences, so a constant shift leaves its outputs unchanged.
+# Row b's real keys are the slots start[b] .. pos, so the step's mask is built on the device from (start, pos) and
+# nothing is written to a mask. Attention spans a width W of the cache (the live slots rounded up to WIDTH_STEP),
+# one captured graph per width: a step reads no more than WIDTH_STEP - 1 dead slots per row instead of the whole cache.
+#
+# Finished rows are not refilled: a row that has stopped keeps computing (its outputs are dropped) until every row has
+# stopped or the cap is reached. Refilling would need per-row positions (the model shares them across the batch), a
+# prefill of a few rows into the middle of a running cache, and a host read to find the free rows; the price of not
+# doing it is the idle row-steps (stats["row_steps"] - stats["tokens"]), which generate_conversations reports.
+
+WIDTH_STEP = 128  # attention width granularity: more graphs (S / WIDTH_STEP per setting) against fewer dead slots
+CHECK_EVERY = 8  # host reads of "all rows done": each costs one pipeline bubble (the GPU waits for the next launch,
+# ~one step's launch time), and stopping late costs at most CHECK_EVERY - 1 wasted steps once per call
+
+
+def _engine(model, B, S, setting, on):
+    """The static buffers and steps for (B rows, S slots, sampling setting), kept on the model across calls: a graph
+    replays on the tensors it was captured with, and capture (3 eager steps) is paid once per width, not per call.
+    The cache is shared by the settings of one (B, S)."""
+    store = model.__dict__.setdefault("generate_static", {})
+    if (B, S, setting) not in store:
+        device, dtype = model.output.weight.device, model.output.weight.dtype
+        if (B, S) not in store:
+            store[B, S] = {"cache": llama.KVCache(model.args, B, S, device, dtype),
+                           "start": torch.zeros(B, dtype=torch.long, device=device),  # row b's first real slot
+                           "base": torch.zeros(1, dtype=torch.long, device=device),  # L: the first new token's slot
+                           "out": torch.zeros(B, S, dtype=torch.long, device=device),  # new tokens, column t
+                           "u": torch.zeros(S, B, device=device),  # one uniform per row and step, drawn per call
+                           "done": torch.zeros(B, dtype=torch.bool, device=device),
+                           "is_stop": torch.zeros(model.args.vocab_size, dtype=torch.bool, device=device),
+                           "slots": torch.arange(S, device=device)}
+        if on and "pool" not in store:
+            store["pool"] = torch.cuda.graph_pool_handle()
+        bufs, temperature, top_p, top_k = store[B, S], *setting
+
+        def step(pos, W):  # pos (1,): the slot of the token this step reads; it samples new token t = pos - L + 1
+            t = pos - bufs["base"] + 1  # (1,)
+            tok = bufs["out"].index_select(1, t - 1)  # (B, 1): the previous new token
+            ar = bufs["slots"][:W]
+            mask = (ar >= bufs["start"][:, None]) & (ar <= pos)  # (B, W): row b's real keys so far
+            logits, _ = model(tok, pos, bufs["cache"], mask[:, None, None])
+            nxt = sample(logits[:, -1], temperature, top_p, top_k, u=bufs["u"].index_select(0, t)[0])  # (B,)
+            bufs["out"].index_copy_(1, t, nxt[:, None])
+            bufs["done"] |= bufs["is_stop"][nxt]
+            return nxt
+
+        store[B, S, setting] = {W: llama.Graphed(lambda pos, W=W: step(pos, W), on, store.get("pool"))
+                                for W in range(WIDTH_STEP, S + 1, WIDTH_STEP)}
+    return store[B, S], store[B, S, setting]
+
+
 @torch.inference_mode()
-def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_k=0, generator=None):
-    """Samples a continuation of every prompt (lists of ids) in one batch until a stop token or max_new tokens.
-    Returns [(new ids without the stop token, stopped)]. Prompts are left-padded so that every row's last prompt
-    token sits at the same slot and all rows share the positions (B, T) -> (T,) that the model wants. A row
-    padded by p then runs at positions shifted by p; RoPE makes attention scores depend only on position
-    differences, so a constant shift per row leaves its outputs unchanged."""
+def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_k=0, generator=None, on_tokens=None,
+             batch=None, cache_len=0, graph=None, stats=None):
+    """Samples a continuation of every prompt (lists of ids) until a stop token or max_new tokens. Returns
+    [(new ids without the stop token, stopped)]. batch: rows per engine batch (default: all prompts in one); prompts
+    are cut into batches of that size and the last one padded with dummy rows, so that every call with the same batch
+    and cache size reuses one engine (and its CUDA graphs). cache_len: the least cache size (rounded up to a multiple
+    of 2 * WIDTH_STEP, and at least longest prompt + max_new): callers with prompts of several lengths pass one size.
+    graph: capture the steps in CUDA graphs (default: on a GPU). on_tokens(new ids so far, a stop token included):
+    called after every token, batch 1 only (it reads each token back). stats: a dict that gets "row_steps" (rows x
+    steps computed, dummy rows included) and "tokens" (new tokens kept, stop tokens counted) added."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise BeagleError("generate needs at least one prompt, and no empty prompt")
+    if max_new < 1:
+        raise BeagleError("max_new must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise BeagleError("temperature must be >= 0 and top_p in (0, 1]")
+    B = batch or len(prompts)
+    if len(prompts) > B:  # one engine batch at a time, in order (the generator's draws follow the same order)
+        return [r for i in range(0, len(prompts), B) for r in generate(
+            model, prompts[i:i + B], max_new, stop_ids, temperature, top_p, top_k, generator, on_tokens, B,
+            cache_len, graph, stats)]
+    if on_tokens is not None and B != 1:
+        raise BeagleError("on_tokens (streaming) needs batch 1")
     device = model.output.weight.device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    S = L + max_new
+    on = device.type == "cuda" if graph is None else bool(graph) and device.type == "cuda"
+    L = max(len(p) for p in prompts)
+    S = -(-max(cache_len, L + max_new) // (2 * WIDTH_STEP)) * 2 * WIDTH_STEP
+    setting = (0.0, 1.0, 0) if temperature == 0 else (float(temperature), float(top_p), int(top_k))
+    bufs, steps = _engine(model, B, S, setting, on)
+    rows = list(prompts) + [prompts[0]] * (B - len(prompts))  # dummy rows: their outputs are dropped
     tokens = torch.zeros(B, L, dtype=torch.long)
-    live = torch.zeros(B, S, dtype=torch.bool)  # (B, S): the key slot holds a real token
-    for b, p in enumerate(prompts):
+    start = torch.tensor([L - len(p) for p in rows])
+    for b, p in enumerate(rows):
         tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        live[b, L - len(p):L] = True
-    tokens, live = tokens.to(device), live.to(device)
-    cache = llama.KVCache(model.args, B, S, device, model.output.weight.dtype)
-    positions = torch.arange(S, device=device)  # on the device once: no host-to-device copy per step
-    logits, _ = model(tokens, positions[:L], cache, prefill_mask(live[:, :L])[:, None], last_only=True)
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    out = torch.empty(B, max_new, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(max_new):
-        nxt = sample(logits[:, -1], temperature, top_p, top_k, generator)  # (B,)
-        out[:, t] = nxt
-        done |= torch.isin(nxt, stop)
-        if t + 1 == max_new or (t % 8 == 7 and bool(done.all())):  # a host sync only every 8 steps
+    bufs["start"].copy_(start)  # host -> device copies once per call, never per step
+    bufs["base"].fill_(L)
+    bufs["done"].zero_()
+    bufs["is_stop"].zero_()
+    stops = sorted(i for i in stop_ids if 0 <= i < model.args.vocab_size)
+    if stops:
+        bufs["is_stop"].index_fill_(0, torch.tensor(stops, device=device), True)
+    if temperature > 0:
+        bufs["u"][:max_new].uniform_(generator=generator)  # (max_new, B): this call's randomness, one kernel
+    live = torch.arange(L, device=device) >= bufs["start"][:, None]  # (B, L) False on left padding
+    logits, _ = model(tokens.to(device), bufs["slots"][:L], bufs["cache"], prefill_mask(live)[:, None], last_only=True)
+    first = sample(logits[:, -1], *setting, u=bufs["u"][0])
+    bufs["out"][:, 0] = first
+    bufs["done"] |= bufs["is_stop"][first]
+    pos = bufs["base"].clone()  # (1,) on the device, advanced in place: no host-to-device copy per step
+    t = 0
+    while t + 1 < max_new:
+        if on_tokens is not None:  # streaming: read each token back (batch 1, so the stop check is exact too)
+            new = bufs["out"][0, :t + 1].tolist()
+            on_tokens(new)
+            if new[-1] in stop_ids:
+                break
+        elif t % CHECK_EVERY == 0 and bool(bufs["done"].all()):
             break
-        live[:, L + t] = True
-        # the mask spans the whole cache (future slots False): one shape for every step, so the attention
-        # kernel's plan (cuDNN) is reused instead of rebuilt for each new length
-        logits, _ = model(nxt[:, None], positions[L + t:L + t + 1], cache, live[:, None, None, :])
+        steps[-(-(L + t + 1) // WIDTH_STEP) * WIDTH_STEP](pos)  # the width that holds slots 0 .. L + t
+        pos += 1
+        t += 1
+    else:  # the cap: the last token has not been shown yet
+        if on_tokens is not None:
+            on_tokens(bufs["out"][0, :t + 1].tolist())
     results = []
-    for row in out[:, :t + 1].tolist():
+    for row in bufs["out"][:len(prompts), :t + 1].tolist():
         end = next((j for j, x in enumerate(row) if x in stop_ids), None)
         results.append((row if end is None else row[:end], end is not None))
+    if stats is not None:
+        stats["row_steps"] = stats.get("row_steps", 0) + B * (t + 1)
+        stats["tokens"] = stats.get("tokens", 0) + sum(len(r) + s for r, s in results)
     return results
 
 
