@@ -495,98 +495,152 @@ def user_prefix(tokenizer, conv):
 
 
 def _resume(path):
-    """-> (conversations already in `path`, their normalised first user turns). Cuts a line left half-written
-    by an interrupted run."""
+    """-> (conversations already in `path`, their normalised first user turns, the batch to continue from). Cuts a
+    line left half-written by an interrupted run. The last batch in the file may have been cut at --n: it is
+    generated again (the same conversations: a batch is a function of (seed, batch index)), and those of its
+    conversations already in the file are skipped as repeats."""
     if not os.path.exists(path):
-        return 0, set()
+        return 0, set(), 0
     with open(path, "rb") as f:
         raw = f.read()
     if raw and not raw.endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(raw.rfind(b"\n") + 1)
         raw = raw[:raw.rfind(b"\n") + 1]
-    count, seen = 0, set()
+    count, seen, last = 0, set(), 0
     for line in raw.decode("utf-8", errors="replace").split("\n"):
         try:
-            conv = _normalise(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            conv = None
+            continue
+        conv = _normalise(record)
         if conv:
             count += 1
             seen.add(_norm_text(next(m["content"] for m in conv if m["role"] == "user")))
-    return count, seen
+            last = record["batch"] if isinstance(record.get("batch"), int) else last
+    return count, seen, last
 
 
-def generate_conversations(cfg, model, tokenizer, verbose=True):
+def _batch(cfg, model, tokenizer, index, questions, special, cache_len):
+    """Batch `index` of the generator: its conversations [[{role, content}]] (filtered inside the batch only, so
+    that it depends on (seed, index) alone: ranks can make batches independently), drop counts and token counts.
+    A conversation keeps its good exchanges when a later question or reply fails the filters."""
+    device = model.output.weight.device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + index)
+    B, stats, drops, firsts = cfg.batch_size, {}, Counter(), set()
+    convs, rows, ended = [[] for _ in range(B)], list(range(B)), []  # rows: conversations still growing
+    truncated = 0
+    for turn in range(cfg.turns):
+        for role in ("user", "assistant"):
+            if not rows:
+                break
+            if role == "user":  # the target continues its template's bare user header: it writes a question
+                prompts = [tokenizer.encode(user_prefix(tokenizer, convs[i])) for i in rows]
+                cap, temperature = cfg.max_user_tokens, cfg.user_temperature
+            else:
+                prompts = [tokenizer.chat(convs[i], add_generation_prompt=True) for i in rows]
+                cap, temperature = cfg.max_reply_tokens, cfg.reply_temperature
+            # one engine batch per phase (fewer rows than B are padded): one cache and set of graphs for all phases
+            outs = generate(model, prompts, cap, tokenizer.stop_ids, temperature, cfg.top_p, cfg.top_k, gen,
+                            batch=B, cache_len=cache_len, stats=stats)
+            kept = []
+            for i, (toks, stopped) in zip(rows, outs):
+                text = tokenizer.decode(toks).strip()
+                key = _norm_text(text)
+                # a question cut by the cap is dropped; a reply cut by the cap is kept and ends the conversation:
+                # the draft learns the target's own distribution at every position (soft targets), so a
+                # truncated reply teaches nothing false, and dropping it wastes the compute
+                why = ("nostop" if not stopped and role == "user" else "empty" if not text else
+                       "special" if special & set(tokenizer.encode(text)) else None)
+                if why is None and role == "user" and turn == 0:
+                    why = ("duplicate" if key in firsts else
+                           "mtbench" if questions is not None and key in questions else None)
+                    firsts.add(key)
+                if why:
+                    drops[why] += 1
+                    if role == "assistant":
+                        convs[i].pop()  # its question goes too: a conversation ends with a reply
+                    if convs[i]:
+                        ended.append(i)  # earlier exchanges stay
+                    continue
+                convs[i].append({"role": role, "content": text})
+                if stopped or role == "user":
+                    kept.append(i)
+                else:
+                    truncated += 1
+                    ended.append(i)
+            rows = kept
+    done = sorted(ended + rows)
+    return {"index": index, "convs": [convs[i] for i in done], "drops": drops, "truncated": truncated,
+            "tokens": stats["tokens"], "row_steps": stats["row_steps"]}
+
+
+def _gather(obj, world):
+    """Every rank's obj, in rank order (one all_gather per round of batches; gloo, so objects stay on the host)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def generate_conversations(cfg, model, tokenizer, verbose=True, rank=0, world=1):
+    """Appends conversations to cfg.out until it holds cfg.n. Batch i is generated by rank i % world from a
+    generator seeded by (seed, i), so its conversations do not depend on the number of ranks nor on a restart.
+    Ranks work in rounds of `world` batches; after each round every rank gathers the round's conversations and
+    rank 0 appends them in batch order, dropping first user turns seen before (in the file or an earlier batch),
+    up to n: one rank and several ranks write the same file, and a restart continues it as if never stopped."""
     if min(cfg.n, cfg.batch_size, cfg.turns, cfg.max_user_tokens, cfg.max_reply_tokens) < 1:
         raise BeagleError("--n, --batch-size, --turns, --max-user-tokens and --max-reply-tokens must be >= 1")
     if min(cfg.user_temperature, cfg.reply_temperature) < 0 or not 0 < cfg.top_p <= 1:
         raise BeagleError("temperatures must be >= 0 and --top-p in (0, 1]")
-    count, seen = _resume(cfg.out)
+    count, seen, index = _resume(cfg.out)
     questions = mtbench_questions()
     special = set(tokenizer.stop_ids) | {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
-    device = model.output.weight.device
-    gen = torch.Generator(device=device)
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    drops, barren, batch_no = Counter(), 0, 0
-    bar = tqdm(total=cfg.n, initial=min(count, cfg.n), disable=not verbose, unit="conv")
+    # one cache size for every phase and turn (a bound on the longest prompt + cap; a longer one gets its own)
+    header = len(tokenizer.chat([{"role": "user", "content": "x"}], add_generation_prompt=True))
+    cache_len = cfg.turns * (header + cfg.max_user_tokens + cfg.max_reply_tokens)
+    if rank == 0:
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    drops, barren = Counter(), 0
+    bar = tqdm(total=cfg.n, initial=min(count, cfg.n), disable=not verbose or rank > 0, unit="conv")
     while count < cfg.n:
-        gen.manual_seed(cfg.seed * 1_000_003 + count * 1009 + barren)  # a function of the file: resumable
-        t0, n_tok = time.time(), 0
-        convs, rows, firsts = [[] for _ in range(cfg.batch_size)], list(range(cfg.batch_size)), set()
-        truncated = []  # rows whose last reply hit --max-reply-tokens: kept, but no further turns
-        for turn in range(cfg.turns):
-            for role in ("user", "assistant"):
-                if role == "user":  # the target continues its template's bare user header: it writes a question
-                    prompts = [tokenizer.encode(user_prefix(tokenizer, convs[i])) for i in rows]
-                    cap, temperature = cfg.max_user_tokens, cfg.user_temperature
-                else:
-                    prompts = [tokenizer.chat(convs[i], add_generation_prompt=True) for i in rows]
-                    cap, temperature = cfg.max_reply_tokens, cfg.reply_temperature
-                outs = generate(model, prompts, cap, tokenizer.stop_ids, temperature, cfg.top_p, cfg.top_k, gen)
-                kept = []
-                for i, (toks, stopped) in zip(rows, outs):
-                    n_tok += len(toks) + stopped
-                    text = tokenizer.decode(toks).strip()
-                    key = _norm_text(text)
-                    # a question cut by the cap is dropped; a reply cut by the cap is kept and ends the
-                    # conversation: the draft learns the target's own distribution at every position (soft
-                    # targets), so a truncated reply teaches nothing false, and dropping it wastes the compute
-                    why = ("nostop" if not stopped and role == "user" else "empty" if not text else
-                           "special" if special & set(tokenizer.encode(text)) else None)
-                    if why is None and role == "user" and turn == 0:
-                        why = ("duplicate" if key in seen or key in firsts else
-                               "mtbench" if questions is not None and key in questions else None)
-                        firsts.add(key)
-                    if why:
-                        drops[why] += 1
-                    else:
-                        convs[i].append({"role": role, "content": text})
-                        (kept if stopped else truncated).append(i)
-                rows = kept
-                if not rows:
-                    break
-            if not rows:
+        t0 = time.time()
+        mine = _batch(cfg, model, tokenizer, index + rank, questions, special, cache_len)
+        mine["seconds"] = time.time() - t0
+        for r in _gather(mine, world):  # batch order = rank order within a round
+            drops += r["drops"]
+            new = []
+            for conv in r["convs"]:
+                key = _norm_text(conv[0]["content"])
+                if count + len(new) < cfg.n and key not in seen:
+                    new.append(conv)
+                    seen.add(key)
+                elif key in seen:
+                    drops["duplicate"] += 1
+            if rank == 0 and new:
+                with open(cfg.out, "a", encoding="utf-8") as f:  # one append + fsync per batch: a crash loses one
+                    for conv in new:
+                        turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+                                 for m in conv]
+                        f.write(json.dumps({"conversations": turns, "batch": r["index"]}, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            count += len(new)
+            barren = 0 if new else barren + 1
+            bar.update(len(new))
+            if verbose and rank == 0:
+                bar.write(f"batch {r['index'] + 1:4d} | kept {len(new):4d}/{cfg.batch_size} | total {count}/{cfg.n} | "
+                          + f"truncated replies {r['truncated']} | dropped: "
+                          + " ".join(f"{k} {drops[k]}" for k in ("nostop", "empty", "special", "duplicate", "mtbench"))
+                          + f" | idle rows {1 - r['tokens'] / r['row_steps']:.0%}"
+                          + f" | {r['tokens'] / r['seconds']:.0f} tok/s")
+            if count >= cfg.n:
                 break
-        rows = sorted(rows + truncated)[:cfg.n - count]
-        with open(cfg.out, "a", encoding="utf-8") as f:  # one append + fsync per batch: a crash loses one batch
-            for i in rows:
-                turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in convs[i]]
-                f.write(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
-                seen.add(_norm_text(convs[i][0]["content"]))
-            f.flush()
-            os.fsync(f.fileno())
-        count, batch_no = count + len(rows), batch_no + 1
-        barren = 0 if rows else barren + 1
-        bar.update(len(rows))
-        if verbose:
-            bar.write(f"batch {batch_no:4d} | kept {len(rows):3d}/{cfg.batch_size} | total {count}/{cfg.n} | "
-                      + f"truncated replies {len(truncated)} | dropped: "
-                      + " ".join(f"{k} {drops[k]}" for k in ("nostop", "empty", "special", "duplicate", "mtbench"))
-                      + f" | {n_tok / (time.time() - t0):.0f} tok/s")
-        if barren >= 20:
-            raise BeagleError(f"20 batches in a row produced no usable conversation (dropped so far: {dict(drops)}); "
-                              "raise --max-user-tokens/--max-reply-tokens or check the target")
+            if barren >= 20:
+                raise BeagleError(f"20 batches in a row produced no usable conversation (dropped so far: "
+                                  f"{dict(drops)}); raise --max-user-tokens/--max-reply-tokens or check the target")
+        index += world
     bar.close()
     return drops
 
@@ -668,12 +722,25 @@ def state_batches(examples, states, batch_size, shuffle=True, seed=0, epoch=0, p
 # -----------------------------------------------------------------------------
 
 def main(cfg):
+    """Under torchrun (WORLD_SIZE > 1) every rank generates its share of the batches on its own GPU (cuda:LOCAL_RANK)
+    and the ranks exchange finished conversations over gloo (host objects, a few per batch)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device, dtype = llama.device_and_dtype(cfg.device, cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = llama.load_target(cfg.target, device=device, dtype=dtype)
-    model.eval()
-    generate_conversations(cfg, model, tokenizer)
-    load_conversations(cfg.out)  # the summary line, from the file as train.py will read it
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{local}"
+            torch.cuda.set_device(device)
+    try:
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = llama.load_target(cfg.target, device=device, dtype=dtype)
+        model.eval()
+        generate_conversations(cfg, model, tokenizer, rank=rank, world=world)
+        if rank == 0:
+            load_conversations(cfg.out)  # the summary line, from the file as train.py will read it
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
