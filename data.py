@@ -17,6 +17,7 @@ state_batches(examples, CachedStates("cache/", examples), 16, ...) yields the sa
 Re-running the generator with the same --out continues the file up to --n. Conversations whose first user turn
 is an MT-bench question are dropped everywhere (loading and generation): MT-bench is our evaluation set.
 """
+import copy
 import glob
 import importlib.util
 import itertools
@@ -333,25 +334,31 @@ def prefill_mask(live):
 # nothing is written to a mask. Attention spans a width W of the cache (the live slots rounded up to WIDTH_STEP),
 # one captured graph per width: a step reads no more than WIDTH_STEP - 1 dead slots per row instead of the whole cache.
 #
-# Finished rows are not refilled: a row that has stopped keeps computing (its outputs are dropped) until every row has
-# stopped or the cap is reached. Refilling would need per-row positions (the model shares them across the batch), a
-# prefill of a few rows into the middle of a running cache, and a host read to find the free rows; the price of not
-# doing it is the idle row-steps (stats["row_steps"] - stats["tokens"]), which generate_conversations reports.
+# Finished rows are not refilled with new prompts: that would need per-row positions (the model shares them across
+# the batch) and a prefill of a few rows into a running cache. Instead the batch shrinks: at a check, once half the
+# rows or more have finished, the unfinished ones move (KV rows gathered, each with its own uniforms) into the first
+# rows of an engine of half the size (or a quarter, ...), whose cache is a view of this one's. A finished row then
+# wastes its steps only until the next halving: the idle row-steps (stats["row_steps"] - stats["tokens"]) stay below
+# about half of all row-steps, at the price of one KV gather per halving and one set of graphs per batch size.
 
 WIDTH_STEP = 128  # attention width granularity: more graphs (S / WIDTH_STEP per setting) against fewer dead slots
 CHECK_EVERY = 8  # host reads of "all rows done": each costs one pipeline bubble (the GPU waits for the next launch,
 # ~one step's launch time), and stopping late costs at most CHECK_EVERY - 1 wasted steps once per call
 
 
-def _engine(model, B, S, setting, on):
+def _engine(model, B, S, setting, on, parent=None):
     """The static buffers and steps for (B rows, S slots, sampling setting), kept on the model across calls: a graph
     replays on the tensors it was captured with, and capture (3 eager steps) is paid once per width, not per call.
-    The cache is shared by the settings of one (B, S)."""
+    The cache is shared by the settings of one (B, S); parent: the bigger engine a shrinking batch comes from, whose
+    cache's first B rows become this one's (no new cache memory: the batches run one at a time)."""
     store = model.__dict__.setdefault("generate_static", {})
     if (B, S, setting) not in store:
         device, dtype = model.output.weight.device, model.output.weight.dtype
         if (B, S) not in store:
-            store[B, S] = {"cache": llama.KVCache(model.args, B, S, device, dtype),
+            cache = copy.copy(parent["cache"]) if parent else None
+            if parent:  # (n_layers, B, Hkv, S, D) views: each layer's first B rows are one contiguous block
+                cache.k, cache.v = parent["cache"].k[:, :B], parent["cache"].v[:, :B]
+            store[B, S] = {"cache": cache or llama.KVCache(model.args, B, S, device, dtype),
                            "start": torch.zeros(B, dtype=torch.long, device=device),  # row b's first real slot
                            "base": torch.zeros(1, dtype=torch.long, device=device),  # L: the first new token's slot
                            "out": torch.zeros(B, S, dtype=torch.long, device=device),  # new tokens, column t
@@ -381,7 +388,7 @@ def _engine(model, B, S, setting, on):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_k=0, generator=None, on_tokens=None,
-             batch=None, cache_len=0, graph=None, stats=None):
+             batch=None, cache_len=0, graph=None, stats=None, shrink=True):
     """Samples a continuation of every prompt (lists of ids) until a stop token or max_new tokens. Returns
     [(new ids without the stop token, stopped)]. batch: rows per engine batch (default: all prompts in one); prompts
     are cut into batches of that size and the last one padded with dummy rows, so that every call with the same batch
@@ -400,7 +407,7 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     if len(prompts) > B:  # one engine batch at a time, in order (the generator's draws follow the same order)
         return [r for i in range(0, len(prompts), B) for r in generate(
             model, prompts[i:i + B], max_new, stop_ids, temperature, top_p, top_k, generator, on_tokens, B,
-            cache_len, graph, stats)]
+            cache_len, graph, stats, shrink)]
     if on_tokens is not None and B != 1:
         raise BeagleError("on_tokens (streaming) needs batch 1")
     device = model.output.weight.device
@@ -428,28 +435,55 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     first = sample(logits[:, -1], *setting, u=bufs["u"][0])
     bufs["out"][:, 0] = first
     bufs["done"] |= bufs["is_stop"][first]
+    bufs["done"][len(prompts):] = True  # dummy rows count as finished: they go at the first shrink
     pos = bufs["base"].clone()  # (1,) on the device, advanced in place: no host-to-device copy per step
-    t = 0
+    rows_of, finished, row_steps, t = list(range(B)), {}, B, 0  # rows_of[r]: the prompt engine row r holds
     while t + 1 < max_new:
         if on_tokens is not None:  # streaming: read each token back (batch 1, so the stop check is exact too)
             new = bufs["out"][0, :t + 1].tolist()
             on_tokens(new)
             if new[-1] in stop_ids:
                 break
-        elif t % CHECK_EVERY == 0 and bool(bufs["done"].all()):
-            break
+        elif t % CHECK_EVERY == 0:
+            live = int((~bufs["done"]).sum())  # the one host read of CHECK_EVERY steps
+            if live == 0:
+                break
+            if shrink and live <= B // 2:  # move the unfinished rows into a batch of half the size (or less)
+                B2 = B // 2
+                while live <= B2 // 2:
+                    B2 //= 2
+                keep = torch.sort(bufs["done"].to(torch.uint8), stable=True).indices  # unfinished rows first
+                gone = keep[B2:]  # finished rows that leave: their tokens now, in one read
+                for r, row in zip(gone.tolist(), bufs["out"].index_select(0, gone)[:, :t + 1].tolist()):
+                    finished[rows_of[r]] = row
+                keep = keep[:B2]
+                small, steps = _engine(model, B2, S, setting, on, parent=bufs)
+                for layer in range(model.args.n_layers):  # gather first, then copy: overlapping rows are safe
+                    small["cache"].k[layer].copy_(bufs["cache"].k[layer].index_select(0, keep))
+                    small["cache"].v[layer].copy_(bufs["cache"].v[layer].index_select(0, keep))
+                for name in ("start", "done"):
+                    small[name].copy_(bufs[name].index_select(0, keep))
+                small["out"].copy_(bufs["out"].index_select(0, keep))
+                small["u"].copy_(bufs["u"].index_select(1, keep))  # each row keeps its own uniforms
+                small["base"].copy_(bufs["base"])
+                small["is_stop"].copy_(bufs["is_stop"])
+                rows_of, bufs, B = [rows_of[r] for r in keep.tolist()], small, B2
         steps[-(-(L + t + 1) // WIDTH_STEP) * WIDTH_STEP](pos)  # the width that holds slots 0 .. L + t
         pos += 1
         t += 1
+        row_steps += B
     else:  # the cap: the last token has not been shown yet
         if on_tokens is not None:
             on_tokens(bufs["out"][0, :t + 1].tolist())
+    for r, row in enumerate(bufs["out"][:, :t + 1].tolist()):
+        finished[rows_of[r]] = row
     results = []
-    for row in bufs["out"][:len(prompts), :t + 1].tolist():
+    for b in range(len(prompts)):
+        row = finished[b]
         end = next((j for j, x in enumerate(row) if x in stop_ids), None)
         results.append((row if end is None else row[:end], end is not None))
     if stats is not None:
-        stats["row_steps"] = stats.get("row_steps", 0) + B * (t + 1)
+        stats["row_steps"] = stats.get("row_steps", 0) + row_steps
         stats["tokens"] = stats.get("tokens", 0) + sum(len(r) + s for r, s in results)
     return results
 

@@ -2377,6 +2377,31 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
         data.generate(model, prompts, 4, set(), on_tokens=print)
 
 
+def test_selfgen_engine_shrinking_batch_changes_nothing_but_the_work(monkeypatch):
+    """Finished rows leave the batch (halvings at the checks): the same tokens as the full batch, greedy and sampled
+    (each row keeps its uniforms), fewer row-steps; the smaller engines' caches are views of the big one's."""
+    monkeypatch.setattr(data, "CHECK_EVERY", 2)
+    model = graph_tiny_target(vocab=48)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in [2, 9, 4, 15, 6, 1, 11, 3] * 3]
+    stop = {7}  # rows stop at many different steps, a few never
+    for temperature in (0.0, 0.9):
+        runs, work = {}, {}
+        for shrink in (False, True):
+            work[shrink] = {}
+            runs[shrink] = data.generate(model, prompts, 60, stop, temperature, 0.95, 0, torch.Generator().manual_seed(5),
+                                         batch=32, stats=work[shrink], shrink=shrink)
+        assert runs[True] == runs[False] and {s for _, s in runs[True]} == {True, False}
+        assert work[True]["tokens"] == work[False]["tokens"] and work[True]["row_steps"] < work[False]["row_steps"]
+        if temperature == 0:
+            assert runs[True] == [_selfgen_reference(model, p, 60, stop) for p in prompts]
+    store = model.generate_static
+    sizes = sorted(k[0] for k in store if len(k) == 2)
+    assert sizes[-1] == 32 and len(sizes) >= 3  # 32 rows (24 prompts + 8 dummy rows), then halvings
+    big = store[32, 256]["cache"].k
+    assert all(store[b, 256]["cache"].k.data_ptr() == big.data_ptr() for b in sizes)
+
+
 def test_selfgen_engine_streams_at_batch_1():
     model = graph_tiny_target(vocab=48)
     prompt = list(range(3, 20))
