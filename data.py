@@ -4,6 +4,7 @@ mask, deterministic length-grouped batches, and self-distillation data written b
 
     python data.py --out data/selfgen.jsonl --n 2000 --batch-size 64 --device cuda     # target writes its data
     python data.py --target DIR --out data/selfgen.jsonl --n 20000 --turns 2           # another target, 2 turns
+    torchrun --standalone --nproc-per-node 8 data.py --out data/selfgen.jsonl --n 200000 --batch-size 2048
 
 Used from train.py:
     convs = load_conversations("data/selfgen.jsonl")          # ShareGPT JSON / JSONL -> [[{role, content}]]
@@ -14,7 +15,8 @@ Used from train.py:
 Targets too large to run beside training: cache_states(target, examples, "cache/") once, then
 state_batches(examples, CachedStates("cache/", examples), 16, ...) yields the same batches plus h (B, T, dim).
 
-Re-running the generator with the same --out continues the file up to --n. Conversations whose first user turn
+Re-running the generator with the same --out continues the file up to --n, with the conversations an uninterrupted
+run would have written; under torchrun each rank makes every WORLD_SIZE-th batch and rank 0 writes the file. Conversations whose first user turn
 is an MT-bench question are dropped everywhere (loading and generation): MT-bench is our evaluation set.
 """
 import copy
@@ -342,8 +344,9 @@ def prefill_mask(live):
 # about half of all row-steps, at the price of one KV gather per halving and one set of graphs per batch size.
 
 WIDTH_STEP = 128  # attention width granularity: more graphs (S / WIDTH_STEP per setting) against fewer dead slots
-CHECK_EVERY = 8  # host reads of "all rows done": each costs one pipeline bubble (the GPU waits for the next launch,
-# ~one step's launch time), and stopping late costs at most CHECK_EVERY - 1 wasted steps once per call
+CHECK_EVERY = 8  # steps between host reads of the unfinished-row count (all done? shrink?): each read costs one
+# pipeline bubble (the GPU idles while the host launches the next step, far less than a batched step), while a late
+# read costs up to CHECK_EVERY - 1 steps of rows that have finished (once per call, and once per halving)
 
 
 def _engine(model, B, S, setting, on, parent=None):
@@ -513,6 +516,8 @@ class GenConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    cuda_graph: bool | None = None  # capture the decoding steps in CUDA graphs; None: on a GPU
+    shrink: bool = True  # finished rows leave the batch (halvings) instead of idling until the last row ends
 
 
 def _norm_text(s):
@@ -576,7 +581,7 @@ def _batch(cfg, model, tokenizer, index, questions, special, cache_len):
                 cap, temperature = cfg.max_reply_tokens, cfg.reply_temperature
             # one engine batch per phase (fewer rows than B are padded): one cache and set of graphs for all phases
             outs = generate(model, prompts, cap, tokenizer.stop_ids, temperature, cfg.top_p, cfg.top_k, gen,
-                            batch=B, cache_len=cache_len, stats=stats)
+                            batch=B, cache_len=cache_len, graph=cfg.cuda_graph, stats=stats, shrink=cfg.shrink)
             kept = []
             for i, (toks, stopped) in zip(rows, outs):
                 text = tokenizer.decode(toks).strip()
