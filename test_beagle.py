@@ -2523,3 +2523,22 @@ def test_selfgen_magpie_two_ranks_write_what_one_rank_writes(tmp_path):
     assert len({json.loads(x)["batch"] for x in a}) >= 2  # batches of both ranks are in the file
     firsts = [json.loads(x)["conversations"][0]["value"] for x in a]
     assert len(set(firsts)) == 13  # none twice
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run this on the GPU machine)")
+def test_selfgen_engine_cuda_graphs_replay_the_eager_steps(monkeypatch):
+    """GPU only: the captured engine gives the tokens of the same steps run eagerly (fp32 tiny target), greedy and
+    sampled, across shrinking batches and widths; each step's graph is captured once and replayed across calls."""
+    monkeypatch.setattr(data, "WIDTH_STEP", 16)
+    runs = {}
+    for graph in (False, True):
+        model = graph_tiny_target(vocab=48).cuda()
+        g = torch.Generator().manual_seed(6)
+        prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in [2, 9, 4, 15, 6, 1, 11, 3] * 4]
+        runs[graph] = [data.generate(model, prompts, 50, {7}, temperature, 0.9, 0,
+                                     torch.Generator(device="cuda").manual_seed(seed), batch=32, cache_len=64,
+                                     graph=graph)
+                       for temperature in (0.0, 0.8) for seed in (0, 1, 0)]
+        steps = [s for k, v in model.generate_static.items() if len(k) == 3 for s in v.values()]
+        assert any(s.graph is not None for s in steps) == graph
+    assert runs[True] == runs[False] and runs[True][3] == runs[True][5] != runs[True][4]
