@@ -343,6 +343,7 @@ def prefill_mask(live):
 # wastes its steps only until the next halving: the idle row-steps (stats["row_steps"] - stats["tokens"]) stay below
 # about half of all row-steps, at the price of one KV gather per halving and one set of graphs per batch size.
 
+PREFILL_TOKENS = 1 << 18  # prompt tokens per prefill forward: bounds its activations ((rows, L, hidden) and masks)
 WIDTH_STEP = 128  # attention width granularity: more graphs (S / WIDTH_STEP per setting) against fewer dead slots
 CHECK_EVERY = 8  # steps between host reads of the unfinished-row count (all done? shrink?): each read costs one
 # pipeline bubble (the GPU idles while the host launches the next step, far less than a batched step), while a late
@@ -434,8 +435,13 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     if temperature > 0:
         bufs["u"][:max_new].uniform_(generator=generator)  # (max_new, B): this call's randomness, one kernel
     live = torch.arange(L, device=device) >= bufs["start"][:, None]  # (B, L) False on left padding
-    logits, _ = model(tokens.to(device), bufs["slots"][:L], bufs["cache"], prefill_mask(live)[:, None], last_only=True)
-    first = sample(logits[:, -1], *setting, u=bufs["u"][0])
+    tokens, logits, rows_per = tokens.to(device), [], max(1, PREFILL_TOKENS // L)
+    for a in range(0, B, rows_per):  # the prefill in groups of rows, each into its rows of the cache (a view)
+        part = copy.copy(bufs["cache"])
+        part.k, part.v = bufs["cache"].k[:, a:a + rows_per], bufs["cache"].v[:, a:a + rows_per]
+        mask = prefill_mask(live[a:a + rows_per])[:, None]  # (rows, 1, L, L)
+        logits.append(model(tokens[a:a + rows_per], bufs["slots"][:L], part, mask, last_only=True)[0][:, -1])
+    first = sample(torch.cat(logits), *setting, u=bufs["u"][0])
     bufs["out"][:, 0] = first
     bufs["done"] |= bufs["is_stop"][first]
     bufs["done"][len(prompts):] = True  # dummy rows count as finished: they go at the first shrink

@@ -2350,6 +2350,7 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
     """Left padding, batch > 1, chunks with dummy rows, stop tokens mid-batch, attention widths crossed (WIDTH_STEP
     made small so that one answer crosses many), the engine reused across calls."""
     monkeypatch.setattr(data, "WIDTH_STEP", 8)
+    monkeypatch.setattr(data, "PREFILL_TOKENS", 64)  # prefills in groups of rows (2 rows of 30 tokens)
     model = graph_tiny_target(vocab=48)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 30)]
