@@ -4,6 +4,7 @@ mask, deterministic length-grouped batches, and self-distillation data written b
 
     python data.py --out data/selfgen.jsonl --n 2000 --batch-size 64 --device cuda     # target writes its data
     python data.py --target DIR --out data/selfgen.jsonl --n 20000 --turns 2           # another target, 2 turns
+    torchrun --standalone --nproc-per-node 8 data.py --out data/selfgen.jsonl --n 200000 --batch-size 2048
 
 Used from train.py:
     convs = load_conversations("data/selfgen.jsonl")          # ShareGPT JSON / JSONL -> [[{role, content}]]
@@ -14,9 +15,11 @@ Used from train.py:
 Targets too large to run beside training: cache_states(target, examples, "cache/") once, then
 state_batches(examples, CachedStates("cache/", examples), 16, ...) yields the same batches plus h (B, T, dim).
 
-Re-running the generator with the same --out continues the file up to --n. Conversations whose first user turn
+Re-running the generator with the same --out continues the file up to --n, with the conversations an uninterrupted
+run would have written; under torchrun each rank makes every WORLD_SIZE-th batch and rank 0 writes the file. Conversations whose first user turn
 is an MT-bench question are dropped everywhere (loading and generation): MT-bench is our evaluation set.
 """
+import copy
 import glob
 import importlib.util
 import itertools
@@ -300,11 +303,20 @@ def probs(logits, temperature=1.0, top_p=1.0, top_k=0):
     return p
 
 
-def sample(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
-    """logits (B, V) -> token ids (B,). temperature 0 is an explicit argmax (never a division by zero)."""
+def sample(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, u=None):
+    """logits (B, V) -> token ids (B,). temperature 0 is an explicit argmax (never a division by zero). Else inverse
+    CDF: token i where the cumulative probability first exceeds u (B,) uniforms in [0, 1) (drawn from generator
+    when not given). No host sync and no RNG inside, so it can run in a CUDA graph with u as its input."""
     if temperature == 0:
         return logits.argmax(-1)
-    return torch.multinomial(probs(logits, temperature, top_p, top_k), 1, generator=generator).squeeze(-1)
+    if u is None:
+        u = torch.rand(logits.shape[0], device=logits.device, generator=generator)
+    c = probs(logits, temperature, top_p, top_k).cumsum(-1)  # (B, V)
+    total = c[:, -1:]
+    # u * total < total strictly (the rounding of u * total could reach it): some c[i] > x, the first one has
+    # c[i - 1] <= x < c[i], so its probability is > 0 and a masked-out token (zero step) is never drawn
+    x = torch.minimum(u[:, None].to(c.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(c, x, right=True).squeeze(-1)  # (B,)
 
 
 def prefill_mask(live):
@@ -316,42 +328,172 @@ def prefill_mask(live):
     return (causal & live[:, None, :]) | torch.eye(L, dtype=torch.bool, device=live.device)
 
 
+# The engine. Each row of a fixed batch of B rows owns one row of a fixed KV cache of S slots. Prompts are
+# left-padded so that every row's last prompt token sits at slot L - 1 and the new tokens at L, L + 1, ...: all rows
+# share one position per step (the model wants positions (T,)). A row padded by p runs at positions shifted by p;
+# RoPE makes attention scores depend only on position differences, so a constant shift leaves its outputs unchanged.
+# Row b's real keys are the slots start[b] .. pos, so the step's mask is built on the device from (start, pos) and
+# nothing is written to a mask. Attention spans a width W of the cache (the live slots rounded up to WIDTH_STEP),
+# one captured graph per width: a step reads no more than WIDTH_STEP - 1 dead slots per row instead of the whole cache.
+#
+# Finished rows are not refilled with new prompts: that would need per-row positions (the model shares them across
+# the batch) and a prefill of a few rows into a running cache. Instead the batch shrinks: at a check, once half the
+# rows or more have finished, the unfinished ones move (KV rows gathered, each with its own uniforms) into the first
+# rows of an engine of half the size (or a quarter, ...), whose cache is a view of this one's. A finished row then
+# wastes its steps only until the next halving: the idle row-steps (stats["row_steps"] - stats["tokens"]) stay below
+# about half of all row-steps, at the price of one KV gather per halving and one set of graphs per batch size.
+
+PREFILL_TOKENS = 1 << 18  # prompt tokens per prefill forward: bounds its activations ((rows, L, hidden) and masks)
+WIDTH_STEP = 128  # attention width granularity: more graphs (S / WIDTH_STEP per setting) against fewer dead slots
+CHECK_EVERY = 8  # steps between host reads of the unfinished-row count (all done? shrink?): each read costs one
+# pipeline bubble (the GPU idles while the host launches the next step, far less than a batched step), while a late
+# read costs up to CHECK_EVERY - 1 steps of rows that have finished (once per call, and once per halving)
+
+
+def _engine(model, B, S, setting, on, parent=None):
+    """The static buffers and steps for (B rows, S slots, sampling setting), kept on the model across calls: a graph
+    replays on the tensors it was captured with, and capture (3 eager steps) is paid once per width, not per call.
+    The cache is shared by the settings of one (B, S); parent: the bigger engine a shrinking batch comes from, whose
+    cache's first B rows become this one's (no new cache memory: the batches run one at a time)."""
+    store = model.__dict__.setdefault("generate_static", {})
+    if (B, S, setting) not in store:
+        device, dtype = model.output.weight.device, model.output.weight.dtype
+        if (B, S) not in store:
+            cache = copy.copy(parent["cache"]) if parent else None
+            if parent:  # (n_layers, B, Hkv, S, D) views: each layer's first B rows are one contiguous block
+                cache.k, cache.v = parent["cache"].k[:, :B], parent["cache"].v[:, :B]
+            store[B, S] = {"cache": cache or llama.KVCache(model.args, B, S, device, dtype),
+                           "start": torch.zeros(B, dtype=torch.long, device=device),  # row b's first real slot
+                           "base": torch.zeros(1, dtype=torch.long, device=device),  # L: the first new token's slot
+                           "out": torch.zeros(B, S, dtype=torch.long, device=device),  # new tokens, column t
+                           "u": torch.zeros(S, B, device=device),  # one uniform per row and step, drawn per call
+                           "done": torch.zeros(B, dtype=torch.bool, device=device),
+                           "is_stop": torch.zeros(model.args.vocab_size, dtype=torch.bool, device=device),
+                           "slots": torch.arange(S, device=device)}
+        if on and "pool" not in store:
+            store["pool"] = torch.cuda.graph_pool_handle()
+        bufs, temperature, top_p, top_k = store[B, S], *setting
+
+        def step(pos, W):  # pos (1,): the slot of the token this step reads; it samples new token t = pos - L + 1
+            t = pos - bufs["base"] + 1  # (1,)
+            tok = bufs["out"].index_select(1, t - 1)  # (B, 1): the previous new token
+            ar = bufs["slots"][:W]
+            mask = (ar >= bufs["start"][:, None]) & (ar <= pos)  # (B, W): row b's real keys so far
+            logits, _ = model(tok, pos, bufs["cache"], mask[:, None, None])
+            nxt = sample(logits[:, -1], temperature, top_p, top_k, u=bufs["u"].index_select(0, t)[0])  # (B,)
+            bufs["out"].index_copy_(1, t, nxt[:, None])
+            bufs["done"] |= bufs["is_stop"][nxt]
+            return nxt
+
+        store[B, S, setting] = {W: llama.Graphed(lambda pos, W=W: step(pos, W), on, store.get("pool"))
+                                for W in range(WIDTH_STEP, S + 1, WIDTH_STEP)}
+    return store[B, S], store[B, S, setting]
+
+
 @torch.inference_mode()
-def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_k=0, generator=None):
-    """Samples a continuation of every prompt (lists of ids) in one batch until a stop token or max_new tokens.
-    Returns [(new ids without the stop token, stopped)]. Prompts are left-padded so that every row's last prompt
-    token sits at the same slot and all rows share the positions (B, T) -> (T,) that the model wants. A row
-    padded by p then runs at positions shifted by p; RoPE makes attention scores depend only on position
-    differences, so a constant shift per row leaves its outputs unchanged."""
+def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_k=0, generator=None, on_tokens=None,
+             batch=None, cache_len=0, graph=None, stats=None, shrink=True):
+    """Samples a continuation of every prompt (lists of ids) until a stop token or max_new tokens. Returns
+    [(new ids without the stop token, stopped)]. batch: rows per engine batch (default: all prompts in one); prompts
+    are cut into batches of that size and the last one padded with dummy rows, so that every call with the same batch
+    and cache size reuses one engine (and its CUDA graphs). cache_len: the least cache size (rounded up to a multiple
+    of 2 * WIDTH_STEP, and at least longest prompt + max_new): callers with prompts of several lengths pass one size.
+    graph: capture the steps in CUDA graphs (default: on a GPU). on_tokens(new ids so far, a stop token included):
+    called after every token, batch 1 only (it reads each token back). stats: a dict that gets "row_steps" (rows x
+    steps computed, dummy rows included) and "tokens" (new tokens kept, stop tokens counted) added."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise BeagleError("generate needs at least one prompt, and no empty prompt")
+    if max_new < 1:
+        raise BeagleError("max_new must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise BeagleError("temperature must be >= 0 and top_p in (0, 1]")
+    B = batch or len(prompts)
+    if len(prompts) > B:  # one engine batch at a time, in order (the generator's draws follow the same order)
+        return [r for i in range(0, len(prompts), B) for r in generate(
+            model, prompts[i:i + B], max_new, stop_ids, temperature, top_p, top_k, generator, on_tokens, B,
+            cache_len, graph, stats, shrink)]
+    if on_tokens is not None and B != 1:
+        raise BeagleError("on_tokens (streaming) needs batch 1")
     device = model.output.weight.device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    S = L + max_new
+    on = device.type == "cuda" if graph is None else bool(graph) and device.type == "cuda"
+    L = max(len(p) for p in prompts)
+    S = -(-max(cache_len, L + max_new) // (2 * WIDTH_STEP)) * 2 * WIDTH_STEP
+    setting = (0.0, 1.0, 0) if temperature == 0 else (float(temperature), float(top_p), int(top_k))
+    bufs, steps = _engine(model, B, S, setting, on)
+    rows = list(prompts) + [prompts[0]] * (B - len(prompts))  # dummy rows: their outputs are dropped
     tokens = torch.zeros(B, L, dtype=torch.long)
-    live = torch.zeros(B, S, dtype=torch.bool)  # (B, S): the key slot holds a real token
-    for b, p in enumerate(prompts):
+    start = torch.tensor([L - len(p) for p in rows])
+    for b, p in enumerate(rows):
         tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        live[b, L - len(p):L] = True
-    tokens, live = tokens.to(device), live.to(device)
-    cache = llama.KVCache(model.args, B, S, device, model.output.weight.dtype)
-    positions = torch.arange(S, device=device)  # on the device once: no host-to-device copy per step
-    logits, _ = model(tokens, positions[:L], cache, prefill_mask(live[:, :L])[:, None], last_only=True)
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    out = torch.empty(B, max_new, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(max_new):
-        nxt = sample(logits[:, -1], temperature, top_p, top_k, generator)  # (B,)
-        out[:, t] = nxt
-        done |= torch.isin(nxt, stop)
-        if t + 1 == max_new or (t % 8 == 7 and bool(done.all())):  # a host sync only every 8 steps
-            break
-        live[:, L + t] = True
-        # the mask spans the whole cache (future slots False): one shape for every step, so the attention
-        # kernel's plan (cuDNN) is reused instead of rebuilt for each new length
-        logits, _ = model(nxt[:, None], positions[L + t:L + t + 1], cache, live[:, None, None, :])
+    bufs["start"].copy_(start)  # host -> device copies once per call, never per step
+    bufs["base"].fill_(L)
+    bufs["done"].zero_()
+    bufs["is_stop"].zero_()
+    stops = sorted(i for i in stop_ids if 0 <= i < model.args.vocab_size)
+    if stops:
+        bufs["is_stop"].index_fill_(0, torch.tensor(stops, device=device), True)
+    if temperature > 0:
+        bufs["u"][:max_new].uniform_(generator=generator)  # (max_new, B): this call's randomness, one kernel
+    live = torch.arange(L, device=device) >= bufs["start"][:, None]  # (B, L) False on left padding
+    tokens, logits, rows_per = tokens.to(device), [], max(1, PREFILL_TOKENS // L)
+    for a in range(0, B, rows_per):  # the prefill in groups of rows, each into its rows of the cache (a view)
+        part = copy.copy(bufs["cache"])
+        part.k, part.v = bufs["cache"].k[:, a:a + rows_per], bufs["cache"].v[:, a:a + rows_per]
+        mask = prefill_mask(live[a:a + rows_per])[:, None]  # (rows, 1, L, L)
+        logits.append(model(tokens[a:a + rows_per], bufs["slots"][:L], part, mask, last_only=True)[0][:, -1])
+    first = sample(torch.cat(logits), *setting, u=bufs["u"][0])
+    bufs["out"][:, 0] = first
+    bufs["done"] |= bufs["is_stop"][first]
+    bufs["done"][len(prompts):] = True  # dummy rows count as finished: they go at the first shrink
+    pos = bufs["base"].clone()  # (1,) on the device, advanced in place: no host-to-device copy per step
+    rows_of, finished, row_steps, t = list(range(B)), {}, B, 0  # rows_of[r]: the prompt engine row r holds
+    while t + 1 < max_new:
+        if on_tokens is not None:  # streaming: read each token back (batch 1, so the stop check is exact too)
+            new = bufs["out"][0, :t + 1].tolist()
+            on_tokens(new)
+            if new[-1] in stop_ids:
+                break
+        elif t % CHECK_EVERY == 0:
+            live = int((~bufs["done"]).sum())  # the one host read of CHECK_EVERY steps
+            if live == 0:
+                break
+            if shrink and live <= B // 2:  # move the unfinished rows into a batch of half the size (or less)
+                B2 = B // 2
+                while live <= B2 // 2:
+                    B2 //= 2
+                keep = torch.sort(bufs["done"].to(torch.uint8), stable=True).indices  # unfinished rows first
+                gone = keep[B2:]  # finished rows that leave: their tokens now, in one read
+                for r, row in zip(gone.tolist(), bufs["out"].index_select(0, gone)[:, :t + 1].tolist()):
+                    finished[rows_of[r]] = row
+                keep = keep[:B2]
+                small, steps = _engine(model, B2, S, setting, on, parent=bufs)
+                for layer in range(model.args.n_layers):  # gather first, then copy: overlapping rows are safe
+                    small["cache"].k[layer].copy_(bufs["cache"].k[layer].index_select(0, keep))
+                    small["cache"].v[layer].copy_(bufs["cache"].v[layer].index_select(0, keep))
+                for name in ("start", "done"):
+                    small[name].copy_(bufs[name].index_select(0, keep))
+                small["out"].copy_(bufs["out"].index_select(0, keep))
+                small["u"].copy_(bufs["u"].index_select(1, keep))  # each row keeps its own uniforms
+                small["base"].copy_(bufs["base"])
+                small["is_stop"].copy_(bufs["is_stop"])
+                rows_of, bufs, B = [rows_of[r] for r in keep.tolist()], small, B2
+        steps[-(-(L + t + 1) // WIDTH_STEP) * WIDTH_STEP](pos)  # the width that holds slots 0 .. L + t
+        pos += 1
+        t += 1
+        row_steps += B
+    else:  # the cap: the last token has not been shown yet
+        if on_tokens is not None:
+            on_tokens(bufs["out"][0, :t + 1].tolist())
+    for r, row in enumerate(bufs["out"][:, :t + 1].tolist()):
+        finished[rows_of[r]] = row
     results = []
-    for row in out[:, :t + 1].tolist():
+    for b in range(len(prompts)):
+        row = finished[b]
         end = next((j for j, x in enumerate(row) if x in stop_ids), None)
         results.append((row if end is None else row[:end], end is not None))
+    if stats is not None:
+        stats["row_steps"] = stats.get("row_steps", 0) + row_steps
+        stats["tokens"] = stats.get("tokens", 0) + sum(len(r) + s for r, s in results)
     return results
 
 
@@ -380,6 +522,8 @@ class GenConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    cuda_graph: bool | None = None  # capture the decoding steps in CUDA graphs; None: on a GPU
+    shrink: bool = True  # finished rows leave the batch (halvings) instead of idling until the last row ends
 
 
 def _norm_text(s):
@@ -396,98 +540,152 @@ def user_prefix(tokenizer, conv):
 
 
 def _resume(path):
-    """-> (conversations already in `path`, their normalised first user turns). Cuts a line left half-written
-    by an interrupted run."""
+    """-> (conversations already in `path`, their normalised first user turns, the batch to continue from). Cuts a
+    line left half-written by an interrupted run. The last batch in the file may have been cut at --n: it is
+    generated again (the same conversations: a batch is a function of (seed, batch index)), and those of its
+    conversations already in the file are skipped as repeats."""
     if not os.path.exists(path):
-        return 0, set()
+        return 0, set(), 0
     with open(path, "rb") as f:
         raw = f.read()
     if raw and not raw.endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(raw.rfind(b"\n") + 1)
         raw = raw[:raw.rfind(b"\n") + 1]
-    count, seen = 0, set()
+    count, seen, last = 0, set(), 0
     for line in raw.decode("utf-8", errors="replace").split("\n"):
         try:
-            conv = _normalise(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            conv = None
+            continue
+        conv = _normalise(record)
         if conv:
             count += 1
             seen.add(_norm_text(next(m["content"] for m in conv if m["role"] == "user")))
-    return count, seen
+            last = record["batch"] if isinstance(record.get("batch"), int) else last
+    return count, seen, last
 
 
-def generate_conversations(cfg, model, tokenizer, verbose=True):
+def _batch(cfg, model, tokenizer, index, questions, special, cache_len):
+    """Batch `index` of the generator: its conversations [[{role, content}]] (filtered inside the batch only, so
+    that it depends on (seed, index) alone: ranks can make batches independently), drop counts and token counts.
+    A conversation keeps its good exchanges when a later question or reply fails the filters."""
+    device = model.output.weight.device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + index)
+    B, stats, drops, firsts = cfg.batch_size, {}, Counter(), set()
+    convs, rows, ended = [[] for _ in range(B)], list(range(B)), []  # rows: conversations still growing
+    truncated = 0
+    for turn in range(cfg.turns):
+        for role in ("user", "assistant"):
+            if not rows:
+                break
+            if role == "user":  # the target continues its template's bare user header: it writes a question
+                prompts = [tokenizer.encode(user_prefix(tokenizer, convs[i])) for i in rows]
+                cap, temperature = cfg.max_user_tokens, cfg.user_temperature
+            else:
+                prompts = [tokenizer.chat(convs[i], add_generation_prompt=True) for i in rows]
+                cap, temperature = cfg.max_reply_tokens, cfg.reply_temperature
+            # one engine batch per phase (fewer rows than B are padded): one cache and set of graphs for all phases
+            outs = generate(model, prompts, cap, tokenizer.stop_ids, temperature, cfg.top_p, cfg.top_k, gen,
+                            batch=B, cache_len=cache_len, graph=cfg.cuda_graph, stats=stats, shrink=cfg.shrink)
+            kept = []
+            for i, (toks, stopped) in zip(rows, outs):
+                text = tokenizer.decode(toks).strip()
+                key = _norm_text(text)
+                # a question cut by the cap is dropped; a reply cut by the cap is kept and ends the conversation:
+                # the draft learns the target's own distribution at every position (soft targets), so a
+                # truncated reply teaches nothing false, and dropping it wastes the compute
+                why = ("nostop" if not stopped and role == "user" else "empty" if not text else
+                       "special" if special & set(tokenizer.encode(text)) else None)
+                if why is None and role == "user" and turn == 0:
+                    why = ("duplicate" if key in firsts else
+                           "mtbench" if questions is not None and key in questions else None)
+                    firsts.add(key)
+                if why:
+                    drops[why] += 1
+                    if role == "assistant":
+                        convs[i].pop()  # its question goes too: a conversation ends with a reply
+                    if convs[i]:
+                        ended.append(i)  # earlier exchanges stay
+                    continue
+                convs[i].append({"role": role, "content": text})
+                if stopped or role == "user":
+                    kept.append(i)
+                else:
+                    truncated += 1
+                    ended.append(i)
+            rows = kept
+    done = sorted(ended + rows)
+    return {"index": index, "convs": [convs[i] for i in done], "drops": drops, "truncated": truncated,
+            "tokens": stats["tokens"], "row_steps": stats["row_steps"]}
+
+
+def _gather(obj, world):
+    """Every rank's obj, in rank order (one all_gather per round of batches; gloo, so objects stay on the host)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def generate_conversations(cfg, model, tokenizer, verbose=True, rank=0, world=1):
+    """Appends conversations to cfg.out until it holds cfg.n. Batch i is generated by rank i % world from a
+    generator seeded by (seed, i), so its conversations do not depend on the number of ranks nor on a restart.
+    Ranks work in rounds of `world` batches; after each round every rank gathers the round's conversations and
+    rank 0 appends them in batch order, dropping first user turns seen before (in the file or an earlier batch),
+    up to n: one rank and several ranks write the same file, and a restart continues it as if never stopped."""
     if min(cfg.n, cfg.batch_size, cfg.turns, cfg.max_user_tokens, cfg.max_reply_tokens) < 1:
         raise BeagleError("--n, --batch-size, --turns, --max-user-tokens and --max-reply-tokens must be >= 1")
     if min(cfg.user_temperature, cfg.reply_temperature) < 0 or not 0 < cfg.top_p <= 1:
         raise BeagleError("temperatures must be >= 0 and --top-p in (0, 1]")
-    count, seen = _resume(cfg.out)
+    count, seen, index = _resume(cfg.out)
     questions = mtbench_questions()
     special = set(tokenizer.stop_ids) | {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
-    device = model.output.weight.device
-    gen = torch.Generator(device=device)
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    drops, barren, batch_no = Counter(), 0, 0
-    bar = tqdm(total=cfg.n, initial=min(count, cfg.n), disable=not verbose, unit="conv")
+    # one cache size for every phase and turn (a bound on the longest prompt + cap; a longer one gets its own)
+    header = len(tokenizer.chat([{"role": "user", "content": "x"}], add_generation_prompt=True))
+    cache_len = cfg.turns * (header + cfg.max_user_tokens + cfg.max_reply_tokens)
+    if rank == 0:
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    drops, barren = Counter(), 0
+    bar = tqdm(total=cfg.n, initial=min(count, cfg.n), disable=not verbose or rank > 0, unit="conv")
     while count < cfg.n:
-        gen.manual_seed(cfg.seed * 1_000_003 + count * 1009 + barren)  # a function of the file: resumable
-        t0, n_tok = time.time(), 0
-        convs, rows, firsts = [[] for _ in range(cfg.batch_size)], list(range(cfg.batch_size)), set()
-        truncated = []  # rows whose last reply hit --max-reply-tokens: kept, but no further turns
-        for turn in range(cfg.turns):
-            for role in ("user", "assistant"):
-                if role == "user":  # the target continues its template's bare user header: it writes a question
-                    prompts = [tokenizer.encode(user_prefix(tokenizer, convs[i])) for i in rows]
-                    cap, temperature = cfg.max_user_tokens, cfg.user_temperature
-                else:
-                    prompts = [tokenizer.chat(convs[i], add_generation_prompt=True) for i in rows]
-                    cap, temperature = cfg.max_reply_tokens, cfg.reply_temperature
-                outs = generate(model, prompts, cap, tokenizer.stop_ids, temperature, cfg.top_p, cfg.top_k, gen)
-                kept = []
-                for i, (toks, stopped) in zip(rows, outs):
-                    n_tok += len(toks) + stopped
-                    text = tokenizer.decode(toks).strip()
-                    key = _norm_text(text)
-                    # a question cut by the cap is dropped; a reply cut by the cap is kept and ends the
-                    # conversation: the draft learns the target's own distribution at every position (soft
-                    # targets), so a truncated reply teaches nothing false, and dropping it wastes the compute
-                    why = ("nostop" if not stopped and role == "user" else "empty" if not text else
-                           "special" if special & set(tokenizer.encode(text)) else None)
-                    if why is None and role == "user" and turn == 0:
-                        why = ("duplicate" if key in seen or key in firsts else
-                               "mtbench" if questions is not None and key in questions else None)
-                        firsts.add(key)
-                    if why:
-                        drops[why] += 1
-                    else:
-                        convs[i].append({"role": role, "content": text})
-                        (kept if stopped else truncated).append(i)
-                rows = kept
-                if not rows:
-                    break
-            if not rows:
+        t0 = time.time()
+        mine = _batch(cfg, model, tokenizer, index + rank, questions, special, cache_len)
+        mine["seconds"] = time.time() - t0
+        for r in _gather(mine, world):  # batch order = rank order within a round
+            drops += r["drops"]
+            new = []
+            for conv in r["convs"]:
+                key = _norm_text(conv[0]["content"])
+                if count + len(new) < cfg.n and key not in seen:
+                    new.append(conv)
+                    seen.add(key)
+                elif key in seen:
+                    drops["duplicate"] += 1
+            if rank == 0 and new:
+                with open(cfg.out, "a", encoding="utf-8") as f:  # one append + fsync per batch: a crash loses one
+                    for conv in new:
+                        turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+                                 for m in conv]
+                        f.write(json.dumps({"conversations": turns, "batch": r["index"]}, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            count += len(new)
+            barren = 0 if new else barren + 1
+            bar.update(len(new))
+            if verbose and rank == 0:
+                bar.write(f"batch {r['index'] + 1:4d} | kept {len(new):4d}/{cfg.batch_size} | total {count}/{cfg.n} | "
+                          + f"truncated replies {r['truncated']} | dropped: "
+                          + " ".join(f"{k} {drops[k]}" for k in ("nostop", "empty", "special", "duplicate", "mtbench"))
+                          + f" | idle rows {1 - r['tokens'] / r['row_steps']:.0%}"
+                          + f" | {r['tokens'] / r['seconds']:.0f} tok/s")
+            if count >= cfg.n:
                 break
-        rows = sorted(rows + truncated)[:cfg.n - count]
-        with open(cfg.out, "a", encoding="utf-8") as f:  # one append + fsync per batch: a crash loses one batch
-            for i in rows:
-                turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in convs[i]]
-                f.write(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
-                seen.add(_norm_text(convs[i][0]["content"]))
-            f.flush()
-            os.fsync(f.fileno())
-        count, batch_no = count + len(rows), batch_no + 1
-        barren = 0 if rows else barren + 1
-        bar.update(len(rows))
-        if verbose:
-            bar.write(f"batch {batch_no:4d} | kept {len(rows):3d}/{cfg.batch_size} | total {count}/{cfg.n} | "
-                      + f"truncated replies {len(truncated)} | dropped: "
-                      + " ".join(f"{k} {drops[k]}" for k in ("nostop", "empty", "special", "duplicate", "mtbench"))
-                      + f" | {n_tok / (time.time() - t0):.0f} tok/s")
-        if barren >= 20:
-            raise BeagleError(f"20 batches in a row produced no usable conversation (dropped so far: {dict(drops)}); "
-                              "raise --max-user-tokens/--max-reply-tokens or check the target")
+            if barren >= 20:
+                raise BeagleError(f"20 batches in a row produced no usable conversation (dropped so far: "
+                                  f"{dict(drops)}); raise --max-user-tokens/--max-reply-tokens or check the target")
+        index += world
     bar.close()
     return drops
 
@@ -569,12 +767,25 @@ def state_batches(examples, states, batch_size, shuffle=True, seed=0, epoch=0, p
 # -----------------------------------------------------------------------------
 
 def main(cfg):
+    """Under torchrun (WORLD_SIZE > 1) every rank generates its share of the batches on its own GPU (cuda:LOCAL_RANK)
+    and the ranks exchange finished conversations over gloo (host objects, a few per batch)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device, dtype = llama.device_and_dtype(cfg.device, cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = llama.load_target(cfg.target, device=device, dtype=dtype)
-    model.eval()
-    generate_conversations(cfg, model, tokenizer)
-    load_conversations(cfg.out)  # the summary line, from the file as train.py will read it
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{local}"
+            torch.cuda.set_device(device)
+    try:
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = llama.load_target(cfg.target, device=device, dtype=dtype)
+        model.eval()
+        generate_conversations(cfg, model, tokenizer, rank=rank, world=world)
+        if rank == 0:
+            load_conversations(cfg.out)  # the summary line, from the file as train.py will read it
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

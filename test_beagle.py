@@ -2596,3 +2596,215 @@ def test_llama_repeated_kv_heads_equal_gqa(monkeypatch):
         monkeypatch.setattr(llama, "REPEAT_KV_DEVICES", devices)
         hats.append(draft(emb, pos, h, pos, block))
     torch.testing.assert_close(hats[0], hats[1], atol=1e-5, rtol=1e-5)
+# ==== round 2: generation ====
+# data.generate is one static-shape engine (fixed batch, fixed cache, mask from (start, pos) on the device, one step
+# per attention width); the Magpie generator is a function of (seed, batch index), resumable and shardable by rank.
+
+def _selfgen_reference(model, prompt, max_new, stop_ids):
+    """The plainest greedy decoding: a full forward of the whole sequence per token, one sequence at a time."""
+    ids = list(prompt)
+    for _ in range(max_new):
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] in stop_ids:
+            return ids[len(prompt):-1], True
+    return ids[len(prompt):], False
+
+
+def test_selfgen_engine_greedy_equals_reference(monkeypatch):
+    """Left padding, batch > 1, chunks with dummy rows, stop tokens mid-batch, attention widths crossed (WIDTH_STEP
+    made small so that one answer crosses many), the engine reused across calls."""
+    monkeypatch.setattr(data, "WIDTH_STEP", 8)
+    monkeypatch.setattr(data, "PREFILL_TOKENS", 64)  # prefills in groups of rows (2 rows of 30 tokens)
+    model = graph_tiny_target(vocab=48)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 30)]
+    free = [_selfgen_reference(model, p, 40, set()) for p in prompts]
+    cuts = lambda t: [f.index(t) if t in f else None for f, _ in free]
+    # a stop token that ends rows at different steps and never comes in others
+    stop = {next(t for t in range(48) if None in cuts(t) and len(set(cuts(t)) - {None}) > 1)}
+    want = [_selfgen_reference(model, p, 40, stop) for p in prompts]
+    assert {s for _, s in want} == {True, False} and len({len(t) for t, s in want if s}) > 1
+    assert data.generate(model, prompts, 40, set(), temperature=0.0) == free
+    assert data.generate(model, prompts, 40, stop, temperature=0.0) == want
+    for batch in (2, 8):  # cut into engine batches of 2 (the last padded), or one batch padded to 8
+        assert data.generate(model, prompts, 40, stop, temperature=0.0, batch=batch, cache_len=100) == want
+    store = model.generate_static
+    assert (2, 112) in store and (8, 112) in store  # cache_len 100 (> 30 + 40) rounded up to 2 * WIDTH_STEP
+    steps = store[2, 112, (0.0, 1.0, 0)]
+    before = {w: id(s) for w, s in steps.items()}
+    assert data.generate(model, prompts[::-1], 40, stop, temperature=0.0, batch=2, cache_len=100) == want[::-1]
+    assert {w: id(s) for w, s in store[2, 112, (0.0, 1.0, 0)].items()} == before  # no new engine: reused
+    # one token, and a cap of 1 (the prefill's token only)
+    assert data.generate(model, prompts[:1], 1, set(), temperature=0.0) == [(free[0][0][:1], False)]
+    with pytest.raises(BeagleError, match="empty prompt"):
+        data.generate(model, [[]], 4, set())
+    with pytest.raises(BeagleError, match="batch 1"):
+        data.generate(model, prompts, 4, set(), on_tokens=print)
+
+
+def test_selfgen_engine_shrinking_batch_changes_nothing_but_the_work(monkeypatch):
+    """Finished rows leave the batch (halvings at the checks): the same tokens as the full batch, greedy and sampled
+    (each row keeps its uniforms), fewer row-steps; the smaller engines' caches are views of the big one's."""
+    monkeypatch.setattr(data, "CHECK_EVERY", 2)
+    model = graph_tiny_target(vocab=48)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in [2, 9, 4, 15, 6, 1, 11, 3] * 3]
+    stop = {7}  # rows stop at many different steps, a few never
+    for temperature in (0.0, 0.9):
+        runs, work = {}, {}
+        for shrink in (False, True):
+            work[shrink] = {}
+            runs[shrink] = data.generate(model, prompts, 60, stop, temperature, 0.95, 0, torch.Generator().manual_seed(5),
+                                         batch=32, stats=work[shrink], shrink=shrink)
+        assert runs[True] == runs[False] and {s for _, s in runs[True]} == {True, False}
+        assert work[True]["tokens"] == work[False]["tokens"] and work[True]["row_steps"] < work[False]["row_steps"]
+        if temperature == 0:
+            assert runs[True] == [_selfgen_reference(model, p, 60, stop) for p in prompts]
+    store = model.generate_static
+    sizes = sorted(k[0] for k in store if len(k) == 2)
+    assert sizes[-1] == 32 and len(sizes) >= 3  # 32 rows (24 prompts + 8 dummy rows), then halvings
+    big = store[32, 256]["cache"].k
+    assert all(store[b, 256]["cache"].k.data_ptr() == big.data_ptr() for b in sizes)
+
+
+def test_selfgen_engine_streams_at_batch_1():
+    model = graph_tiny_target(vocab=48)
+    prompt = list(range(3, 20))
+    free, _ = _selfgen_reference(model, prompt, 30, set())
+    seen = []
+    out = data.generate(model, [prompt], 30, set(), temperature=0.0, on_tokens=lambda ids: seen.append(list(ids)))
+    assert out == [(free, False)] and seen == [free[:i + 1] for i in range(30)]  # once per token, growing
+    stop = {free[9]}
+    seen.clear()
+    out = data.generate(model, [prompt], 30, stop, temperature=0.0, on_tokens=lambda ids: seen.append(list(ids)))
+    cut = free.index(free[9])
+    assert out == [(free[:cut], True)] and seen[-1] == free[:cut + 1] and len(seen) == cut + 1  # ends at the stop
+
+
+def test_selfgen_engine_steps_never_read_back_to_the_host(monkeypatch):
+    """Every engine step runs with host reads and host-made tensors failing: it can be captured in a CUDA graph."""
+    model = graph_tiny_target(vocab=48)
+    real, steps = Graphed.__call__, []
+
+    def guarded(self, *inputs):
+        steps.append(1)
+        with GraphHostReads(), monkeypatch.context() as m:
+            for name in ("tolist", "numpy", "cpu"):
+                m.setattr(torch.Tensor, name, lambda *a, name=name, **k: pytest.fail(f"{name} inside a step"))
+            return real(self, *inputs)
+    monkeypatch.setattr(Graphed, "__call__", guarded)
+    for temperature, top_p, top_k in ((0.0, 1.0, 0), (0.8, 0.9, 5)):
+        steps.clear()
+        data.generate(model, [[1, 2, 3], [4] * 9], 20, {47}, temperature, top_p, top_k,
+                      torch.Generator().manual_seed(0))
+        assert len(steps) >= 8
+
+
+def test_selfgen_sampling_is_seeded_and_follows_probs():
+    model = graph_tiny_target(vocab=48)
+    prompt = [5, 6, 7, 8]
+    logits, _ = model(torch.tensor([prompt]))
+    n = 4000
+    for temperature, top_p, top_k in ((1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 6)):
+        want = data.probs(logits[0, -1], temperature, top_p, top_k)
+        run = lambda seed: data.generate(model, [prompt] * n, 2, set(), temperature, top_p, top_k,
+                                         torch.Generator().manual_seed(seed))
+        a = run(0)
+        assert a == run(0) and a != run(1)  # seeded: reproducible, and the seed matters
+        first = torch.bincount(torch.tensor([t[0] for t, _ in a]), minlength=48).float() / n
+        tv = 0.5 * (first - want).abs().sum()
+        assert tv < 0.04, (temperature, top_p, top_k, tv)
+        assert first[want == 0].sum() == 0  # a token outside top-k / top-p is never drawn
+    # data.sample on given uniforms is the inverse CDF: u just below a cumulative step picks that token
+    p = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    lg = p.log()
+    for u, tok in ((0.0, 0), (0.0999, 0), (0.1001, 2), (0.6999, 2), (0.7001, 3), (1 - 2 ** -24, 3)):
+        assert int(data.sample(lg, 1.0, u=torch.tensor([u]))) == tok
+
+
+def test_selfgen_magpie_keeps_earlier_exchanges(tmp_path):
+    """3 turns with a small question cap: later questions often run past it; their conversations keep the good
+    exchanges before (always ending on a reply) instead of being thrown away."""
+    tok, model = DataCharTokenizer(), _data_tiny_target(260, stopping=True)
+    cfg = data.GenConfig(out=str(tmp_path / "m.jsonl"), n=12, batch_size=8, turns=3, max_user_tokens=8,
+                         max_reply_tokens=12, seed=0)
+    drops = data.generate_conversations(cfg, model, tok, verbose=False)
+    convs = [json.loads(x)["conversations"] for x in open(cfg.out).read().split("\n")[:-1]]
+    assert len(convs) == 12 and drops["nostop"] > 0
+    lengths = Counter(len(c) for c in convs)
+    assert lengths[6] > 0 and lengths[2] + lengths[4] > 0  # full conversations and shortened ones
+    for c in convs:
+        assert [m["from"] for m in c] == ["human", "gpt"] * (len(c) // 2) and len(c) >= 2
+
+
+def test_selfgen_magpie_resume_equals_uninterrupted(tmp_path, capsys):
+    tok, model = DataCharTokenizer(), _data_tiny_target(260, stopping=True)
+    base = dict(batch_size=8, turns=2, max_user_tokens=12, max_reply_tokens=12, seed=1)
+    whole = data.GenConfig(out=str(tmp_path / "whole.jsonl"), n=11, **base)
+    data.generate_conversations(whole, model, tok)
+    printed = capsys.readouterr()
+    log = [x for x in (printed.out + printed.err).split("\n") if x.startswith("batch ")]
+    assert len(log) >= 2 and all(" tok/s" in x and "idle rows" in x for x in log)  # one line per batch
+    want = open(whole.out).read()
+    assert want.count("\n") == 11
+    part = data.GenConfig(out=str(tmp_path / "part.jsonl"), n=3, **base)  # stops inside batch 0
+    data.generate_conversations(part, model, tok, verbose=False)
+    with open(part.out, "a") as f:
+        f.write('{"conversations": [{"from": "hum')  # a line cut by a crash
+    part.n = 7
+    data.generate_conversations(part, model, tok, verbose=False)
+    part.n = 11
+    data.generate_conversations(part, model, tok, verbose=False)
+    assert open(part.out).read() == want
+    firsts = [c[0]["content"] for c in data.load_conversations(part.out, verbose=False)]
+    assert len(firsts) == 11 == len(set(firsts))
+
+
+def _selfgen_rank(rank, world, port, cfg):
+    """One rank of a gloo group on the CPU (a torch.multiprocessing.spawn worker)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data.generate_conversations(cfg, _data_tiny_target(260, stopping=True), DataCharTokenizer(), verbose=False,
+                                    rank=rank, world=world)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_selfgen_magpie_two_ranks_write_what_one_rank_writes(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    base = dict(n=13, batch_size=8, turns=2, max_user_tokens=12, max_reply_tokens=12, seed=2)
+    one = data.GenConfig(out=str(tmp_path / "one.jsonl"), **base)
+    data.generate_conversations(one, _data_tiny_target(260, stopping=True), DataCharTokenizer(), verbose=False)
+    two = data.GenConfig(out=str(tmp_path / "two.jsonl"), **base)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_selfgen_rank, args=(2, port, two), nprocs=2)
+    a, b = open(one.out).read().split("\n")[:-1], open(two.out).read().split("\n")[:-1]
+    assert a == b and len(a) == 13
+    assert len({json.loads(x)["batch"] for x in a}) >= 2  # batches of both ranks are in the file
+    firsts = [json.loads(x)["conversations"][0]["value"] for x in a]
+    assert len(set(firsts)) == 13  # none twice
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run this on the GPU machine)")
+def test_selfgen_engine_cuda_graphs_replay_the_eager_steps(monkeypatch):
+    """GPU only: the captured engine gives the tokens of the same steps run eagerly (fp32 tiny target), greedy and
+    sampled, across shrinking batches and widths; each step's graph is captured once and replayed across calls."""
+    monkeypatch.setattr(data, "WIDTH_STEP", 16)
+    runs = {}
+    for graph in (False, True):
+        model = graph_tiny_target(vocab=48).cuda()
+        g = torch.Generator().manual_seed(6)
+        prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in [2, 9, 4, 15, 6, 1, 11, 3] * 4]
+        runs[graph] = [data.generate(model, prompts, 50, {7}, temperature, 0.9, 0,
+                                     torch.Generator(device="cuda").manual_seed(seed), batch=32, cache_len=64,
+                                     graph=graph)
+                       for temperature in (0.0, 0.8) for seed in (0, 1, 0)]
+        steps = [s for k, v in model.generate_static.items() if len(k) == 3 for s in v.values()]
+        assert any(s.graph is not None for s in steps) == graph
+    assert runs[True] == runs[False] and runs[True][3] == runs[True][5] != runs[True][4]
