@@ -1528,9 +1528,9 @@ def decode_cfg(**kw):
 # -----------------------------------------------------------------------------
 # greedy speculative decoding == plain greedy decoding, token for token
 
-DECODE_SETTINGS = [  # (mode, depth, top_k, tree_tokens)
+DECODE_SETTINGS = [  # (mode, depth, top_k, tree_tokens); top-k 48: the whole vocabulary
     ("chain", 1, 0, 0), ("chain", 3, 0, 0), ("chain", 6, 0, 0),
-    ("tree", 1, 3, 3), ("tree", 2, 2, 3), ("tree", 4, 3, 10), ("tree", 5, 10, 60), ("tree", 3, 60, 200),
+    ("tree", 1, 3, 3), ("tree", 2, 2, 3), ("tree", 4, 3, 10), ("tree", 5, 10, 60), ("tree", 3, 48, 200),
 ]
 
 
@@ -1587,12 +1587,12 @@ def test_decode_draft_vocab_subset_is_lossless(decode_tiny):
     draft = copy.deepcopy(trained)
     draft.vocab = ranking
     with pytest.raises(BeagleError, match="token ranking"):
-        decode.set_draft_vocab(target, trained, 16)  # a draft without a ranking, asked explicitly
-    decode.set_draft_vocab(target, trained, 16, explicit=False)
+        trained.set_vocab(target, 16)  # a draft without a ranking, asked explicitly
+    trained.set_vocab(target, 16, explicit=False)
     assert trained.head is None  # ... or by default: the whole vocabulary
-    decode.set_draft_vocab(target, draft, 16)
+    draft.set_vocab(target, 16)
     hat = torch.randn(5, 64)
-    values, ids = decode.draft_top(target, draft, hat, 3)
+    values, ids = draft.top(target, hat, 3)
     assert set(ids.flatten().tolist()) <= set(ranking[:16].tolist())
     sub = target.output(hat)[:, ranking[:16]].log_softmax(-1)
     assert torch.allclose(values, sub.topk(3).values, atol=1e-5)
@@ -1605,7 +1605,7 @@ def test_decode_draft_vocab_subset_is_lossless(decode_tiny):
             assert r.tokens == want, (mode, depth, top_k, tree_tokens)
             accepted += r.accepted_lengths
     assert max(accepted) >= 2  # drafts from the subset do get accepted
-    decode.set_draft_vocab(target, draft, 0)
+    draft.set_vocab(target, 0)
     assert draft.head is None
 
 
@@ -1671,7 +1671,8 @@ def test_decode_draft_tree_equals_reference(decode_tiny, depth, top_k, keep):
         dcache = DraftCache(draft, n + 100)
         dcache.write(0, *draft.kv(h[:, :n], torch.arange(n)))
         dcache.write(n, torch.randn_like(dcache.k[:, :, :50]), torch.randn_like(dcache.v[:, :, :50]))  # stale junk
-        tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, n, x[0, n], depth, top_k, keep)
+        tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, torch.tensor([n]), x[0, n:n + 1], depth,
+                                                     top_k, keep)
         want = decode_ref_tree(target, draft, h, n, x[0, n].item(), depth, top_k, keep)
     assert (tokens.tolist(), parent.tolist(), dep.tolist()) == want
     # the ancestor mask from its definition: follow parent pointers
@@ -1697,10 +1698,11 @@ def test_decode_tree_selection_keeps_parents_on_ties():
         dcache = DraftCache(draft, 64)
         dcache.write(0, *draft.kv(torch.randn(1, 4, 64), torch.arange(4)))
         for keep in (1, 5, 9, 20):
-            tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, 4, torch.tensor(2), 3, 3, keep)
+            tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, torch.tensor([4]), torch.tensor([2]), 3,
+                                                         3, keep)
             assert all(p < i for i, p in enumerate(parent.tolist()) if i)  # parents kept and listed first
             assert dep.tolist() == sorted(dep.tolist())  # uniform: shallower nodes always score higher
-            again = decode.draft_tree(target, draft, dcache, 4, torch.tensor(2), 3, 3, keep)
+            again = decode.draft_tree(target, draft, dcache, torch.tensor([4]), torch.tensor([2]), 3, 3, keep)
             assert torch.equal(tokens, again[0]) and torch.equal(parent, again[1])
 
 
@@ -1726,7 +1728,9 @@ def test_decode_verification_logits_and_kv_compaction(decode_tiny, monkeypatch):
         root = logits[0, -1].argmax()
         moved = 0
         for _ in range(8):
-            new = decode.speculate(target, draft, cache, dcache, n, root, cfg)
+            found, _, _ = decode.iterate(target, draft, cache, dcache, cfg, torch.tensor([n]), root.view(1))
+            m, *found = found.tolist()
+            new = found[:m] + found[-1:]
             tokens, positions, mask, vlogits = calls[-1]
             parents = {}
             for i in range(1, tokens.shape[1]):  # parent = the deepest other visible tree node
@@ -1836,12 +1840,15 @@ def test_decode_accept_sampled_is_exact_per_node():
     p = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15], [0.2, 0.2, 0.2, 0.2, 0.2]])
     tokens, parent = torch.tensor([0, 3, 0, 1]), torch.tensor([0, 0, 0, 0])  # root's children: 3, 0, 1
     gen = torch.Generator().manual_seed(0)
-    counts = torch.zeros(5)
+    counts, biased = torch.zeros(5), torch.zeros(5)
     for _ in range(4000):
-        path, new = decode.accept_sampled(p[[0, 1, 1, 1]], tokens, parent, gen)
-        counts[new[0]] += 1
-        assert len(new) == len(path)  # accepted child (+ bonus) or the residual sample alone
+        u = torch.rand(4, generator=gen)  # depth 1 x top-k 3, + 1 for the bonus token
+        for c, v in ((counts, u), (biased, u * 0.7)):  # (a sampler that accepts the draft's tokens too often)
+            path, m, bonus = decode.accept_sampled(p[[0, 1, 1, 1]], tokens, parent, 1, 3, v)
+            c[tokens[path[1]] if m else bonus] += 1
+            assert path[0] == 0 and (path[1] > 0) == (m == 1)  # accepted child (then padding) or the root alone
     assert decode_tv(counts / 4000, p[0]) < 0.03
+    assert decode_tv(biased / 4000, p[0]) > 0.06  # the check sees a biased sampler
 
 
 # -----------------------------------------------------------------------------
@@ -1884,7 +1891,7 @@ def test_decode_real_shipped_draft(decode_real):
     ids = tok.chat([{"role": "user", "content": "Why is the sky blue?"}])
     want = generate_ar(target, ids, DecodeConfig(max_new_tokens=48), stop).tokens
     for (depth, top_k, tree_tokens), vocab in ((decode.CPU_TREE, decode.CPU_DRAFT_VOCAB), (decode.GPU_TREE, 0)):
-        decode.set_draft_vocab(target, draft, vocab)
+        draft.set_vocab(target, vocab)
         cfg = DecodeConfig(depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=48)
         r = generate_spec(target, draft, ids, cfg, stop)
         assert r.tokens == want, (depth, top_k, tree_tokens, vocab)
@@ -2057,10 +2064,11 @@ def test_graph_static_equals_dynamic_tiny(graph_tiny):
             if temperature == 0:  # and speculative greedy still equals plain greedy
                 assert all(tokens == runs[True][0] for tokens, _ in runs[True][1:])
     assert 0 in accepted and max(accepted) >= 3  # rejections and deep acceptances (KV moves) happened
-    # one static bundle per (cache size, draft, tree, greedy or not), reused across answers: all fit in 512 slots
+    # one static bundle per setting (tree, draft, sampling), reused across answers: one cache size (the context),
+    # whatever the prompt; --cuda-graph changes nothing on the CPU
     store = target.decode_static
-    assert {key[0] for key in store if key != "pool"} == {512}
-    assert len(store) == 1 + 2 * 2 * len(GRAPH_SETTINGS)
+    assert {key[0] for key in store} == {target.args.max_seq_len}
+    assert len(store) == 2 + 2 * 2 * len(GRAPH_SETTINGS)
 
 
 def graph_calls(monkeypatch, obj, name):
@@ -2128,53 +2136,41 @@ def test_graph_steps_never_read_back_to_the_host(graph_tiny, monkeypatch):
     monkeypatch.setattr(Graphed, "__call__", guarded)
     with pytest.raises(pytest.fail.Exception, match="_local_scalar_dense"):  # the guard works
         Graphed(lambda x: x + x.item(), on=False)(torch.ones(1))
-    for mode in ("ar", "tree"):
-        cfg = DecodeConfig(mode=mode, depth=4, top_k=3, tree_tokens=10, max_new_tokens=20, cuda_graph=True)
-        steps.clear()
-        r = (generate_ar(target, prompts[2], cfg, set()) if mode == "ar" else
-             generate_spec(target, draft, prompts[2], cfg, set()))
-        assert len(steps) == (len(r.tokens) - 1 if mode == "ar" else len(r.accepted_lengths)) > 3
+    for mode in ("ar", "tree", "chain"):
+        for temperature in (0.0, 0.8):  # sampling runs inside the steps too
+            cfg = DecodeConfig(mode=mode, depth=4, top_k=3, tree_tokens=10, max_new_tokens=20, cuda_graph=True,
+                               temperature=temperature, top_p=0.9)
+            steps.clear()
+            r = (generate_ar(target, prompts[2], cfg, set()) if mode == "ar" else
+                 generate_spec(target, draft, prompts[2], cfg, set()))
+            assert len(steps) == (len(r.tokens) - 1 if mode == "ar" else len(r.accepted_lengths)) > 3
 
 
-def test_graph_masks_equal_dynamic_masks_on_live_slots(graph_tiny, monkeypatch):
-    """The static draft and verification masks (full cache width, built from n on the device) equal the dynamic
-    ones (as decode.py built them before: ones over the prefix, concatenated with the tree block) on the live
-    slots, and are False beyond; the trees and logits are the same."""
+def test_graph_masks_span_the_cache(graph_tiny, monkeypatch):
+    """The tree mask over the whole cache, built from n on the device: the prefix, then the tree block, then
+    nothing; the verification forward of an iteration reads exactly that mask over all L slots."""
     target, prompts, _, draft = graph_tiny
-    # tree_mask against its definition, for n as an int and as a device tensor
     anc = torch.rand(6, 6) < 0.5
     for n in (1, 7):
         want = torch.cat([torch.ones(6, n, dtype=torch.bool), anc], 1)
-        assert torch.equal(decode.tree_mask(anc, n, n + 6), want)
-        full = decode.tree_mask(anc, torch.tensor(n), 40)
+        full = decode.tree_mask(anc, torch.tensor([n]), 40)
         assert full.shape == (6, 40) and torch.equal(full[:, :n + 6], want) and not full[:, n + 6:].any()
     x = torch.tensor([prompts[2] + [3, 4, 5]])
-    with torch.no_grad():
-        _, h = target(x)
     n, L = x.shape[1] - 1, 64
-    att, fwd = graph_calls(monkeypatch, draft, "attend"), graph_calls(monkeypatch, target, "forward")
-    out = {}
-    for static in (False, True):
-        att.clear(), fwd.clear()
-        cache, dcache = KVCache(target.args, 1, L), DraftCache(draft, L)
-        with torch.no_grad():
-            target.forward(x[:, :n], torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
-            dcache.write(0, *draft.kv(h[:, :n], torch.arange(n)))
-            dcache.write(n, torch.randn(1, draft.n_kv_heads, 30, draft.head_dim), torch.randn(1, draft.n_kv_heads,
-                                                                                            30, draft.head_dim))
-            nn = torch.tensor(n) if static else n
-            out[static] = decode.propose(target, draft, cache, dcache, nn, x[0, n], 4, 3, 10)
-        out[static, "masks"] = [c[4] for c in att] + [fwd[-1][3]]
-    for a, b in zip(out[False][:4], out[True][:4]):  # tokens, parent, depth, anc
-        assert torch.equal(a, b)
-    torch.testing.assert_close(out[False][4], out[True][4], atol=1e-5, rtol=1e-5)  # verification logits
-    dyn, sta = out[False, "masks"], out[True, "masks"]
-    assert len(dyn) == len(sta) == 5  # 4 draft steps + the verification
-    for d, s in zip(dyn, sta):
-        d, s = d.reshape(-1, d.shape[-1]), s.reshape(-1, s.shape[-1])
-        assert s.shape[-1] == L and torch.equal(s[:, :d.shape[-1]], d) and not s[:, d.shape[-1]:].any()
-    T = out[False][0].shape[0]
-    assert torch.equal(dyn[-1], torch.cat([torch.ones(T, n, dtype=torch.bool), out[False][3]], 1))
+    fwd = graph_calls(monkeypatch, target, "forward")
+    cache, dcache = KVCache(target.args, 1, L), DraftCache(draft, L)
+    cfg = DecodeConfig(depth=4, top_k=3, tree_tokens=10)
+    with torch.no_grad():
+        _, h = target.forward(x[:, :n], torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
+        dcache.write(0, *draft.kv(h, torch.arange(n)))
+        dcache.write(n, torch.randn(1, draft.n_kv_heads, 30, draft.head_dim), torch.randn(1, draft.n_kv_heads,
+                                                                                        30, draft.head_dim))
+        tree = decode.draft_tree(target, draft, dcache, torch.tensor([n]), x[0, n:n + 1], 4, 3, 10)
+        decode.iterate(target, draft, cache, dcache, cfg, torch.tensor([n]), x[0, n:n + 1])
+    mask, T = fwd[-1][3], tree[0].shape[0]
+    assert torch.equal(fwd[-1][0], tree[0][None])  # the same tree (the stale scratch slots were not read)
+    assert mask.shape == (T, L) and torch.equal(mask, torch.cat([torch.ones(T, n, dtype=torch.bool), tree[3],
+                                                                 torch.zeros(T, L - n - T, dtype=torch.bool)], 1))
 
 
 class GraphFakeCuda:
@@ -2247,9 +2243,9 @@ def test_graph_graphed_helper_bookkeeping(monkeypatch):
 
 
 class GraphEager(Graphed):
-    """The static steps run eagerly, with CUDA's sync debug mode raising on any device->host synchronisation."""
+    """The steps run eagerly, with CUDA's sync debug mode raising on any device->host synchronisation."""
 
-    def __init__(self, fn, on, pool=None):
+    def __init__(self, fn, on, pool=None, compile=False, mode=None):
         super().__init__(fn, False, pool)
 
     def __call__(self, *inputs):
@@ -2262,16 +2258,17 @@ class GraphEager(Graphed):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run this on the GPU machine)")
 def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
-    """GPU only: the captured graphs give the tokens of the same static steps run eagerly (same kernels), and of
-    the dynamic path (fp32 tiny target); graphs are captured once and replayed across answers."""
+    """GPU only: the captured graphs (compiled or not) give the tokens of the same steps run eagerly, which never
+    synchronise (fp32 tiny target); graphs are captured once per setting and replayed across answers."""
     target = graph_tiny_target().cuda()
     draft = graph_draft(target).cuda()
     prompts = [[1, 2, 3], list(range(5, 25))]
     runs = {}
-    for name in ("dynamic", "eager static", "graphs"):
-        cfg = DecodeConfig(max_new_tokens=40, cuda_graph=name != "dynamic")
+    for name in ("eager", "graphs", "compiled graphs"):
+        cfg = DecodeConfig(max_new_tokens=40, cuda_graph=name != "eager", compile=name == "compiled graphs",
+                           compile_mode="default")
         with monkeypatch.context() as m:
-            if name == "eager static":  # the same static steps, never captured
+            if name == "eager":
                 m.setattr(decode, "Graphed", GraphEager)
             runs[name] = []
             for prompt in prompts:
@@ -2284,9 +2281,9 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
                         runs[name].append(generate_spec(target, draft, prompt, s, set(), gen()).tokens)
         store = target.__dict__.pop("decode_static", {})  # fresh caches and graphs for the next variant
         steps = [v[2] for k, v in store.items() if k != "pool"]
-        assert len(steps) == (0 if name == "dynamic" else 5)  # plain, (chain, tree) x (greedy, sampled): reused
-        assert all((s.graph is not None) == (name == "graphs") for s in steps)
-    assert runs["graphs"] == runs["eager static"] == runs["dynamic"]
+        assert len(steps) == 6  # plain, chain, tree, each greedy and sampled: reused across the prompts
+        assert all((s.graph is not None) == (name != "eager") for s in steps)
+    assert runs["graphs"] == runs["eager"] == runs["compiled graphs"]
 
 
 def test_graph_cli_flag():
@@ -2295,7 +2292,8 @@ def test_graph_cli_flag():
     cfg = llama.cli(DecodeConfig, ["--device", "cpu"])
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
-    assert cfg.cuda_graph is False
+    assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
+    assert llama.cli(DecodeConfig, ["--compile", "--compile-mode", "default"]).compile is True
 
 
 # -----------------------------------------------------------------------------
