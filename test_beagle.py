@@ -2327,3 +2327,132 @@ def test_graph_real_static_equals_dynamic(tmp_path, monkeypatch, capsys):
                                          "--json", "--compare", "--cuda-graph", "--device", "cpu"]))
     row = json.loads(capsys.readouterr().out)
     assert row["identical"] and row["new_tokens"] == 8 and row["mode"] == "tree"
+
+
+# ==== round 2: decode ====
+
+def test_decode_draw_follows_p_and_skips_zero_mass():
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(decode.draw(p.expand(20000, -1), u), minlength=6).double() / 20000
+    assert decode_tv(counts, p) < 0.015 and counts[[0, 2, 5]].sum() == 0
+    edges = decode.draw(p.expand(3, -1), torch.tensor([0.0, 0.5, 1 - 2 ** -24]))  # u = 0 and u -> 1
+    assert edges.tolist() == [1, 3, 4]
+    assert decode.draw(p * 7, torch.tensor(0.6)).item() == 3  # unnormalised: the same draw
+
+
+def test_decode_loop_detector():
+    loop = list(range(50)) + [7, 8, 9] * 30  # ends in a loop of period 3
+    assert decode.loops(loop, set()) and not decode.loops(loop + [99], {99})  # a stop token: the answer ended
+    assert decode.loops([5] * 64, set()) and not decode.loops([5] * 63, set())  # too short to tell
+    g = torch.Generator().manual_seed(0)
+    assert not decode.loops(torch.randint(0, 1000, (200,), generator=g).tolist(), set())
+    sentence = torch.randint(0, 1000, (decode.LOOP_PERIOD,), generator=g).tolist()
+    assert decode.loops(sentence * 5, set())  # the longest period detected...
+    assert not decode.loops((sentence + [1]) * 5, set())  # ...and one token longer: not a loop by the definition
+    noisy = [7, 8, 9] * 30
+    noisy[-10] = 1  # a break inside the tail
+    assert not decode.loops(noisy, set())
+
+
+def test_decode_bench_report_loops():
+    rec = lambda cat, acc, looping: dict(category=cat, plain_tokens=10, plain_seconds=1.0, tokens=10, seconds=0.5,
+                                         accepted=acc, identical=True, looping=looping, plain_looping=looping)
+    records = [rec("a", [1, 3], False), rec("a", [4, 4, 4], True), rec("b", [0], True)]
+    table, md = decode.bench_report(records, {}, 4)
+    assert table["a"]["looping"] == 0.5 and table["overall"]["looping"] == round(2 / 3, 3)
+    assert table["a"]["tau"] == 1 + 16 / 5 and table["a"]["tau_without_loops"] == 3.0
+    assert table["b"]["tau_without_loops"] is None and table["overall"]["tau_without_loops"] == 3.0
+    assert "| tau w/o loops |" in md and "| a | 2 |" in md and "| 50% | 3.0 |" in md
+
+
+def test_decode_head_is_part_of_the_step(decode_tiny, monkeypatch):
+    """A captured step must never replay with another head than it was captured with: a stand-in for Graphed
+    remembers the head at its first call ('capture') and checks it at every later one ('replay'); after set_vocab
+    a new step is made, and its proposals come from the new head only."""
+    target, prompts, _, trained = decode_tiny
+    draft = copy.deepcopy(trained)
+    draft.vocab = torch.randperm(48, generator=torch.Generator().manual_seed(3))
+
+    class Frozen(Graphed):
+        def __call__(self, *inputs):
+            self.head = getattr(self, "head", draft.head)
+            assert self.head is draft.head, "a step replayed with another head"
+            return super().__call__(*inputs)
+    monkeypatch.setattr(decode, "Graphed", Frozen)
+    fwd = graph_calls(monkeypatch, target, "forward")
+    cfg = decode_cfg(mode="tree", depth=3, top_k=3, tree_tokens=6, max_new_tokens=20)
+    want = generate_ar(target, prompts[1], cfg, set()).tokens
+    proposed = {}
+    for n in (0, 16, 8, 0):
+        draft.set_vocab(target, n)
+        fwd.clear()
+        assert generate_spec(target, draft, prompts[1], cfg, set()).tokens == want
+        proposed[n] = {t for c in fwd[1:] for t in c[0][0, 1:].tolist()}  # the verified draft tokens
+    assert proposed[16] <= set(draft.vocab[:16].tolist()) and proposed[8] <= set(draft.vocab[:8].tolist())
+    assert not proposed[0] <= set(draft.vocab[:16].tolist())  # the whole head proposes other tokens
+    keys = [k for k in target.decode_static if k[1] is not None and k[1][0] is draft]
+    assert len(keys) == 3  # full, 16, 8 (the full head again: the first step, which read the target's head)
+    with pytest.raises(BeagleError, match="--top-k 10 must be in \\[1, 5\\]"):
+        draft.set_vocab(target, 5)
+        generate_spec(target, draft, prompts[1], decode_cfg(top_k=10), set())
+
+
+def test_decode_warm_up_covers_the_timed_steps(decode_tiny, monkeypatch):
+    """After warm_up, answers of any prompt length make no new step and call none for the first time (capture,
+    compile), greedy and sampled, plain and speculative."""
+    target, prompts, _, draft = decode_tiny
+    made, first = [], []
+    init, call = Graphed.__init__, Graphed.__call__
+
+    def counting_init(self, *a, **k):
+        made.append(1)
+        init(self, *a, **k)
+
+    def counting_call(self, *inputs):
+        if not getattr(self, "called", False):
+            first.append(1)
+            self.called = True
+        return call(self, *inputs)
+    monkeypatch.setattr(Graphed, "__init__", counting_init)
+    monkeypatch.setattr(Graphed, "__call__", counting_call)
+    for temperature in (0.0, 0.9):
+        cfg = decode_cfg(mode="tree", depth=3, top_k=2, tree_tokens=4, temperature=temperature, max_len=200,
+                         seed=int(temperature > 0))
+        target.__dict__.pop("decode_static", None)
+        decode.warm_up(target, draft, prompts[0], cfg, ("ar", "tree", "chain"))
+        assert len(made) == len(first) == 3  # plain, tree and chain steps, each called
+        made.clear(), first.clear()
+        for prompt in prompts:
+            for mode in ("ar", "tree", "chain"):
+                decode.run(target, draft, prompt, cfg, {prompt[0]}, mode=mode)
+        assert not made and not first
+        assert {k[0] for k in target.decode_static} == {200}  # --max-len: one cache size
+    with pytest.raises(BeagleError, match="longer than the context"):
+        decode.run(target, draft, list(range(190)), cfg, set(), mode="ar")
+
+
+def test_decode_draft_vocab_larger_top_k_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(DECODE_HERE / "decode.py"), "--prompt", "hi", "--draft-vocab", "5",
+                        "--top-k", "10", "--device", "cpu"], capture_output=True, text=True, cwd=DECODE_HERE,
+                       timeout=300)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.strip() == "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)"
+
+
+def test_decode_slow_compiled_step_equals_eager(capsys):
+    """torch.compile (inductor, on the CPU here) of a speculative iteration: the same tokens as the eager step, and
+    one line on stderr with the time of the first compile. (A one-layer target: compiling takes a minute or two.)"""
+    torch.manual_seed(0)
+    target = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, hidden_dim=64,
+                                   max_seq_len=64)).eval()
+    draft = Beagle(DraftArgs.from_target(target.args)).eval()
+    runs = []
+    for compile in (False, True):
+        cfg = DecodeConfig(mode="chain", depth=2, max_new_tokens=12, compile=compile, compile_mode="default")
+        runs.append(generate_spec(target, draft, [1, 2, 3], cfg, set()))
+        runs.append(generate_spec(target, draft, [4, 5, 6, 7, 8], cfg, set()))  # replays what was compiled
+    assert [r.tokens for r in runs[:2]] == [r.tokens for r in runs[2:]]
+    assert [r.accepted_lengths for r in runs[:2]] == [r.accepted_lengths for r in runs[2:]]
+    err = capsys.readouterr().err.splitlines()
+    assert len([line for line in err if line.startswith("torch.compile (mode default): first call")]) == 1
