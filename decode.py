@@ -99,7 +99,7 @@ class Result:
 
 
 # -----------------------------------------------------------------------------
-# sampling: inverse-CDF draws from uniforms made outside the steps (a captured step must not own a generator)
+# sampling: inverse-CDF draws from uniforms made before a step (a captured step must not own a generator)
 
 def probs_from_logits(logits, cfg):
     """(..., V) -> the sampling distribution of cfg (temperature > 0), defined once in data.probs."""
@@ -326,14 +326,14 @@ def accept_sampled(p, tokens, parent, max_depth, top_k, u):
     Then P(c_j) = p(c_j) and P(y) = p(y) for any other y: the token is distributed exactly as p, however the
     candidates were chosen. Given an accepted child we continue with the target's distribution after it, so by
     induction the whole output follows the target. -> (path, m, bonus) as accept_greedy (padded with its end)."""
-    T, V = p.shape
-    cols = torch.arange(T, device=p.device)
+    T, dev = p.shape[0], p.device
+    cols = torch.arange(T, device=dev)
     child = (parent[None, :] == cols[:, None]) & (cols[None, :] > 0)  # (T, T): j is a child of i
     kids = torch.where(child, cols, T + cols).argsort(-1)[:, :top_k]  # (T, K) children first, in creation order
     real = child.gather(1, kids)  # (T, K): which entries of kids are children (best draft score first)
     K = kids.shape[1]
-    node, m = torch.zeros(1, dtype=torch.long, device=p.device), torch.zeros(1, dtype=torch.long, device=p.device)
-    alive, path = torch.ones(1, dtype=torch.bool, device=p.device), [node]
+    node = m = torch.zeros(1, dtype=torch.long, device=dev)  # (rebound below, never written in place)
+    alive, path = torch.ones(1, dtype=torch.bool, device=dev), [node]
     for d in range(max_depth):
         c, ok, q = kids[node][0], real[node][0], p[node][0]  # (K,), (K,), (V,)
         pc = torch.where(ok, q[tokens[c]], 0.0)  # (K,) target mass of each candidate
@@ -461,11 +461,10 @@ def load(cfg):
     target, tokenizer = llama.load_target(cfg.target, cfg.device, llama.DTYPES[cfg.dtype], template=template)
     target.eval()
     path = cfg.draft or (str(DEFAULT_DRAFT) if cfg.target is None and DEFAULT_DRAFT.is_file() else None)
-    if cfg.mode == "ar":
-        return target, tokenizer, None
-    if path is None:
+    if path is None and cfg.mode != "ar":
         print("note: no draft (give --draft PATH); plain decoding", file=sys.stderr)
         cfg.mode = "ar"
+    if cfg.mode == "ar":
         return target, tokenizer, None
     draft = beagle.load_draft(path, target, cfg.device, llama.DTYPES[cfg.dtype])
     auto, gpu = cfg.draft_vocab < 0, torch.device(cfg.device).type == "cuda"
