@@ -2001,7 +2001,7 @@ def test_decode_real_cli_subprocess_error_is_one_line(decode_real):
 
 
 # =====================================================================================================================
-# static-shape decoding steps (decode.py --cuda-graph): same tokens as the dynamic path, fixed shapes, no host reads
+# the static steps (decode.py; CUDA graphs on a GPU): one setting, one step, fixed shapes, no host reads
 # =====================================================================================================================
 
 def graph_tiny_target(vocab=48, seed=0):
