@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llama
-from llama import DTYPES, BeagleError, FeedForward, Linear, RMSNorm, apply_rope, rope_table, write_atomic
+from llama import DTYPES, BeagleError, FeedForward, Linear, RMSNorm, apply_rope, linear, rope_table, write_atomic
 
 
 @dataclass
@@ -66,6 +66,9 @@ class DraftArgs:
 
 
 class Beagle(nn.Module):
+    vocab = None  # (V,) LongTensor: the target's tokens ranked by frequency in the training data (VOCAB), or None
+    head = None  # what the draft proposes from: None = every token, or (ids (N,), their LM-head rows (N, dim))
+
     def __init__(self, args):
         super().__init__()
         self.args = args
@@ -117,6 +120,42 @@ class Beagle(nn.Module):
 
     def forward(self, emb, q_positions, states, k_positions, mask):
         return self.attend(emb, q_positions, *self.kv(states, k_positions), mask)
+
+    # the draft's head: the target's LM head, or its rows of the n most frequent tokens only (VOCAB)
+
+    def set_vocab(self, target, n, explicit=True):
+        """Propose from the n most frequent target tokens (self.vocab's ranking); n = 0 or >= V: from all of them,
+        as also for a draft without a ranking when n was not asked for explicitly."""
+        self.head = None
+        if n < 0:
+            raise BeagleError(f"--draft-vocab must be >= 0, not {n}")
+        if n == 0 or n >= target.args.vocab_size:
+            return
+        if self.vocab is None:
+            if explicit:
+                raise BeagleError("--draft-vocab needs a draft with a token ranking (train.py stores one; for older "
+                                  "drafts: python beagle.py --draft D --out D2 --vocab-data DATA)")
+            return
+        ids = self.vocab[:n].to(target.output.weight.device)
+        self.head = ids, target.output.weight[ids].contiguous()
+
+    def vocab_size(self):  # how many tokens the draft proposes from
+        return self.args.vocab_size if self.head is None else len(self.head[0])
+
+    def check_top_k(self, k):
+        if not 0 < k <= self.vocab_size():
+            raise BeagleError(f"--top-k {k} must be in [1, {self.vocab_size()}], the draft's vocabulary"
+                              + ("" if self.head is None else " (--draft-vocab)"))
+
+    def top(self, target, hat, k):
+        """hat (R, dim) draft states -> the k best next tokens of each row: (log-probs (R, k) fp32, ids (R, k)).
+        With a subset the softmax is over its tokens: only the ranking of candidates matters."""
+        if self.head is None:
+            top = F.log_softmax(target.output(hat).float(), -1).topk(k)
+            return top.values, top.indices
+        ids, weight = self.head
+        top = F.log_softmax(linear(hat, weight).float(), -1).topk(k)
+        return top.values, ids[top.indices]
 
 
 # -----------------------------------------------------------------------------

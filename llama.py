@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import textwrap
+import time
 import tokenize
 import typing
 import warnings
@@ -253,24 +254,38 @@ class KVCache:
 
 
 class Graphed:
-    """fn(*inputs) -> tensor(s), static shapes, no host syncs. on=False: fn itself, eagerly. on=True: the first call
-    warms fn up and captures it in a CUDA graph; each call copies its inputs into the static buffers the graph reads,
-    replays it and returns the static outputs, which the next replay (of any graph sharing the pool) overwrites:
-    read them before the next call. The warm-up repeats fn's cache writes with the same inputs: harmless."""
+    """fn(*inputs) -> tensor(s), static shapes, no host syncs. compile: torch.compile fn first (inductor, `mode`; the
+    first call compiles, and one line on stderr says how long that took). on=False: fn (or its compiled form),
+    eagerly. on=True: the first call warms fn up and captures it in a CUDA graph; each call copies its inputs into
+    the static buffers the graph reads, replays it and returns the static outputs, which the next replay (of any
+    graph sharing the pool) overwrites: read them before the next call. The warm-up repeats fn's cache writes with
+    the same inputs: harmless. A mode with CUDA graphs of its own (reduce-overhead) cannot be captured again."""
 
-    def __init__(self, fn, on, pool=None):
-        self.fn, self.on, self.pool, self.graph = fn, on, pool, None
+    def __init__(self, fn, on, pool=None, compile=False, mode="max-autotune-no-cudagraphs"):
+        self.fn = torch.compile(fn, mode=mode, dynamic=False) if compile else fn
+        self.on, self.pool, self.graph, self.mode, self.compile_s = on, pool, None, mode if compile else None, None
+
+    def run(self, *inputs):  # self.fn, timing the first call when that call compiles it
+        if self.mode is None or self.compile_s is not None:
+            return self.fn(*inputs)
+        t0 = time.perf_counter()
+        out = self.fn(*inputs)
+        if self.on:
+            torch.cuda.synchronize()
+        self.compile_s = time.perf_counter() - t0
+        print(f"torch.compile (mode {self.mode}): first call {self.compile_s:.1f} s", file=sys.stderr, flush=True)
+        return out
 
     def __call__(self, *inputs):
         if not self.on:
-            return self.fn(*inputs)
+            return self.run(*inputs)
         if self.graph is None:
             self.inputs = [x.clone() for x in inputs]  # static input buffers: the graph reads these addresses
             side = torch.cuda.Stream()  # warm up off the current stream (what torch.cuda.graph expects), so lazy
             side.wait_stream(torch.cuda.current_stream())  # inits (cuBLAS workspaces, ...) are not captured
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.fn(*self.inputs)
+                    self.run(*self.inputs)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             # the pool: graphs run one at a time and their outputs are read before the next replay, so they can

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import beagle
+import bench
 import data
 import decode
 import llama
@@ -1535,9 +1536,9 @@ def decode_cfg(**kw):
 # -----------------------------------------------------------------------------
 # greedy speculative decoding == plain greedy decoding, token for token
 
-DECODE_SETTINGS = [  # (mode, depth, top_k, tree_tokens)
+DECODE_SETTINGS = [  # (mode, depth, top_k, tree_tokens); top-k 48: the whole vocabulary
     ("chain", 1, 0, 0), ("chain", 3, 0, 0), ("chain", 6, 0, 0),
-    ("tree", 1, 3, 3), ("tree", 2, 2, 3), ("tree", 4, 3, 10), ("tree", 5, 10, 60), ("tree", 3, 60, 200),
+    ("tree", 1, 3, 3), ("tree", 2, 2, 3), ("tree", 4, 3, 10), ("tree", 5, 10, 60), ("tree", 3, 48, 200),
 ]
 
 
@@ -1596,12 +1597,12 @@ def test_decode_draft_vocab_subset_is_lossless(decode_tiny):
     draft = copy.deepcopy(trained)
     draft.vocab = ranking
     with pytest.raises(BeagleError, match="token ranking"):
-        decode.set_draft_vocab(target, trained, 16)  # a draft without a ranking, asked explicitly
-    decode.set_draft_vocab(target, trained, 16, explicit=False)
+        trained.set_vocab(target, 16)  # a draft without a ranking, asked explicitly
+    trained.set_vocab(target, 16, explicit=False)
     assert trained.head is None  # ... or by default: the whole vocabulary
-    decode.set_draft_vocab(target, draft, 16)
+    draft.set_vocab(target, 16)
     hat = torch.randn(5, 64)
-    values, ids = decode.draft_top(target, draft, hat, 3)
+    values, ids = draft.top(target, hat, 3)
     assert set(ids.flatten().tolist()) <= set(ranking[:16].tolist())
     sub = target.output(hat)[:, ranking[:16]].log_softmax(-1)
     assert torch.allclose(values, sub.topk(3).values, atol=1e-5)
@@ -1614,7 +1615,7 @@ def test_decode_draft_vocab_subset_is_lossless(decode_tiny):
             assert r.tokens == want, (mode, depth, top_k, tree_tokens)
             accepted += r.accepted_lengths
     assert max(accepted) >= 2  # drafts from the subset do get accepted
-    decode.set_draft_vocab(target, draft, 0)
+    draft.set_vocab(target, 0)
     assert draft.head is None
 
 
@@ -1680,7 +1681,8 @@ def test_decode_draft_tree_equals_reference(decode_tiny, depth, top_k, keep):
         dcache = DraftCache(draft, n + 100)
         dcache.write(0, *draft.kv(h[:, :n], torch.arange(n)))
         dcache.write(n, torch.randn_like(dcache.k[:, :, :50]), torch.randn_like(dcache.v[:, :, :50]))  # stale junk
-        tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, n, x[0, n], depth, top_k, keep)
+        tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, torch.tensor([n]), x[0, n:n + 1], depth,
+                                                     top_k, keep)
         want = decode_ref_tree(target, draft, h, n, x[0, n].item(), depth, top_k, keep)
     assert (tokens.tolist(), parent.tolist(), dep.tolist()) == want
     # the ancestor mask from its definition: follow parent pointers
@@ -1706,10 +1708,11 @@ def test_decode_tree_selection_keeps_parents_on_ties():
         dcache = DraftCache(draft, 64)
         dcache.write(0, *draft.kv(torch.randn(1, 4, 64), torch.arange(4)))
         for keep in (1, 5, 9, 20):
-            tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, 4, torch.tensor(2), 3, 3, keep)
+            tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, torch.tensor([4]), torch.tensor([2]), 3,
+                                                         3, keep)
             assert all(p < i for i, p in enumerate(parent.tolist()) if i)  # parents kept and listed first
             assert dep.tolist() == sorted(dep.tolist())  # uniform: shallower nodes always score higher
-            again = decode.draft_tree(target, draft, dcache, 4, torch.tensor(2), 3, 3, keep)
+            again = decode.draft_tree(target, draft, dcache, torch.tensor([4]), torch.tensor([2]), 3, 3, keep)
             assert torch.equal(tokens, again[0]) and torch.equal(parent, again[1])
 
 
@@ -1735,7 +1738,9 @@ def test_decode_verification_logits_and_kv_compaction(decode_tiny, monkeypatch):
         root = logits[0, -1].argmax()
         moved = 0
         for _ in range(8):
-            new = decode.speculate(target, draft, cache, dcache, n, root, cfg)
+            found, _, _ = decode.iterate(target, draft, cache, dcache, cfg, torch.tensor([n]), root.view(1))
+            m, *found = found.tolist()
+            new = found[:m] + found[-1:]
             tokens, positions, mask, vlogits = calls[-1]
             parents = {}
             for i in range(1, tokens.shape[1]):  # parent = the deepest other visible tree node
@@ -1845,12 +1850,15 @@ def test_decode_accept_sampled_is_exact_per_node():
     p = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15], [0.2, 0.2, 0.2, 0.2, 0.2]])
     tokens, parent = torch.tensor([0, 3, 0, 1]), torch.tensor([0, 0, 0, 0])  # root's children: 3, 0, 1
     gen = torch.Generator().manual_seed(0)
-    counts = torch.zeros(5)
+    counts, biased = torch.zeros(5), torch.zeros(5)
     for _ in range(4000):
-        path, new = decode.accept_sampled(p[[0, 1, 1, 1]], tokens, parent, gen)
-        counts[new[0]] += 1
-        assert len(new) == len(path)  # accepted child (+ bonus) or the residual sample alone
+        u = torch.rand(4, generator=gen)  # depth 1 x top-k 3, + 1 for the bonus token
+        for c, v in ((counts, u), (biased, u * 0.7)):  # (a sampler that accepts the draft's tokens too often)
+            path, m, bonus = decode.accept_sampled(p[[0, 1, 1, 1]], tokens, parent, 1, 3, v)
+            c[tokens[path[1]] if m else bonus] += 1
+            assert path[0] == 0 and (path[1] > 0) == (m == 1)  # accepted child (then padding) or the root alone
     assert decode_tv(counts / 4000, p[0]) < 0.03
+    assert decode_tv(biased / 4000, p[0]) > 0.06  # the check sees a biased sampler
 
 
 # -----------------------------------------------------------------------------
@@ -1893,7 +1901,7 @@ def test_decode_real_shipped_draft(decode_real):
     ids = tok.chat([{"role": "user", "content": "Why is the sky blue?"}])
     want = generate_ar(target, ids, DecodeConfig(max_new_tokens=48), stop).tokens
     for (depth, top_k, tree_tokens), vocab in ((decode.CPU_TREE, decode.CPU_DRAFT_VOCAB), (decode.GPU_TREE, 0)):
-        decode.set_draft_vocab(target, draft, vocab)
+        draft.set_vocab(target, vocab)
         cfg = DecodeConfig(depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=48)
         r = generate_spec(target, draft, ids, cfg, stop)
         assert r.tokens == want, (depth, top_k, tree_tokens, vocab)
@@ -1933,10 +1941,10 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
         assert r["mode"] == "tree" and r["new_tokens"] == len(r["tokens"]) <= 8
         assert r["target_forwards"] == 1 + len(r["accepted_lengths"]) and r["tau"] >= 1
         assert r["text"] == tok.decode([t for t in r["tokens"] if t not in tok.stop_ids])
-    bench = tmp_path / "bench.jsonl"
-    bench.write_text(json.dumps({"category": "writing", "turns": ["Name a fruit.", "And a vegetable?"]}) + "\n"
-                     + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
-    decode.main(llama.cli(DecodeConfig, ["--bench", str(bench), "--draft", str(draft_path), "--mode", "chain",
+    questions = tmp_path / "bench.jsonl"
+    questions.write_text(json.dumps({"category": "writing", "turns": ["Name a fruit.", "And a vegetable?"]}) + "\n"
+                         + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
+    decode.main(llama.cli(DecodeConfig, ["--bench", str(questions), "--draft", str(draft_path), "--mode", "chain",
                                          "--depth", "2", "--max-new-tokens", "6", "--bench-out", str(tmp_path / "b")]))
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
@@ -1952,12 +1960,12 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
 
 
 def test_decode_mtbench_questions():
-    convs = decode.read_jsonl_or_lines(decode.mtbench_path())
+    convs = decode.read_jsonl_or_lines(bench.mtbench_path())
     assert len(convs) == 80 and all(len(turns) == 2 for turns, _ in convs)
     assert len({category for _, category in convs}) == 8
     for limit in (8, 20):  # --bench-limit: a subset with every category, equally often
-        assert Counter(category for _, category in decode.spread(convs, limit)).most_common()[-1][1] == limit // 8
-    assert decode.spread(convs, 0) == convs == decode.spread(convs, 100)
+        assert Counter(category for _, category in bench.spread(convs, limit)).most_common()[-1][1] == limit // 8
+    assert bench.spread(convs, 0) == convs == bench.spread(convs, 100)
 
 
 def test_decode_prompt_file_formats(tmp_path):
@@ -2002,7 +2010,7 @@ def test_decode_real_cli_subprocess_error_is_one_line(decode_real):
 
 
 # =====================================================================================================================
-# static-shape decoding steps (decode.py --cuda-graph): same tokens as the dynamic path, fixed shapes, no host reads
+# the static steps (decode.py; CUDA graphs on a GPU): one setting, one step, fixed shapes, no host reads
 # =====================================================================================================================
 
 def graph_tiny_target(vocab=48, seed=0):
@@ -2066,10 +2074,11 @@ def test_graph_static_equals_dynamic_tiny(graph_tiny):
             if temperature == 0:  # and speculative greedy still equals plain greedy
                 assert all(tokens == runs[True][0] for tokens, _ in runs[True][1:])
     assert 0 in accepted and max(accepted) >= 3  # rejections and deep acceptances (KV moves) happened
-    # one static bundle per (cache size, draft, tree, greedy or not), reused across answers: all fit in 512 slots
+    # one static bundle per setting (tree, draft, sampling), reused across answers: one cache size (the context),
+    # whatever the prompt; --cuda-graph changes nothing on the CPU
     store = target.decode_static
-    assert {key[0] for key in store if key != "pool"} == {512}
-    assert len(store) == 1 + 2 * 2 * len(GRAPH_SETTINGS)
+    assert {key[0] for key in store} == {target.args.max_seq_len}
+    assert len(store) == 2 + 2 * 2 * len(GRAPH_SETTINGS)
 
 
 def graph_calls(monkeypatch, obj, name):
@@ -2137,53 +2146,41 @@ def test_graph_steps_never_read_back_to_the_host(graph_tiny, monkeypatch):
     monkeypatch.setattr(Graphed, "__call__", guarded)
     with pytest.raises(pytest.fail.Exception, match="_local_scalar_dense"):  # the guard works
         Graphed(lambda x: x + x.item(), on=False)(torch.ones(1))
-    for mode in ("ar", "tree"):
-        cfg = DecodeConfig(mode=mode, depth=4, top_k=3, tree_tokens=10, max_new_tokens=20, cuda_graph=True)
-        steps.clear()
-        r = (generate_ar(target, prompts[2], cfg, set()) if mode == "ar" else
-             generate_spec(target, draft, prompts[2], cfg, set()))
-        assert len(steps) == (len(r.tokens) - 1 if mode == "ar" else len(r.accepted_lengths)) > 3
+    for mode in ("ar", "tree", "chain"):
+        for temperature in (0.0, 0.8):  # sampling runs inside the steps too
+            cfg = DecodeConfig(mode=mode, depth=4, top_k=3, tree_tokens=10, max_new_tokens=20, cuda_graph=True,
+                               temperature=temperature, top_p=0.9)
+            steps.clear()
+            r = (generate_ar(target, prompts[2], cfg, set()) if mode == "ar" else
+                 generate_spec(target, draft, prompts[2], cfg, set()))
+            assert len(steps) == (len(r.tokens) - 1 if mode == "ar" else len(r.accepted_lengths)) > 3
 
 
-def test_graph_masks_equal_dynamic_masks_on_live_slots(graph_tiny, monkeypatch):
-    """The static draft and verification masks (full cache width, built from n on the device) equal the dynamic
-    ones (as decode.py built them before: ones over the prefix, concatenated with the tree block) on the live
-    slots, and are False beyond; the trees and logits are the same."""
+def test_graph_masks_span_the_cache(graph_tiny, monkeypatch):
+    """The tree mask over the whole cache, built from n on the device: the prefix, then the tree block, then
+    nothing; the verification forward of an iteration reads exactly that mask over all L slots."""
     target, prompts, _, draft = graph_tiny
-    # tree_mask against its definition, for n as an int and as a device tensor
     anc = torch.rand(6, 6) < 0.5
     for n in (1, 7):
         want = torch.cat([torch.ones(6, n, dtype=torch.bool), anc], 1)
-        assert torch.equal(decode.tree_mask(anc, n, n + 6), want)
-        full = decode.tree_mask(anc, torch.tensor(n), 40)
+        full = decode.tree_mask(anc, torch.tensor([n]), 40)
         assert full.shape == (6, 40) and torch.equal(full[:, :n + 6], want) and not full[:, n + 6:].any()
     x = torch.tensor([prompts[2] + [3, 4, 5]])
-    with torch.no_grad():
-        _, h = target(x)
     n, L = x.shape[1] - 1, 64
-    att, fwd = graph_calls(monkeypatch, draft, "attend"), graph_calls(monkeypatch, target, "forward")
-    out = {}
-    for static in (False, True):
-        att.clear(), fwd.clear()
-        cache, dcache = KVCache(target.args, 1, L), DraftCache(draft, L)
-        with torch.no_grad():
-            target.forward(x[:, :n], torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
-            dcache.write(0, *draft.kv(h[:, :n], torch.arange(n)))
-            dcache.write(n, torch.randn(1, draft.n_kv_heads, 30, draft.head_dim), torch.randn(1, draft.n_kv_heads,
-                                                                                            30, draft.head_dim))
-            nn = torch.tensor(n) if static else n
-            out[static] = decode.propose(target, draft, cache, dcache, nn, x[0, n], 4, 3, 10)
-        out[static, "masks"] = [c[4] for c in att] + [fwd[-1][3]]
-    for a, b in zip(out[False][:4], out[True][:4]):  # tokens, parent, depth, anc
-        assert torch.equal(a, b)
-    torch.testing.assert_close(out[False][4], out[True][4], atol=1e-5, rtol=1e-5)  # verification logits
-    dyn, sta = out[False, "masks"], out[True, "masks"]
-    assert len(dyn) == len(sta) == 5  # 4 draft steps + the verification
-    for d, s in zip(dyn, sta):
-        d, s = d.reshape(-1, d.shape[-1]), s.reshape(-1, s.shape[-1])
-        assert s.shape[-1] == L and torch.equal(s[:, :d.shape[-1]], d) and not s[:, d.shape[-1]:].any()
-    T = out[False][0].shape[0]
-    assert torch.equal(dyn[-1], torch.cat([torch.ones(T, n, dtype=torch.bool), out[False][3]], 1))
+    fwd = graph_calls(monkeypatch, target, "forward")
+    cache, dcache = KVCache(target.args, 1, L), DraftCache(draft, L)
+    cfg = DecodeConfig(depth=4, top_k=3, tree_tokens=10)
+    with torch.no_grad():
+        _, h = target.forward(x[:, :n], torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
+        dcache.write(0, *draft.kv(h, torch.arange(n)))
+        dcache.write(n, torch.randn(1, draft.n_kv_heads, 30, draft.head_dim), torch.randn(1, draft.n_kv_heads,
+                                                                                        30, draft.head_dim))
+        tree = decode.draft_tree(target, draft, dcache, torch.tensor([n]), x[0, n:n + 1], 4, 3, 10)
+        decode.iterate(target, draft, cache, dcache, cfg, torch.tensor([n]), x[0, n:n + 1])
+    mask, T = fwd[-1][3], tree[0].shape[0]
+    assert torch.equal(fwd[-1][0], tree[0][None])  # the same tree (the stale scratch slots were not read)
+    assert mask.shape == (T, L) and torch.equal(mask, torch.cat([torch.ones(T, n, dtype=torch.bool), tree[3],
+                                                                 torch.zeros(T, L - n - T, dtype=torch.bool)], 1))
 
 
 class GraphFakeCuda:
@@ -2256,9 +2253,9 @@ def test_graph_graphed_helper_bookkeeping(monkeypatch):
 
 
 class GraphEager(Graphed):
-    """The static steps run eagerly, with CUDA's sync debug mode raising on any device->host synchronisation."""
+    """The steps run eagerly, with CUDA's sync debug mode raising on any device->host synchronisation."""
 
-    def __init__(self, fn, on, pool=None):
+    def __init__(self, fn, on, pool=None, compile=False, mode=None):
         super().__init__(fn, False, pool)
 
     def __call__(self, *inputs):
@@ -2271,16 +2268,17 @@ class GraphEager(Graphed):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run this on the GPU machine)")
 def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
-    """GPU only: the captured graphs give the tokens of the same static steps run eagerly (same kernels), and of
-    the dynamic path (fp32 tiny target); graphs are captured once and replayed across answers."""
+    """GPU only: the captured graphs (compiled or not) give the tokens of the same steps run eagerly, which never
+    synchronise (fp32 tiny target); graphs are captured once per setting and replayed across answers."""
     target = graph_tiny_target().cuda()
     draft = graph_draft(target).cuda()
     prompts = [[1, 2, 3], list(range(5, 25))]
     runs = {}
-    for name in ("dynamic", "eager static", "graphs"):
-        cfg = DecodeConfig(max_new_tokens=40, cuda_graph=name != "dynamic")
+    for name in ("eager", "graphs", "compiled graphs"):
+        cfg = DecodeConfig(max_new_tokens=40, cuda_graph=name != "eager", compile=name == "compiled graphs",
+                           compile_mode="default")
         with monkeypatch.context() as m:
-            if name == "eager static":  # the same static steps, never captured
+            if name == "eager":
                 m.setattr(decode, "Graphed", GraphEager)
             runs[name] = []
             for prompt in prompts:
@@ -2293,9 +2291,9 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
                         runs[name].append(generate_spec(target, draft, prompt, s, set(), gen()).tokens)
         store = target.__dict__.pop("decode_static", {})  # fresh caches and graphs for the next variant
         steps = [v[2] for k, v in store.items() if k != "pool"]
-        assert len(steps) == (0 if name == "dynamic" else 5)  # plain, (chain, tree) x (greedy, sampled): reused
-        assert all((s.graph is not None) == (name == "graphs") for s in steps)
-    assert runs["graphs"] == runs["eager static"] == runs["dynamic"]
+        assert len(steps) == 6  # plain, chain, tree, each greedy and sampled: reused across the prompts
+        assert all((s.graph is not None) == (name != "eager") for s in steps)
+    assert runs["graphs"] == runs["eager"] == runs["compiled graphs"]
 
 
 def test_graph_cli_flag():
@@ -2304,7 +2302,8 @@ def test_graph_cli_flag():
     cfg = llama.cli(DecodeConfig, ["--device", "cpu"])
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
-    assert cfg.cuda_graph is False
+    assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
+    assert llama.cli(DecodeConfig, ["--compile", "--compile-mode", "default"]).compile is True
 
 
 # -----------------------------------------------------------------------------
@@ -2808,3 +2807,130 @@ def test_selfgen_engine_cuda_graphs_replay_the_eager_steps(monkeypatch):
         steps = [s for k, v in model.generate_static.items() if len(k) == 3 for s in v.values()]
         assert any(s.graph is not None for s in steps) == graph
     assert runs[True] == runs[False] and runs[True][3] == runs[True][5] != runs[True][4]
+# ==== round 2: decode ====
+
+def test_decode_draw_follows_p_and_skips_zero_mass():
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(decode.draw(p.expand(20000, -1), u), minlength=6).double() / 20000
+    assert decode_tv(counts, p) < 0.015 and counts[[0, 2, 5]].sum() == 0
+    edges = decode.draw(p.expand(3, -1), torch.tensor([0.0, 0.5, 1 - 2 ** -24]))  # u = 0 and u -> 1
+    assert edges.tolist() == [1, 3, 4]
+    assert decode.draw(p * 7, torch.tensor(0.6)).item() == 3  # unnormalised: the same draw
+
+
+def test_decode_loop_detector():
+    loop = list(range(50)) + [7, 8, 9] * 30  # ends in a loop of period 3
+    assert bench.loops(loop, set()) and not bench.loops(loop + [99], {99})  # a stop token: the answer ended
+    assert bench.loops([5] * 64, set()) and not bench.loops([5] * 63, set())  # too short to tell
+    g = torch.Generator().manual_seed(0)
+    assert not bench.loops(torch.randint(0, 1000, (200,), generator=g).tolist(), set())
+    sentence = torch.randint(0, 1000, (bench.LOOP_PERIOD,), generator=g).tolist()
+    assert bench.loops(sentence * 5, set())  # the longest period detected...
+    assert not bench.loops((sentence + [1]) * 5, set())  # ...and one token longer: not a loop by the definition
+    noisy = [7, 8, 9] * 30
+    noisy[-10] = 1  # a break inside the tail
+    assert not bench.loops(noisy, set())
+
+
+def test_decode_bench_report_loops():
+    rec = lambda cat, acc, looping: dict(category=cat, plain_tokens=10, plain_seconds=1.0, tokens=10, seconds=0.5,
+                                         accepted=acc, identical=True, looping=looping, plain_looping=looping)
+    records = [rec("a", [1, 3], False), rec("a", [4, 4, 4], True), rec("b", [0], True)]
+    table, md = bench.bench_report(records, {}, 4)
+    assert table["a"]["looping"] == 0.5 and table["overall"]["looping"] == round(2 / 3, 3)
+    assert table["a"]["tau"] == 1 + 16 / 5 and table["a"]["tau_without_loops"] == 3.0
+    assert table["b"]["tau_without_loops"] is None and table["overall"]["tau_without_loops"] == 3.0
+    assert "| tau w/o loops |" in md and "| a | 2 |" in md and "| 50% | 3.0 |" in md
+
+
+def test_decode_head_is_part_of_the_step(decode_tiny, monkeypatch):
+    """A captured step must never replay with another head than it was captured with: a stand-in for Graphed
+    remembers the head at its first call ('capture') and checks it at every later one ('replay'); after set_vocab
+    a new step is made, and its proposals come from the new head only."""
+    target, prompts, _, trained = decode_tiny
+    draft = copy.deepcopy(trained)
+    draft.vocab = torch.randperm(48, generator=torch.Generator().manual_seed(3))
+
+    class Frozen(Graphed):
+        def __call__(self, *inputs):
+            self.head = getattr(self, "head", draft.head)
+            assert self.head is draft.head, "a step replayed with another head"
+            return super().__call__(*inputs)
+    monkeypatch.setattr(decode, "Graphed", Frozen)
+    fwd = graph_calls(monkeypatch, target, "forward")
+    cfg = decode_cfg(mode="tree", depth=3, top_k=3, tree_tokens=6, max_new_tokens=20)
+    want = generate_ar(target, prompts[1], cfg, set()).tokens
+    proposed = {}
+    for n in (0, 16, 8, 0):
+        draft.set_vocab(target, n)
+        fwd.clear()
+        assert generate_spec(target, draft, prompts[1], cfg, set()).tokens == want
+        proposed[n] = {t for c in fwd[1:] for t in c[0][0, 1:].tolist()}  # the verified draft tokens
+    assert proposed[16] <= set(draft.vocab[:16].tolist()) and proposed[8] <= set(draft.vocab[:8].tolist())
+    assert not proposed[0] <= set(draft.vocab[:16].tolist())  # the whole head proposes other tokens
+    keys = [k for k in target.decode_static if k[1] is not None and k[1][0] is draft]
+    assert len(keys) == 3  # full, 16, 8 (the full head again: the first step, which read the target's head)
+    with pytest.raises(BeagleError, match="--top-k 10 must be in \\[1, 5\\]"):
+        draft.set_vocab(target, 5)
+        generate_spec(target, draft, prompts[1], decode_cfg(top_k=10), set())
+
+
+def test_decode_warm_up_covers_the_timed_steps(decode_tiny, monkeypatch):
+    """After warm_up, answers of any prompt length make no new step and call none for the first time (capture,
+    compile), greedy and sampled, plain and speculative."""
+    target, prompts, _, draft = decode_tiny
+    made, first = [], []
+    init, call = Graphed.__init__, Graphed.__call__
+
+    def counting_init(self, *a, **k):
+        made.append(1)
+        init(self, *a, **k)
+
+    def counting_call(self, *inputs):
+        if not getattr(self, "called", False):
+            first.append(1)
+            self.called = True
+        return call(self, *inputs)
+    monkeypatch.setattr(Graphed, "__init__", counting_init)
+    monkeypatch.setattr(Graphed, "__call__", counting_call)
+    for temperature in (0.0, 0.9):
+        cfg = decode_cfg(mode="tree", depth=3, top_k=2, tree_tokens=4, temperature=temperature, max_len=200,
+                         seed=int(temperature > 0))
+        target.__dict__.pop("decode_static", None)
+        decode.warm_up(target, draft, prompts[0], cfg, ("ar", "tree", "chain"))
+        assert len(made) == len(first) == 3  # plain, tree and chain steps, each called
+        made.clear(), first.clear()
+        for prompt in prompts:
+            for mode in ("ar", "tree", "chain"):
+                decode.run(target, draft, prompt, cfg, {prompt[0]}, mode=mode)
+        assert not made and not first
+        assert {k[0] for k in target.decode_static} == {200}  # --max-len: one cache size
+    with pytest.raises(BeagleError, match="longer than the context"):
+        decode.run(target, draft, list(range(190)), cfg, set(), mode="ar")
+
+
+def test_decode_draft_vocab_larger_top_k_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(DECODE_HERE / "decode.py"), "--prompt", "hi", "--draft-vocab", "5",
+                        "--top-k", "10", "--device", "cpu"], capture_output=True, text=True, cwd=DECODE_HERE,
+                       timeout=300)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.strip() == "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)"
+
+
+def test_decode_slow_compiled_step_equals_eager(capsys):
+    """torch.compile (inductor, on the CPU here) of a speculative iteration: the same tokens as the eager step, and
+    one line on stderr with the time of the first compile. (A one-layer target: compiling takes a minute or two.)"""
+    torch.manual_seed(0)
+    target = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, hidden_dim=64,
+                                   max_seq_len=64)).eval()
+    draft = Beagle(DraftArgs.from_target(target.args)).eval()
+    runs = []
+    for compile in (False, True):
+        cfg = DecodeConfig(mode="chain", depth=2, max_new_tokens=12, compile=compile, compile_mode="default")
+        runs.append(generate_spec(target, draft, [1, 2, 3], cfg, set()))
+        runs.append(generate_spec(target, draft, [4, 5, 6, 7, 8], cfg, set()))  # replays what was compiled
+    assert [r.tokens for r in runs[:2]] == [r.tokens for r in runs[2:]]
+    assert [r.accepted_lengths for r in runs[:2]] == [r.accepted_lengths for r in runs[2:]]
+    err = capsys.readouterr().err.splitlines()
+    assert len([line for line in err if line.startswith("torch.compile (mode default): first call")]) == 1

