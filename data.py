@@ -19,7 +19,6 @@ Re-running the generator with the same --out continues the file up to --n, with 
 run would have written; under torchrun each rank makes every WORLD_SIZE-th batch and rank 0 writes the file. Conversations whose first user turn
 is an MT-bench question are dropped everywhere (loading and generation): MT-bench is our evaluation set.
 """
-import copy
 import glob
 import importlib.util
 import itertools
@@ -359,10 +358,8 @@ def _engine(model, B, S, setting, on, parent=None):
     if (B, S, setting) not in store:
         device, dtype = model.output.weight.device, model.output.weight.dtype
         if (B, S) not in store:
-            cache = copy.copy(parent["cache"]) if parent else None
-            if parent:  # (n_layers, B, Hkv, S, D) views: each layer's first B rows are one contiguous block
-                cache.k, cache.v = parent["cache"].k[:, :B], parent["cache"].v[:, :B]
-            store[B, S] = {"cache": cache or llama.KVCache(model.args, B, S, device, dtype),
+            cache = parent["cache"].rows(0, B) if parent else llama.KVCache(model.args, B, S, device, dtype)
+            store[B, S] = {"cache": cache,
                            "start": torch.zeros(B, dtype=torch.long, device=device),  # row b's first real slot
                            "base": torch.zeros(1, dtype=torch.long, device=device),  # L: the first new token's slot
                            "out": torch.zeros(B, S, dtype=torch.long, device=device),  # new tokens, column t
@@ -437,8 +434,7 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     live = torch.arange(L, device=device) >= bufs["start"][:, None]  # (B, L) False on left padding
     tokens, logits, rows_per = tokens.to(device), [], max(1, PREFILL_TOKENS // L)
     for a in range(0, B, rows_per):  # the prefill in groups of rows, each into its rows of the cache (a view)
-        part = copy.copy(bufs["cache"])
-        part.k, part.v = bufs["cache"].k[:, a:a + rows_per], bufs["cache"].v[:, a:a + rows_per]
+        part = bufs["cache"].rows(a, a + rows_per)
         mask = prefill_mask(live[a:a + rows_per])[:, None]  # (rows, 1, L, L)
         logits.append(model(tokens[a:a + rows_per], bufs["slots"][:L], part, mask, last_only=True)[0][:, -1])
     first = sample(torch.cat(logits), *setting, u=bufs["u"][0])
@@ -468,8 +464,7 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
                 keep = keep[:B2]
                 small, steps = _engine(model, B2, S, setting, on, parent=bufs)
                 for layer in range(model.args.n_layers):  # gather first, then copy: overlapping rows are safe
-                    small["cache"].k[layer].copy_(bufs["cache"].k[layer].index_select(0, keep))
-                    small["cache"].v[layer].copy_(bufs["cache"].v[layer].index_select(0, keep))
+                    small["cache"].kv[layer].copy_(bufs["cache"].kv[layer].index_select(0, keep))
                 for name in ("start", "done"):
                     small[name].copy_(bufs[name].index_select(0, keep))
                 small["out"].copy_(bufs["out"].index_select(0, keep))

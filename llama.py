@@ -246,6 +246,13 @@ class KVCache:
         self.kv[layer].index_copy_(2, slots, kv)
         return self.kv[layer]  # (B, 2 Hkv, L, D)
 
+    def rows(self, a, b):
+        """A cache over batch rows a..b-1 of this one, sharing its memory (each layer's rows are one block)."""
+        part = object.__new__(KVCache)
+        part.kv, part.max_len, Hkv = self.kv[:, a:b], self.max_len, self.k.shape[2]
+        part.k, part.v = part.kv[:, :, :Hkv], part.kv[:, :, Hkv:]
+        return part
+
     def move(self, src, dst):
         """Copy slots src (LongTensor) to dst, dst+1, ... (keeps an accepted tree path, dropping the rest). dst is an
         int or a 0-d LongTensor on the device (then no host sync: CUDA graphs)."""
