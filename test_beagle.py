@@ -894,9 +894,9 @@ def train_overfit(draft, target, stage, steps_sim, n_steps=60, k=3):
     losses = []
     for s in range(n_steps):
         offset = s % k
-        labels = train.label_positions(loss_mask, valid, k, offset)
+        plan = train.loss_plan(loss_mask, valid, k, offset, steps_sim, torch.device("cpu"))
         outs = model(emb, h + 0.01 * torch.randn_like(h), k, offset, steps_sim)
-        loss, ce, vl = train.draft_loss(target.output, outs, logits, h, labels, k, stage, 10.0)
+        loss, ce, vl = train.draft_loss(target.output, outs, h, plan, 10.0, chunk=16)
         assert math.isfinite(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -949,11 +949,12 @@ def test_train_loop_resume_stage2_init(tmp_path):
     for f in ("draft.safetensors", "state.pt", "train.csv", "eval.csv", "curves.png"):
         assert (out / f).stat().st_size > 0, f
     rows = (out / "eval.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3"
+    assert rows[0] == "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3,tau_chain,tau"
     # 3 steps an epoch: evaluated at every epoch's end (3, 6), every 5 steps (5) and at the end (7)
     assert [r.split(",")[:3] for r in rows[1:]] == [["3", "0", "1.0"], ["5", "1", "1.667"], ["6", "1", "2.0"],
                                                    ["7", "2", "2.333"]]
-    assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:])
+    assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:9])
+    assert float(rows[-1].split(",")[-1]) >= 1.0  # measured at the end: a tree decode's tau
     # stage 2 starts from the stage-1 draft: with lr 0 its weights are the checkpoint's, and it trains
     ckpt = str(out / "draft.safetensors")
     s2 = train.train(train_cfg(tmp_path, "s2", stage=2, init=ckpt, lr=0.0, max_steps=1), target, tok)
@@ -1401,17 +1402,21 @@ def test_data_cache_states_roundtrip(tmp_path):
     model = _data_tiny_target(260)
     ex = [(ids[1:], m[1:]) for ids, m in _data_examples(11)]
     ex = [([t % 260 for t in ids], m) for ids, m in ex]
-    data.cache_states(model, ex, str(tmp_path / "c"), batch_size=4, shard_bytes=2000)
+    data.cache_states(model, ex, str(tmp_path / "c"), shard_bytes=2000)
     states = data.CachedStates(str(tmp_path / "c"), ex)
     assert len(states.index["shards"]) > 1
     for i, (ids, _) in enumerate(ex):
         _, h = model(torch.tensor([ids]))
         x = states[i]
-        assert x.dtype == torch.float16 and x.shape == (len(ids), 64)
-        torch.testing.assert_close(x.float(), h[0].detach(), atol=2e-2, rtol=1e-2)
-    for (a, m, v), (a2, m2, v2, h) in zip(data.batches(ex, 4, seed=2), data.state_batches(ex, states, 4, seed=2)):
-        assert torch.equal(a, a2) and torch.equal(v, v2) and h.shape == (*a.shape, 64)
-        assert (h[~v] == 0).all() and (h[v].abs().sum(-1) > 0).all()
+        assert x.dtype == torch.float32 and x.shape == (len(ids), 64)  # the target's dtype
+        torch.testing.assert_close(x, h[0].detach(), atol=1e-5, rtol=1e-5)
+    disk, mem = data.StateCache(model, ex, "cpu", str(tmp_path / "c")), data.StateCache(model, ex, "cpu")
+    for idx in data.batch_plan([len(i) for i, _ in ex], 4, seed=2):
+        ids, _, v = data.collate([ex[i] for i in idx])
+        a, b = disk.batch(idx, ids.shape[1]), mem.batch(idx, ids.shape[1])
+        assert torch.equal(a, b) and a.shape == (*ids.shape, 64)
+        assert (a[~v] == 0).all()
+        torch.testing.assert_close(a[v], model(ids)[1][v].detach(), atol=1e-5, rtol=1e-5)
     with pytest.raises(BeagleError, match="other examples"):
         data.CachedStates(str(tmp_path / "c"), ex[:-1] + [([1, 2, 3], [True] * 3)])
     with pytest.raises(BeagleError, match="no complete state cache"):
