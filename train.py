@@ -98,9 +98,10 @@ class DraftStep(nn.Module):
         super().__init__()
         self.draft = draft
 
-    def forward(self, emb, states, window, offset, steps):
+    def forward(self, emb, states, window, offset, steps, queries=None):
         """emb (B, T, dim) query embeddings, states (B, T, dim) target states used as keys/values (noised when
         training). steps 0: stage 1, every query under the block mask. steps s >= 1: s simulation steps.
+        queries: stage 2's per-step query positions on the device (loss_plan has them), else made here.
         Returns [(idx (n,), hat_h (B, n, dim))] per step: the positions whose states were computed."""
         T, dev = emb.shape[1], emb.device
         pos = torch.arange(T, device=dev)
@@ -111,7 +112,8 @@ class DraftStep(nn.Module):
         wp = window_positions(T, window, offset)  # on the host: the index lists below need no device sync
         outs = []
         for m in range(1, steps + 1):
-            idx = to_device((wp == m).nonzero().squeeze(1), dev)  # queries at window position m: (n,)
+            # queries at window position m: (n,), found on the host (no device sync)
+            idx = queries[m - 1] if queries else to_device((wp == m).nonzero().squeeze(1), dev)
             mask = simulation_mask(T, window, offset, m, dev)[idx][None, None]  # (1, 1, n, 2T)
             hat = self.draft.attend(emb[:, idx], idx, torch.cat([k_true, k_buf], 2), torch.cat([v_true, v_buf], 2),
                                     mask)  # (B, n, dim)
@@ -142,10 +144,11 @@ def label_positions(loss_mask, valid, window, offset):
 
 def loss_plan(loss_mask, valid, window, offset, steps, device):
     """Which rows the loss reads, computed on the HOST from the batch's host masks (so the step needs no device
-    sync to select them). Per draft step m (stage 1: one group, all T queries): (rows (N,) into the step's
-    flattened (B * n, dim) outputs, hpos (N,) into the flattened (B * T, dim) target states, coef = beta_m /
-    (sum of beta over steps with rows * N)), so that sum_m coef_m * (sum of the step's per-row losses) is the
-    beta-weighted mean of the per-step means."""
+    sync to select them). Per draft step m (stage 1: one group, all T queries): (idx (n,) the step's query
+    positions (stage 1: None; DraftStep's `queries`), rows (N,) into the step's flattened (B * n, dim) outputs,
+    hpos (N,) into the flattened (B * T, dim) target states, coef = beta_m / (sum of beta over the steps with
+    rows * N)), so that sum_m coef_m * (sum of the step's per-row losses) is the beta-weighted mean of the
+    per-step means. The tensors are on `device`."""
     labels = label_positions(loss_mask, valid, window, offset)  # (B, T) host
     B, T = labels.shape
     if steps == 0:
@@ -156,10 +159,11 @@ def loss_plan(loss_mask, valid, window, offset, steps, device):
     parts = []
     for m, idx in enumerate(groups, 1):
         b, j = labels[:, idx].nonzero(as_tuple=True)  # host: the N trained (row, query) pairs
-        parts.append((b * len(idx) + j, b * T + idx[j], 1.0 if steps == 0 else float(window - m + 1)))
-    w_sum = sum(beta for rows, _, beta in parts if len(rows)) or 1.0
-    return [(to_device(rows, device), to_device(hpos, device), beta / (w_sum * max(len(rows), 1)))
-            for rows, hpos, beta in parts]
+        parts.append((None if steps == 0 else idx, b * len(idx) + j, b * T + idx[j],
+                      1.0 if steps == 0 else float(window - m + 1)))
+    w_sum = sum(beta for _, rows, _, beta in parts if len(rows)) or 1.0
+    return [(None if idx is None else to_device(idx, device), to_device(rows, device), to_device(hpos, device),
+             beta / (w_sum * max(len(rows), 1))) for idx, rows, hpos, beta in parts]
 
 
 class SoftCrossEntropy(torch.autograd.Function):
@@ -196,7 +200,7 @@ def draft_loss(output, outs, h, plan, vloss_weight, chunk=4096):
     device (reading them is a host sync; the training loop does it at log intervals only)."""
     hs = h.reshape(-1, h.shape[-1])  # (B * T, dim)
     total = ce_sum = vl_sum = 0.0
-    for (_, hat), (rows, hpos, coef) in zip(outs, plan):
+    for (_, hat), (_, rows, hpos, coef) in zip(outs, plan):
         hh, ht = hat.reshape(-1, hat.shape[-1])[rows], hs[hpos]  # (N, dim) gathers: fixed by the host plan
         ce = SoftCrossEntropy.apply(hh, ht, output.weight, chunk)
         vl = F.smooth_l1_loss(hh.float(), ht.float(), reduction="none").mean(-1).sum()
@@ -240,8 +244,8 @@ def evaluate(target, draft, examples, cfg, pad_id, device, amp):
         for offset in range(k):  # every offset: each position is scored at every draft step
             plan = loss_plan(loss_mask, valid, k, offset, k, device)
             with amp:
-                outs = step(emb, h, k, offset, k)
-            for m, ((_, hat), (rows, hpos, _)) in enumerate(zip(outs, plan)):
+                outs = step(emb, h, k, offset, k, [q for q, _, _, _ in plan])
+            for m, ((_, hat), (_, rows, hpos, _)) in enumerate(zip(outs, plan)):
                 got = greedy_tokens(target.output, hat.reshape(-1, hat.shape[-1])[rows].to(h.dtype), cfg.loss_chunk)
                 hits[m] += (got == want[hpos]).sum()
                 counts[m] += len(rows)
@@ -495,7 +499,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                 for group in opt.param_groups:
                     group["lr"] = lr
                 with amp:
-                    outs = model(emb, noisy, cfg.window, offset, steps)
+                    outs = model(emb, noisy, cfg.window, offset, steps, [q for q, _, _, _ in lp] if steps else None)
                     loss, ce, vl = draft_loss(target.output, outs, h, lp, cfg.vloss_weight, cfg.loss_chunk)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
@@ -593,7 +597,7 @@ def measure_memory(cfg, target, tokenizer, device):
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         with amp:
-            outs = model(emb, h, window, 0, s)
+            outs = model(emb, h, window, 0, s, [q for q, _, _, _ in plan] if s else None)
             layer = torch.cuda.memory_allocated(device) - base  # what the draft layer keeps for backward
             loss, _, _ = draft_loss(target.output, outs, h, plan, cfg.vloss_weight, cfg.loss_chunk)
         kept = torch.cuda.memory_allocated(device) - base  # ... plus what the loss keeps
