@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import data
 from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
-    simulation_mask, window_positions
+    simulation_mask, window_positions, window_start
 from llama import DTYPES, BeagleError, cli, device_and_dtype, load_target
 
 
@@ -62,7 +62,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit)
     batch_size: int = 16  # per process, in conversations (when --batch-tokens is 0)
     batch_tokens: int = 0  # N > 0: a batch holds as many length-grouped conversations as fit in N tokens incl. padding
-    loss_chunk: int = 4096  # rows of the LM head's (rows, V) logits at a time in the loss (memory, not the result)
+    loss_chunk: int = 1024  # rows of the LM head's (rows, V) logits at a time in the loss (memory, not the result)
     state_cache: str = ""  # "": the target's states online (one frozen forward a batch); "memory": computed once
     #                        into the training device's memory; DIR: once into shards on disk, read a batch at a time
     lr: float = 1e-4  # the paper's 3e-5 / 2000 warm-up steps are for 7B targets and 68K conversations
@@ -109,7 +109,7 @@ class DraftStep(nn.Module):
             return [(pos, self.draft(emb, pos, states, pos, block_mask(T, window, offset, dev)[None, None]))]
         k_true, v_true = self.draft.kv(states, pos)  # (B, Hkv, T, D), computed once for all steps
         k_buf, v_buf = torch.zeros_like(k_true), torch.zeros_like(v_true)  # draft-state keys, filled step by step
-        wp = window_positions(T, window, offset)  # on the host: the index lists below need no device sync
+        wp = None if queries else window_positions(T, window, offset)  # host: the index lists need no device sync
         outs = []
         for m in range(1, steps + 1):
             # queries at window position m: (n,), found on the host (no device sync)
@@ -138,7 +138,7 @@ def label_positions(loss_mask, valid, window, offset):
     T = loss_mask.shape[1]
     nxt = torch.zeros_like(loss_mask)
     nxt[:, :-1] = loss_mask[:, 1:] & valid[:, 1:]
-    seen = block_mask(T, window, offset, loss_mask.device).any(-1)  # (T,)
+    seen = window_start(T, window, offset, loss_mask.device) > 0  # (T,): = block_mask(...).any(-1), without (T, T)
     return nxt & valid & seen
 
 
@@ -180,7 +180,7 @@ class SoftCrossEntropy(torch.autograd.Function):
         for a in range(0, hat.shape[0], chunk):
             logq = F.linear(hat[a:a + chunk].to(weight.dtype), weight).float().log_softmax(-1)  # (c, V)
             p = F.linear(h[a:a + chunk].to(weight.dtype), weight).float().softmax(-1)  # (c, V)
-            total = total - (p * logq).sum()
+            total = total - (p[:, None, :] @ logq[:, :, None]).sum()  # row-wise sums of p log q: no (c, V) temporary
             if grad is not None:
                 grad[a:a + chunk] = (logq.exp_().sub_(p)).to(weight.dtype) @ weight  # (c, dim)
         ctx.save_for_backward(grad)
@@ -193,7 +193,7 @@ class SoftCrossEntropy(torch.autograd.Function):
         return (grad * g).to(ctx.hat_dtype), None, None, None
 
 
-def draft_loss(output, outs, h, plan, vloss_weight, chunk=4096):
+def draft_loss(output, outs, h, plan, vloss_weight, chunk=1024):
     """Soft cross-entropy of the draft vs the target distribution + vloss_weight * smooth-L1(hat_h, h) over the
     rows of `plan` (loss_plan), each step's mean weighted by its coef. output = the target's frozen LM head,
     h (B, T, dim) the target's states. Returns (loss, ce, vloss), ce and vloss detached: all three stay on the
@@ -210,7 +210,7 @@ def draft_loss(output, outs, h, plan, vloss_weight, chunk=4096):
 
 
 @torch.no_grad()
-def greedy_tokens(output, x, chunk=4096):
+def greedy_tokens(output, x, chunk=1024):
     """argmax of output(x) for x (N, dim), `chunk` rows at a time: (N,) long, no (N, V) tensor."""
     return torch.cat([output(x[a:a + chunk]).argmax(-1) for a in range(0, x.shape[0], chunk)] or
                      [torch.zeros(0, dtype=torch.long, device=x.device)])
@@ -437,9 +437,10 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
         if path and world > 1 and master:
             torch.distributed.barrier()
 
-    model = DraftStep(draft)
-    if cfg.compile:
+    model, target_forward = DraftStep(draft), target
+    if cfg.compile:  # the draft's step and the frozen forward; the chunked loss (a loop of matmuls) stays eager
         model = torch.compile(model, dynamic=True)
+        target_forward = torch.compile(target, dynamic=True)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     steps = 0 if cfg.stage == 1 else cfg.sim_steps
@@ -491,7 +492,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                     if cache is not None:
                         h = cache.batch(idx, ids.shape[1])  # (B, T, dim)
                     else:  # (B, T, dim): causal, so right padding changes nothing real; no (B, T, V) logits
-                        _, h = target(ids_d, last_only=True)
+                        _, h = target_forward(ids_d, last_only=True)
                     emb = target.tok_embeddings(ids_d)
                     noisy = h + cfg.noise * torch.randn(h.shape, generator=g, device=device, dtype=h.dtype)
                 lp = loss_plan(loss_mask, valid, cfg.window, offset, steps, device)
