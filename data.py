@@ -10,6 +10,7 @@ Used from train.py:
     examples = tokenize_all(tokenizer, convs, max_len=2048)   # [(ids, loss_mask)]
     train, held_out = split(examples, eval_frac=0.02, seed=0)
     for ids, loss_mask, valid in batches(train, 16, seed=0, epoch=e, skip=k): ...   # skip = resume mid-epoch
+    batches(train, 0, seed=0, epoch=e, batch_tokens=65536)    # as many conversations as fit in 65536 tokens
 
 The target's states once per dataset instead of a frozen forward per batch (train.py --state-cache):
     cache = StateCache(target, train, device)                 # or StateCache(target, train, device, "cache/")

@@ -166,23 +166,34 @@ def loss_plan(loss_mask, valid, window, offset, steps, device):
              beta / (w_sum * max(len(rows), 1))) for idx, rows, hpos, beta in parts]
 
 
+def soft_ce_chunk(lq, lp):
+    """lq, lp (c, V) draft / target logits -> (sum over the c rows of CE(p, q), dCE/dlq = q - p in lq's dtype).
+    The softmaxes read the logits in their own dtype and compute in fp32 (no separate fp32 copy of them)."""
+    logq = F.log_softmax(lq, -1, dtype=torch.float32)  # (c, V)
+    p = F.softmax(lp, -1, dtype=torch.float32)
+    ce = -(p[:, None, :] @ logq[:, :, None]).sum()  # row-wise sums of p log q: no (c, V) temporary
+    return ce, logq.exp_().sub_(p).to(lq.dtype)  # in place: q - p (p sums to 1)
+
+
 class SoftCrossEntropy(torch.autograd.Function):
     """sum over rows i of CE(p_i, q_i) = -sum_v p_iv log q_iv, q = softmax(W hat_i) (the draft), p = softmax(W h_i)
     (the target: h is what its LM head reads, so its logits need not be kept), W (V, dim) the frozen LM head.
-    Rows are taken `chunk` at a time, so no (N, V) tensor ever exists: the gradient w.r.t. hat, (q - p) W per row
-    (p sums to 1), is computed in the same pass, chunk by chunk, and kept as (N, dim) for backward, which only
-    scales it. Nothing is recomputed, and the LM head runs three times per row (draft, target, gradient)."""
+    Rows are taken `chunk` at a time, so no (N, V) tensor ever exists: the gradient w.r.t. hat, (q - p) W per row,
+    is computed in the same pass, chunk by chunk, and kept as (N, dim) for backward, which only scales it.
+    Nothing is recomputed, and the LM head runs three times per row (draft, target, gradient). chunk_fn: the
+    per-chunk math (soft_ce_chunk, or a torch.compile of it that fuses its elementwise passes)."""
 
     @staticmethod
-    def forward(ctx, hat, h, weight, chunk):
+    def forward(ctx, hat, h, weight, chunk, chunk_fn=soft_ce_chunk):
         grad = torch.zeros_like(hat, dtype=torch.float32) if hat.requires_grad else None  # (N, dim)
         total = torch.zeros((), dtype=torch.float32, device=hat.device)
         for a in range(0, hat.shape[0], chunk):
-            logq = F.linear(hat[a:a + chunk].to(weight.dtype), weight).float().log_softmax(-1)  # (c, V)
-            p = F.linear(h[a:a + chunk].to(weight.dtype), weight).float().softmax(-1)  # (c, V)
-            total = total - (p[:, None, :] @ logq[:, :, None]).sum()  # row-wise sums of p log q: no (c, V) temporary
+            lq = F.linear(hat[a:a + chunk].to(weight.dtype), weight)  # (c, V) in the head's (autocast) dtype
+            lp = F.linear(h[a:a + chunk].to(weight.dtype), weight)
+            ce, g = chunk_fn(lq, lp)
+            total = total + ce
             if grad is not None:
-                grad[a:a + chunk] = (logq.exp_().sub_(p)).to(weight.dtype) @ weight  # (c, dim)
+                grad[a:a + chunk] = g.to(weight.dtype) @ weight  # (c, dim)
         ctx.save_for_backward(grad)
         ctx.hat_dtype = hat.dtype
         return total
@@ -190,10 +201,10 @@ class SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         grad, = ctx.saved_tensors
-        return (grad * g).to(ctx.hat_dtype), None, None, None
+        return (grad * g).to(ctx.hat_dtype), None, None, None, None
 
 
-def draft_loss(output, outs, h, plan, vloss_weight, chunk=1024):
+def draft_loss(output, outs, h, plan, vloss_weight, chunk=1024, chunk_fn=soft_ce_chunk):
     """Soft cross-entropy of the draft vs the target distribution + vloss_weight * smooth-L1(hat_h, h) over the
     rows of `plan` (loss_plan), each step's mean weighted by its coef. output = the target's frozen LM head,
     h (B, T, dim) the target's states. Returns (loss, ce, vloss), ce and vloss detached: all three stay on the
@@ -202,7 +213,7 @@ def draft_loss(output, outs, h, plan, vloss_weight, chunk=1024):
     total = ce_sum = vl_sum = 0.0
     for (_, hat), (_, rows, hpos, coef) in zip(outs, plan):
         hh, ht = hat.reshape(-1, hat.shape[-1])[rows], hs[hpos]  # (N, dim) gathers: fixed by the host plan
-        ce = SoftCrossEntropy.apply(hh, ht, output.weight, chunk)
+        ce = SoftCrossEntropy.apply(hh, ht, output.weight, chunk, chunk_fn)
         vl = F.smooth_l1_loss(hh.float(), ht.float(), reduction="none").mean(-1).sum()
         total, ce_sum, vl_sum = total + coef * (ce + vloss_weight * vl), ce_sum + coef * ce.detach(), \
             vl_sum + coef * vl.detach()
@@ -363,6 +374,19 @@ def check_config(cfg):
         print("warning: stage 2 without --init starts from a random draft (the paper starts from stage 1)")
 
 
+def stopping(stop, step, cfg, world, device):
+    """Whether to checkpoint and exit now. One process: right after the step a signal arrived in. DDP: the ranks
+    agree at log intervals only (one all-reduce, a host sync, where the log line syncs anyway), so all of them
+    stop after the same step, whichever got the signal."""
+    if world == 1:
+        return bool(stop)
+    if step % cfg.log_interval:
+        return False
+    flag = torch.tensor([float(bool(stop))], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
 def first_prompts(examples, n):
     """The first user turn of up to n conversations, as the chat template renders it up to the assistant's
     first token (the tokens before the first loss label)."""
@@ -437,10 +461,11 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
         if path and world > 1 and master:
             torch.distributed.barrier()
 
-    model, target_forward = DraftStep(draft), target
-    if cfg.compile:  # the draft's step and the frozen forward; the chunked loss (a loop of matmuls) stays eager
+    model, target_forward, chunk_fn = DraftStep(draft), target, soft_ce_chunk
+    if cfg.compile:  # the draft's step, the frozen forward and the loss's per-chunk math (its loop stays eager)
         model = torch.compile(model, dynamic=True)
         target_forward = torch.compile(target, dynamic=True)
+        chunk_fn = torch.compile(soft_ce_chunk, dynamic=True)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     steps = 0 if cfg.stage == 1 else cfg.sim_steps
@@ -468,12 +493,11 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
         torch.cuda.reset_peak_memory_stats(device)
     stop = []  # a signal's name, once one arrived: finish the step, checkpoint, exit
     handlers = {}
-    if master or world == 1:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                handlers[sig] = signal.signal(sig, lambda n, _: stop.append(signal.Signals(n).name))
-            except ValueError:  # not the main thread: no handlers
-                pass
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, lambda n, _: stop.append(signal.Signals(n).name))
+        except ValueError:  # not the main thread: no handlers
+            pass
     n_evals, acc, last = step // cfg.eval_interval, [], None
     zero = lambda: torch.zeros(3, device=device)
     t0, tokens, sums, n_sum, saved_at = time.time(), 0, zero(), 0, time.time()
@@ -501,7 +525,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                     group["lr"] = lr
                 with amp:
                     outs = model(emb, noisy, cfg.window, offset, steps, [q for q, _, _, _ in lp] if steps else None)
-                    loss, ce, vl = draft_loss(target.output, outs, h, lp, cfg.vloss_weight, cfg.loss_chunk)
+                    loss, ce, vl = draft_loss(target.output, outs, h, lp, cfg.vloss_weight, cfg.loss_chunk, chunk_fn)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
                 opt.step()
@@ -547,7 +571,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                 elif master and cfg.save_minutes > 0 and time.time() - saved_at >= 60 * cfg.save_minutes:
                     save_checkpoint(cfg, draft, target, opt, step, epoch, batch)
                     saved_at = time.time()
-                if stop:
+                if stopping(stop, step, cfg, world, device):
                     if master:
                         save_checkpoint(cfg, draft, target, opt, step, epoch, batch)
                     raise Interrupted(f"{stop[0]} at step {step}: checkpoint in {cfg.out} (--resume continues)")
