@@ -11,9 +11,11 @@ Used from train.py:
     examples = tokenize_all(tokenizer, convs, max_len=2048)   # [(ids, loss_mask)]
     train, held_out = split(examples, eval_frac=0.02, seed=0)
     for ids, loss_mask, valid in batches(train, 16, seed=0, epoch=e, skip=k): ...   # skip = resume mid-epoch
+    batches(train, 0, seed=0, epoch=e, batch_tokens=65536)    # as many conversations as fit in 65536 tokens
 
-Targets too large to run beside training: cache_states(target, examples, "cache/") once, then
-state_batches(examples, CachedStates("cache/", examples), 16, ...) yields the same batches plus h (B, T, dim).
+The target's states once per dataset instead of a frozen forward per batch (train.py --state-cache):
+    cache = StateCache(target, train, device)                 # or StateCache(target, train, device, "cache/")
+    h = cache.batch(plan_indices, T)                          # (B, T, dim), as target(collate(...)) gives
 
 Re-running the generator with the same --out continues the file up to --n, with the conversations an uninterrupted
 run would have written; under torchrun each rank makes every WORLD_SIZE-th batch and rank 0 writes the file. Conversations whose first user turn
@@ -275,20 +277,39 @@ def split(examples, eval_frac, seed=0, min_eval=1):
     return [examples[i] for i in sorted(order[n_eval:])], [examples[i] for i in sorted(order[:n_eval])]
 
 
-def batch_plan(lengths, batch_size, shuffle=True, seed=0, epoch=0, chunk=64):
+def batch_plan(lengths, batch_size, shuffle=True, seed=0, epoch=0, chunk=64, batch_tokens=0):
     """Lists of example indices, each index once. Shuffle, sort by length inside chunks of chunk*batch_size
-    examples (similar lengths share a batch: little padding), cut into batches, shuffle the batch order."""
+    examples (similar lengths share a batch: little padding), cut into batches, shuffle the batch order.
+    batch_tokens > 0: cut instead into batches of as many examples as fit in batch_tokens tokens, padding
+    included (count * longest <= batch_tokens; an example longer than that alone), chunks of about 64 such batches."""
     order = list(range(len(lengths)))
-    if not shuffle:
+    if not shuffle and not batch_tokens:
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng = random.Random(seed * 1_000_003 + epoch)
-    rng.shuffle(order)
-    size = chunk * batch_size
+    if shuffle:
+        rng.shuffle(order)
+    if batch_tokens:
+        mean = max(1, sum(lengths) // max(1, len(lengths)))
+        size = chunk * max(1, batch_tokens // mean) if shuffle else len(order)
+    else:
+        size = chunk * batch_size
     plan = []
     for c in range(0, len(order), size):
-        part = sorted(order[c:c + size], key=lambda i: lengths[i])
-        plan += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
-    rng.shuffle(plan)
+        part = sorted(order[c:c + size], key=lambda i: lengths[i]) if shuffle else order[c:c + size]
+        if not batch_tokens:
+            plan += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+            continue
+        cur, longest = [], 0
+        for i in part:
+            if cur and (len(cur) + 1) * max(longest, lengths[i]) > batch_tokens:
+                plan.append(cur)
+                cur, longest = [], 0
+            cur.append(i)
+            longest = max(longest, lengths[i])
+        if cur:
+            plan.append(cur)
+    if shuffle:
+        rng.shuffle(plan)
     return plan
 
 
@@ -305,10 +326,10 @@ def collate(examples, pad_id=0):
     return ids, loss_mask, valid
 
 
-def batches(examples, batch_size, shuffle=True, seed=0, epoch=0, pad_id=0, skip=0):
+def batches(examples, batch_size, shuffle=True, seed=0, epoch=0, pad_id=0, skip=0, batch_tokens=0):
     """Yields (ids, loss_mask, valid) for one epoch; skip=k starts at the epoch's batch k without touching the
     first k (len(batch_plan(...)) batches per epoch)."""
-    plan = batch_plan([len(ids) for ids, _ in examples], batch_size, shuffle, seed, epoch)
+    plan = batch_plan([len(ids) for ids, _ in examples], batch_size, shuffle, seed, epoch, batch_tokens=batch_tokens)
     for idx in plan[skip:]:
         yield collate([examples[i] for i in idx], pad_id)
 
@@ -717,17 +738,29 @@ def generate_conversations(cfg, model, tokenizer, verbose=True, rank=0, world=1)
 
 
 # -----------------------------------------------------------------------------
-# optional offline cache of target states (for targets too big to run beside training): fp16 safetensors shards
+# the frozen target's states h, computed once per dataset (train.py --state-cache): in the target's own dtype, so
+# a cached state is the state an online forward would give (up to the kernels' batch-shape-dependent rounding)
 
 
-@torch.inference_mode()
-def cache_states(target, examples, path, dtype=torch.float16, batch_size=8, shard_bytes=1 << 30):
-    """Writes h (T, dim), the target's post-norm states, of every example to path/states-XXXXX.safetensors and
-    path/index.json (written last: a cache without an index is incomplete). Right padding is harmless here:
-    with causal attention a real position never sees the pads after it."""
-    os.makedirs(path, exist_ok=True)
+@torch.no_grad()
+def target_states(target, examples, batch_tokens=1 << 15):
+    """Yields (example index, h (T_i, dim)) for every example, from length-sorted batches of <= batch_tokens
+    tokens. Right padding is harmless: with causal attention a real position never sees the pads after it."""
     device = target.output.weight.device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    lengths = [len(ids) for ids, _ in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])  # little padding
+    for idx in batch_plan([lengths[i] for i in order], 1, False, batch_tokens=batch_tokens):
+        idx = [order[j] for j in idx]
+        ids, _, _ = collate([examples[i] for i in idx])
+        _, h = target(ids.to(device), last_only=True)  # (B, T, dim); the logits are not needed
+        for b, i in enumerate(idx):
+            yield i, h[b, :lengths[i]]
+
+
+def cache_states(target, examples, path, shard_bytes=1 << 30):
+    """Writes h of every example to path/states-XXXXX.safetensors and path/index.json (written last: a cache
+    without an index is incomplete)."""
+    os.makedirs(path, exist_ok=True)
     where, shards, buf, size = [None] * len(examples), [], {}, 0
 
     def flush():
@@ -737,27 +770,24 @@ def cache_states(target, examples, path, dtype=torch.float16, batch_size=8, shar
         shards.append(name)
         buf, size = {}, 0
 
-    for c in range(0, len(order), batch_size):
-        idx = order[c:c + batch_size]
-        ids, _, _ = collate([examples[i] for i in idx])
-        _, h = target(ids.to(device))  # (B, T, dim)
-        for b, i in enumerate(idx):
-            buf[str(i)] = h[b, :len(examples[i][0])].to(dtype).cpu().contiguous()
-            size += buf[str(i)].nbytes
-            where[i] = [len(shards), len(examples[i][0]), zlib.crc32(json.dumps(examples[i][0]).encode())]
+    for i, h in target_states(target, examples):
+        buf[str(i)] = h.cpu().contiguous()
+        size += buf[str(i)].nbytes
+        where[i] = [len(shards), len(examples[i][0]), zlib.crc32(json.dumps(examples[i][0]).encode())]
         if size >= shard_bytes:
             flush()
     if buf:
         flush()
-    index = {"dim": target.args.dim, "dtype": str(dtype).removeprefix("torch."), "shards": shards,
-             "examples": where}
+    index = {"dim": target.args.dim, "dtype": str(target.output.weight.dtype).removeprefix("torch."),
+             "shards": shards, "examples": where}
     with open(os.path.join(path, "index.json.tmp"), "w") as f:
         json.dump(index, f)
     os.replace(os.path.join(path, "index.json.tmp"), os.path.join(path, "index.json"))
 
 
 class CachedStates:
-    """states[i] -> h (T_i, dim) of examples[i], checked against the examples the cache was written for."""
+    """states[i] -> h (T_i, dim) of examples[i] from a cache_states directory, checked against the examples the
+    cache was written for."""
 
     def __init__(self, path, examples):
         try:
@@ -778,16 +808,43 @@ class CachedStates:
         return self.files[s].get_tensor(str(i))
 
 
-def state_batches(examples, states, batch_size, shuffle=True, seed=0, epoch=0, pad_id=0, skip=0):
-    """batches() plus the cached states: yields (ids, loss_mask, valid, h (B, T, dim) float, zero on padding)."""
-    plan = batch_plan([len(ids) for ids, _ in examples], batch_size, shuffle, seed, epoch)
-    for idx in plan[skip:]:
-        ids, loss_mask, valid = collate([examples[i] for i in idx], pad_id)
-        h = torch.zeros(*ids.shape, states.index["dim"])
+class StateCache:
+    """The target's states of `examples`, batch by batch: cache.batch(idx, T) -> h (B, T, dim) for the examples
+    idx right-padded to T (zero on padding), as target(collate(...)) would give. path None: all states in one
+    flat (1 + sum T_i, dim) tensor on `device` (row 0 is the zero row padding reads), gathered with one index per
+    batch; path DIR: shards on disk (written there once, reused when they match the examples), read per batch."""
+
+    def __init__(self, target, examples, device, path=None):
+        self.device, self.dim = torch.device(device), target.args.dim
+        self.lengths = [len(ids) for ids, _ in examples]
+        if path is None:
+            self.start = [0] * len(examples)
+            self.flat = torch.zeros(1 + sum(self.lengths), self.dim, dtype=target.output.weight.dtype,
+                                    device=self.device)
+            at = 1
+            for i, h in target_states(target, examples):  # sorted by length, not in example order
+                self.start[i] = at
+                self.flat[at:at + len(h)] = h.to(self.device)
+                at += len(h)
+            self.disk = None
+        else:
+            if not os.path.exists(os.path.join(path, "index.json")):
+                cache_states(target, examples, path)
+            self.disk = CachedStates(path, examples)
+            self.dtype = getattr(torch, self.disk.index["dtype"])
+
+    def batch(self, idx, T):
+        if self.disk is None:
+            rows = torch.zeros(len(idx), T, dtype=torch.long)  # (B, T) into flat; 0 = the zero row
+            for b, i in enumerate(idx):
+                rows[b, :self.lengths[i]] = torch.arange(self.start[i], self.start[i] + self.lengths[i])
+            if self.device.type == "cuda":
+                rows = rows.pin_memory().to(self.device, non_blocking=True)
+            return self.flat[rows]
+        h = torch.zeros(len(idx), T, self.dim, dtype=self.dtype)
         for b, i in enumerate(idx):
-            x = states[i]
-            h[b, :len(x)] = x.float()
-        yield ids, loss_mask, valid, h
+            h[b, :self.lengths[i]] = self.disk[i]
+        return h.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else h
 
 
 # -----------------------------------------------------------------------------

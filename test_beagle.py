@@ -11,10 +11,12 @@ transformers is a test-only dependency: our model, tokenizer, chat template and 
 import copy
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -899,9 +901,9 @@ def train_overfit(draft, target, stage, steps_sim, n_steps=60, k=3):
     losses = []
     for s in range(n_steps):
         offset = s % k
-        labels = train.label_positions(loss_mask, valid, k, offset)
+        plan = train.loss_plan(loss_mask, valid, k, offset, steps_sim, torch.device("cpu"))
         outs = model(emb, h + 0.01 * torch.randn_like(h), k, offset, steps_sim)
-        loss, ce, vl = train.draft_loss(target.output, outs, logits, h, labels, k, stage, 10.0)
+        loss, ce, vl = train.draft_loss(target.output, outs, h, plan, 10.0, chunk=16)
         assert math.isfinite(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -954,11 +956,12 @@ def test_train_loop_resume_stage2_init(tmp_path):
     for f in ("draft.safetensors", "state.pt", "train.csv", "eval.csv", "curves.png"):
         assert (out / f).stat().st_size > 0, f
     rows = (out / "eval.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3"
+    assert rows[0] == "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3,tau_chain,tau"
     # 3 steps an epoch: evaluated at every epoch's end (3, 6), every 5 steps (5) and at the end (7)
     assert [r.split(",")[:3] for r in rows[1:]] == [["3", "0", "1.0"], ["5", "1", "1.667"], ["6", "1", "2.0"],
                                                    ["7", "2", "2.333"]]
-    assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:])
+    assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:9])
+    assert float(rows[-1].split(",")[-1]) >= 1.0  # measured at the end: a tree decode's tau
     # stage 2 starts from the stage-1 draft: with lr 0 its weights are the checkpoint's, and it trains
     ckpt = str(out / "draft.safetensors")
     s2 = train.train(train_cfg(tmp_path, "s2", stage=2, init=ckpt, lr=0.0, max_steps=1), target, tok)
@@ -1409,17 +1412,21 @@ def test_data_cache_states_roundtrip(tmp_path):
     model = _data_tiny_target(260)
     ex = [(ids[1:], m[1:]) for ids, m in _data_examples(11)]
     ex = [([t % 260 for t in ids], m) for ids, m in ex]
-    data.cache_states(model, ex, str(tmp_path / "c"), batch_size=4, shard_bytes=2000)
+    data.cache_states(model, ex, str(tmp_path / "c"), shard_bytes=2000)
     states = data.CachedStates(str(tmp_path / "c"), ex)
     assert len(states.index["shards"]) > 1
     for i, (ids, _) in enumerate(ex):
         _, h = model(torch.tensor([ids]))
         x = states[i]
-        assert x.dtype == torch.float16 and x.shape == (len(ids), 64)
-        torch.testing.assert_close(x.float(), h[0].detach(), atol=2e-2, rtol=1e-2)
-    for (a, m, v), (a2, m2, v2, h) in zip(data.batches(ex, 4, seed=2), data.state_batches(ex, states, 4, seed=2)):
-        assert torch.equal(a, a2) and torch.equal(v, v2) and h.shape == (*a.shape, 64)
-        assert (h[~v] == 0).all() and (h[v].abs().sum(-1) > 0).all()
+        assert x.dtype == torch.float32 and x.shape == (len(ids), 64)  # the target's dtype
+        torch.testing.assert_close(x, h[0].detach(), atol=1e-5, rtol=1e-5)
+    disk, mem = data.StateCache(model, ex, "cpu", str(tmp_path / "c")), data.StateCache(model, ex, "cpu")
+    for idx in data.batch_plan([len(i) for i, _ in ex], 4, seed=2):
+        ids, _, v = data.collate([ex[i] for i in idx])
+        a, b = disk.batch(idx, ids.shape[1]), mem.batch(idx, ids.shape[1])
+        assert torch.equal(a, b) and a.shape == (*ids.shape, 64)
+        assert (a[~v] == 0).all()
+        torch.testing.assert_close(a[v], model(ids)[1][v].detach(), atol=1e-5, rtol=1e-5)
     with pytest.raises(BeagleError, match="other examples"):
         data.CachedStates(str(tmp_path / "c"), ex[:-1] + [([1, 2, 3], [True] * 3)])
     with pytest.raises(BeagleError, match="no complete state cache"):
@@ -2934,3 +2941,205 @@ def test_decode_slow_compiled_step_equals_eager(capsys):
     assert [r.accepted_lengths for r in runs[:2]] == [r.accepted_lengths for r in runs[2:]]
     err = capsys.readouterr().err.splitlines()
     assert len([line for line in err if line.startswith("torch.compile (mode default): first call")]) == 1
+# ==== round 2: training ====
+# the chunked loss from h, host-side loss plans, token-budget batches, the state cache, tau, run-dir safety
+
+def t2_reference_loss(output, outs, logits, h, labels, window, stage, vloss_weight):
+    """The loss written the plain way: (N, V) target logits kept, every trained row at once."""
+    total, w_sum = 0.0, 0.0
+    for m, (idx, hat) in enumerate(outs, 1):
+        b, j = labels[:, idx].nonzero(as_tuple=True)
+        if len(b) == 0:
+            continue
+        hh = hat[b, j]
+        logq = output(hh).float().log_softmax(-1)
+        p = logits[b, idx[j]].float().softmax(-1)
+        ce = -(p * logq).sum(-1).mean()
+        vl = F.smooth_l1_loss(hh.float(), h[b, idx[j]].float(), reduction="none").mean(-1).mean()
+        w = 1.0 if stage == 1 else float(window - m + 1)
+        total, w_sum = total + w * (ce + vloss_weight * vl), w_sum + w
+    return total / (w_sum or 1.0)
+
+
+@pytest.mark.parametrize("stage,steps", [(1, 0), (2, 3)])
+def test_train_r2_chunked_loss_equals_reference_and_gradients(stage, steps):
+    target = train_tiny_target()
+    with torch.no_grad():
+        target.output.weight.mul_(5)  # peaked targets: the two cross-entropy terms differ clearly
+    torch.manual_seed(1)
+    draft = Beagle(DraftArgs.from_target(target.args))
+    ids, loss_mask, valid = train_fixed_batch(target)
+    loss_mask[0, :7] = False  # a user turn: no labels there
+    k, offset = 3, 1
+    with torch.no_grad():
+        logits, h = target(ids)
+        emb = target.tok_embeddings(ids)
+    model = train.DraftStep(draft)
+    grads = []
+    for chunked in (False, True):
+        outs = model(emb, h, k, offset, steps)
+        if chunked:
+            plan = train.loss_plan(loss_mask, valid, k, offset, steps, torch.device("cpu"))
+            loss, ce, vl = train.draft_loss(target.output, outs, h, plan, 10.0, chunk=5)  # uneven chunks
+            assert not ce.requires_grad and torch.allclose(loss, ce + 10.0 * vl, atol=1e-5)
+        else:
+            loss = t2_reference_loss(target.output, outs, logits, h,
+                                     train.label_positions(loss_mask, valid, k, offset), k, stage, 10.0)
+        draft.zero_grad()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in draft.parameters()]))
+    (ref, g_ref), (got, g_got) = grads
+    assert torch.allclose(ref, got, rtol=1e-5, atol=1e-6), (ref, got)
+    for a, b in zip(g_ref, g_got):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert any(a.abs().sum() > 0 for a in g_got)
+
+
+def test_train_r2_draft_loss_by_hand():
+    """V = 3, dim = 2, one trained row: hat = (0, 0) gives q uniform; h = (ln 2, 0) gives target logits
+    (ln 2, 0, ln 2), p = (2, 1, 2) / 5, so CE = log 3 and smooth-L1 = mean(0.5 * (ln 2)^2, 0)."""
+    head = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    hat = torch.zeros(1, 2, 2, requires_grad=True)  # (B, T, dim); only row 1 is trained
+    h = torch.tensor([[[5.0, 5.0], [math.log(2), 0.0]]])
+    plan = [(None, torch.tensor([1]), torch.tensor([1]), 1.0)]
+    loss, ce, vl = train.draft_loss(head, [(torch.arange(2), hat)], h, plan, 10.0, chunk=1)
+    assert math.isclose(ce.item(), math.log(3), rel_tol=1e-6)
+    assert math.isclose(vl.item(), 0.25 * math.log(2) ** 2, rel_tol=1e-6)
+    assert math.isclose(loss.item(), math.log(3) + 2.5 * math.log(2) ** 2, rel_tol=1e-6)
+    loss0, _, _ = train.draft_loss(head, [(torch.arange(2), hat)], h, plan, 0.0)
+    loss0.backward()  # dCE/dhat = (q - p) W = (1/3 - (.4, .2, .4)) W = (-2/15, 1/15); row 0 untouched
+    assert torch.allclose(hat.grad[0], torch.tensor([[0.0, 0.0], [-2 / 15, 1 / 15]]), atol=1e-6)
+
+
+def test_train_r2_loss_plan_coefficients():
+    loss_mask = torch.ones(2, 9, dtype=torch.bool)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 5:] = False
+    plan = train.loss_plan(loss_mask, valid, 3, 0, 2, torch.device("cpu"))  # windows [0,3) [3,6) [6,9)
+    (q1, r1, p1, c1), (q2, r2, p2, c2) = plan
+    assert q1.tolist() == [0, 3, 6] and q2.tolist() == [1, 4, 7]
+    # trained: sees a true state (window >= 1) and predicts a real token: row 0 -> 3, 4, 6, 7; row 1 -> 3 only
+    assert p1.tolist() == [3, 6, 9 + 3] and p2.tolist() == [4, 7]
+    assert r1.tolist() == [1, 2, 3 + 1] and r2.tolist() == [1, 2]
+    assert math.isclose(c1, 3 / (5 * 3)) and math.isclose(c2, 2 / (5 * 2))  # beta 3, 2 over their sum
+    (q, r, p, c), = train.loss_plan(loss_mask, valid, 3, 0, 0, torch.device("cpu"))
+    assert q is None and p.tolist() == [3, 4, 5, 6, 7, 9 + 3] and r.tolist() == p.tolist() and c == 1 / 6
+
+
+def test_train_r2_step_never_reads_back_to_the_host():
+    """The device part of a step (draft, loss, backward) with every device->host read failing: the loss plan
+    is the host's work, done before."""
+    target = train_tiny_target()
+    draft = Beagle(DraftArgs.from_target(target.args))
+    ids, loss_mask, valid = train_fixed_batch(target)
+    with torch.no_grad():
+        _, h = target(ids, last_only=True)
+        emb = target.tok_embeddings(ids)
+    for steps in (0, 3):
+        plan = train.loss_plan(loss_mask, valid, 3, 2, steps, torch.device("cpu"))
+        with GraphHostReads():
+            outs = train.DraftStep(draft)(emb, h, 3, 2, steps, [q for q, _, _, _ in plan] if steps else None)
+            loss, ce, vl = train.draft_loss(target.output, outs, h, plan, 10.0, chunk=7)
+            loss.backward()
+            torch.stack([loss.detach(), ce, vl])
+
+
+def test_train_r2_chain_tau():
+    assert train.chain_tau([1.0, 1.0, 1.0]) == 4.0 and train.chain_tau([0.0, 1.0]) == 1.0
+    acc = [0.9, 0.6, 0.3]
+    # by enumeration: step d is accepted when steps 1..d all agree (independently, with prob a_d)
+    want = 0.0
+    for outcome in itertools.product([0, 1], repeat=3):
+        pr = math.prod(a if o else 1 - a for a, o in zip(acc, outcome))
+        want += pr * (1 + next((d for d, o in enumerate(outcome) if not o), 3))
+    assert math.isclose(train.chain_tau(acc), want)
+
+
+def test_train_r2_batch_tokens_plan():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 300) for _ in range(500)] + [1500]  # one longer than the budget: a batch alone
+    plan = data.batch_plan(lengths, 1, True, 3, 1, batch_tokens=1024)
+    assert sorted(i for b in plan for i in b) == list(range(501))
+    assert all(len(b) * max(lengths[i] for i in b) <= 1024 for b in plan if b != [500]) and [500] in plan
+    assert plan == data.batch_plan(lengths, 1, True, 3, 1, batch_tokens=1024)  # a function of (seed, epoch)
+    assert plan != data.batch_plan(lengths, 1, True, 3, 2, batch_tokens=1024)
+    fill = sum(lengths[:500]) / sum(len(b) * max(lengths[i] for i in b) for b in plan if b != [500])
+    assert fill > 0.8, fill  # length grouping: little padding
+    examples = [([5] * n, [True] * n) for n in lengths[:60]]
+    plan = data.batch_plan(lengths[:60], 1, True, 0, 0, batch_tokens=700)
+    got = list(data.batches(examples, 1, True, 0, 0, skip=2, batch_tokens=700))
+    assert len(got) == len(plan) - 2 and all(g[0].shape == (len(b), max(lengths[i] for i in b))
+                                             for g, b in zip(got, plan[2:]))
+    assert all(g[0].numel() <= 700 for g in got)
+
+
+def test_train_r2_token_batches_resume_and_state_cache(tmp_path):
+    target, tok = train_tiny_target(), TrainCharTokenizer()
+    kw = dict(batch_tokens=160, eval_interval=100, tau_interval=0)
+    full = train.train(train_cfg(tmp_path, "full", max_steps=7, **kw), target, tok)
+    train.train(train_cfg(tmp_path, "part", max_steps=4, **kw), target, tok)
+    resumed = train.train(train_cfg(tmp_path, "part", max_steps=7, resume=True, **kw), target, tok)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(BeagleError, match="different --batch-tokens"):
+        train.train(train_cfg(tmp_path, "part", max_steps=9, resume=True, batch_tokens=200), target, tok)
+    # the same run from cached states (in memory, on disk): the same weights up to fp32 rounding
+    for cache in ("memory", str(tmp_path / "states")):
+        cached = train.train(train_cfg(tmp_path, f"c{len(cache)}", max_steps=7, state_cache=cache, **kw), target, tok)
+        for (name, a), b in zip(full.state_dict().items(), cached.state_dict().values()):
+            assert torch.allclose(a, b, atol=1e-5), name
+    assert (tmp_path / "states" / "index.json").exists()
+
+
+def test_train_r2_cached_states_equal_online_states():
+    target = train_tiny_target()
+    examples = [([3 + (i * 7 + j) % 250 for j in range(5 + 3 * i)], [True] * (5 + 3 * i)) for i in range(9)]
+    cache = data.StateCache(target, examples, "cpu")
+    assert cache.flat.dtype == target.output.weight.dtype
+    for idx in ([0, 4, 8], [7], [2, 3]):
+        ids, _, valid = data.collate([examples[i] for i in idx])
+        h = cache.batch(idx, ids.shape[1])
+        online = target(ids, last_only=True)[1]
+        assert torch.allclose(h[valid], online[valid], atol=1e-5) and (h[~valid] == 0).all()
+
+
+def test_train_r2_measured_tau_tiny():
+    target, tok = train_tiny_target(), TrainCharTokenizer()
+    draft = Beagle(DraftArgs.from_target(target.args))
+    prompts = train.first_prompts([(tok.chat([{"role": "user", "content": f"hi {i}"}]) + [9, 9], [False] *
+                                    len(tok.chat([{"role": "user", "content": f"hi {i}"}])) + [True] * 2)
+                                   for i in range(3)], 2)
+    assert len(prompts) == 2 and prompts[0][-1] == tok.encode("\n")[0]  # up to the generation prompt
+    tau = train.measured_tau(target, draft, prompts, tok.stop_ids, max_new=16)
+    assert 1.0 <= tau <= 1 + decode.CPU_TREE[0]
+    assert draft.wq.weight.dtype == torch.float32  # the training draft itself is untouched
+
+
+def test_train_r2_run_dir_guard_and_sigint_resume(tmp_path, monkeypatch):
+    target, tok = train_tiny_target(), TrainCharTokenizer()
+    full = train.train(train_cfg(tmp_path, "full", max_steps=7, tau_interval=0), target, tok)
+    with pytest.raises(BeagleError, match="holds a run"):
+        train.train(train_cfg(tmp_path, "full", max_steps=7), target, tok)
+    real = train.step_randomness
+
+    def interrupt_at_2(cfg, step, *a):
+        if step == 1:  # SIGINT arrives during the 2nd step, before the first evaluation (after the 3rd)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(cfg, step, *a)
+    monkeypatch.setattr(train, "step_randomness", interrupt_at_2)
+    with pytest.raises(train.Interrupted, match="SIGINT at step 2"):
+        train.train(train_cfg(tmp_path, "part", max_steps=7, tau_interval=0), target, tok)
+    monkeypatch.setattr(train, "step_randomness", real)
+    assert not (tmp_path / "part" / "eval.csv").exists()
+    resumed = train.train(train_cfg(tmp_path, "part", max_steps=7, tau_interval=0, resume=True), target, tok)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    for f in ("train.csv", "eval.csv"):  # the resumed run's rows continue the interrupted run's, none twice
+        steps = [int(r.split(",")[0]) for r in (tmp_path / "part" / f).read_text().splitlines()[1:]]
+        assert steps == sorted(set(steps)) and steps == [int(r.split(",")[0]) for r in
+                                                         (tmp_path / "full" / f).read_text().splitlines()[1:]]
+    again = train.train(train_cfg(tmp_path, "part", max_steps=2, tau_interval=0, overwrite=True), target, tok)
+    assert len((tmp_path / "part" / "train.csv").read_text().splitlines()) == 2  # header + step 2
+    assert not torch.equal(again.wq.weight, full.wq.weight)

@@ -5,11 +5,20 @@ Two-stage block-attention training of the Beagle draft against a frozen target (
     python train.py --stage 2 --data data/selfgen.jsonl --init runs/s1/draft.safetensors --out runs/s2 --epochs 10
     python train.py --stage 1 ... --max-steps 1000 ; python train.py --stage 1 ... --resume   # continue exactly
     torchrun --standalone --nproc-per-node 8 train.py --stage 1 ...     # DDP: rank 0 logs, evaluates and saves
+    python train.py --stage 1 ... --batch-tokens 65536 --state-cache memory   # token-budget batches, states once
     python train.py --measure-memory --data data/selfgen.jsonl --device cuda   # peak memory of stage 2, s = 1..6
 
 The run dir gets draft.safetensors (load with beagle.load_draft), state.pt (optimizer + counters, for
 --resume), train.csv (one row per log interval), eval.csv (top-1 agreement with the target at draft steps
-1..k) and curves.png. The target states h are computed on the fly (no offline dump): one frozen forward per batch.
+1..k, the chain tau those imply, and every --tau-interval evaluations the tau of a short greedy tree decode of a
+few held-out prompts) and curves.png. A run dir that holds a run is refused unless --resume or --overwrite;
+SIGINT / SIGTERM checkpoint before exiting. The target states h come from one frozen forward per batch (its
+logits are never computed: the loss needs only h), or with --state-cache from a cache computed once per dataset.
+
+A step never waits for the GPU: which positions the loss reads is decided on the host from the batch's host
+masks (loss_plan), the loss and token counts stay on the device until a log line reads them, and the loss
+(SoftCrossEntropy) takes the LM head's (rows, V) logits --loss-chunk rows at a time, so no (B, T, V) tensor
+exists in the forward or the backward.
 
 Stage 1 trains all k window positions at once through the inverse block mask. Stage 2 runs s simulation steps
 over the same windows with one extra key/value buffer of sequence length that holds the draft's own states:
@@ -17,12 +26,14 @@ step m only computes the queries at window position m (the only ones the loss re
 would be discarded), so step m costs ~T/k queries against 2T keys. Gradients DO flow through the buffer: the
 state written at step m is a function of the draft's weights, and the exact gradient of "draft m steps from
 its own states" includes how those states change, as in autoregressive drafting itself (EAGLE-3 / HASS also
-backpropagate through their unrolled steps). The cost is that every step's activations are kept for backward.
+backpropagate through their unrolled steps). The cost is that every step's draft-layer activations are kept for
+backward; the loss keeps only an (N, dim) gradient per step, so memory grows little with s.
 """
 import csv
 import json
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +45,7 @@ import torch.nn.functional as F
 
 import data
 from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
-    simulation_mask, window_positions
+    simulation_mask, window_positions, window_start
 from llama import DTYPES, BeagleError, cli, device_and_dtype, load_target
 
 
@@ -49,7 +60,11 @@ class TrainConfig:
     sim_steps: int = 3  # s: stage-2 simulation steps, s <= k
     epochs: int = 10
     max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit)
-    batch_size: int = 16  # per process
+    batch_size: int = 16  # per process, in conversations (when --batch-tokens is 0)
+    batch_tokens: int = 0  # N > 0: a batch holds as many length-grouped conversations as fit in N tokens incl. padding
+    loss_chunk: int = 1024  # rows of the LM head's (rows, V) logits at a time in the loss (memory, not the result)
+    state_cache: str = ""  # "": the target's states online (one frozen forward a batch); "memory": computed once
+    #                        into the training device's memory; DIR: once into shards on disk, read a batch at a time
     lr: float = 1e-4  # the paper's 3e-5 / 2000 warm-up steps are for 7B targets and 68K conversations
     warmup: int = 500  # linear warm-up steps, then constant
     weight_decay: float = 0.0
@@ -60,6 +75,8 @@ class TrainConfig:
     eval_frac: float = 0.02  # held-out share of the conversations
     eval_min: int = 32  # ... but at least this many (at most a fifth of the data): agreement on 6 is noise
     eval_max_batches: int = 50
+    tau_interval: int = 4  # every N-th evaluation (and the last) also decodes a few held-out prompts (0: never)
+    tau_prompts: int = 4
     log_interval: int = 10
     max_len: int = 2048
     device: str = "auto"  # auto: cuda when available
@@ -67,6 +84,8 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # start afresh in an --out that holds a run (without it: refused)
+    save_minutes: float = 0.0  # > 0: also checkpoint every this many minutes
     measure_memory: bool = False
     progress: bool = True  # tqdm bar
 
@@ -79,9 +98,10 @@ class DraftStep(nn.Module):
         super().__init__()
         self.draft = draft
 
-    def forward(self, emb, states, window, offset, steps):
+    def forward(self, emb, states, window, offset, steps, queries=None):
         """emb (B, T, dim) query embeddings, states (B, T, dim) target states used as keys/values (noised when
         training). steps 0: stage 1, every query under the block mask. steps s >= 1: s simulation steps.
+        queries: stage 2's per-step query positions on the device (loss_plan has them), else made here.
         Returns [(idx (n,), hat_h (B, n, dim))] per step: the positions whose states were computed."""
         T, dev = emb.shape[1], emb.device
         pos = torch.arange(T, device=dev)
@@ -89,10 +109,11 @@ class DraftStep(nn.Module):
             return [(pos, self.draft(emb, pos, states, pos, block_mask(T, window, offset, dev)[None, None]))]
         k_true, v_true = self.draft.kv(states, pos)  # (B, Hkv, T, D), computed once for all steps
         k_buf, v_buf = torch.zeros_like(k_true), torch.zeros_like(v_true)  # draft-state keys, filled step by step
-        wp = window_positions(T, window, offset)  # on the host: the index lists below need no device sync
+        wp = None if queries else window_positions(T, window, offset)  # host: the index lists need no device sync
         outs = []
         for m in range(1, steps + 1):
-            idx = (wp == m).nonzero().squeeze(1).to(dev)  # queries at window position m: (n,)
+            # queries at window position m: (n,), found on the host (no device sync)
+            idx = queries[m - 1] if queries else to_device((wp == m).nonzero().squeeze(1), dev)
             mask = simulation_mask(T, window, offset, m, dev)[idx][None, None]  # (1, 1, n, 2T)
             hat = self.draft.attend(emb[:, idx], idx, torch.cat([k_true, k_buf], 2), torch.cat([v_true, v_buf], 2),
                                     mask)  # (B, n, dim)
@@ -103,37 +124,117 @@ class DraftStep(nn.Module):
         return outs
 
 
+def to_device(x, device):
+    """A host tensor on the device without a host sync: pinned, then copied asynchronously (a plain .to(cuda)
+    from pageable memory waits for the GPU to drain its queue)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def label_positions(loss_mask, valid, window, offset):
     """(B, T) bool: position i is trained when token i+1 is an assistant label (q_i predicts t_{i+1}) and query i
     sees at least one TRUE target state (position 0 and the partial first window see none)."""
     T = loss_mask.shape[1]
     nxt = torch.zeros_like(loss_mask)
     nxt[:, :-1] = loss_mask[:, 1:] & valid[:, 1:]
-    seen = block_mask(T, window, offset, loss_mask.device).any(-1)  # (T,)
+    seen = window_start(T, window, offset, loss_mask.device) > 0  # (T,): = block_mask(...).any(-1), without (T, T)
     return nxt & valid & seen
 
 
-def draft_loss(output, outs, logits, h, labels, window, stage, vloss_weight):
-    """Soft cross-entropy of the draft vs the target distribution + vloss_weight * smooth-L1(hat_h, h), averaged
-    over the trained positions of each step; stage 2 weights step m by beta_m = k - m + 1 (normalised to sum 1
-    over the steps that have positions). output = the target's frozen LM head. Returns (loss, ce, vloss)."""
-    total, ce_sum, vl_sum, w_sum = 0.0, 0.0, 0.0, 0.0
-    for m, (idx, hat) in enumerate(outs, 1):
-        sel = labels[:, idx]  # (B, n)
-        if not sel.any():
-            total = total + 0.0 * hat.sum()  # keeps every parameter in the graph (DDP)
-            continue
-        b, j = sel.nonzero(as_tuple=True)  # the N trained (row, query) pairs of this step
-        hh = hat[b, j]  # (N, dim)
-        logq = output(hh).float().log_softmax(-1)  # (N, V)
-        p = logits[b, idx[j]].float().softmax(-1)  # gathers N rows only, never a (B, n, V) copy
-        ce = -(p * logq).sum(-1).mean()
-        vl = F.smooth_l1_loss(hh.float(), h[b, idx[j]].float(), reduction="none").mean(-1).mean()
-        w = 1.0 if stage == 1 else float(window - m + 1)
-        total, ce_sum, vl_sum, w_sum = total + w * (ce + vloss_weight * vl), ce_sum + w * ce.detach(), \
-            vl_sum + w * vl.detach(), w_sum + w
-    w_sum = w_sum or 1.0  # no trained position at all: the loss is 0 (and still has a graph)
-    return total / w_sum, float(ce_sum / w_sum), float(vl_sum / w_sum)
+def loss_plan(loss_mask, valid, window, offset, steps, device):
+    """Which rows the loss reads, computed on the HOST from the batch's host masks (so the step needs no device
+    sync to select them). Per draft step m (stage 1: one group, all T queries): (idx (n,) the step's query
+    positions (stage 1: None; DraftStep's `queries`), rows (N,) into the step's flattened (B * n, dim) outputs,
+    hpos (N,) into the flattened (B * T, dim) target states, coef = beta_m / (sum of beta over the steps with
+    rows * N)), so that sum_m coef_m * (sum of the step's per-row losses) is the beta-weighted mean of the
+    per-step means. The tensors are on `device`."""
+    labels = label_positions(loss_mask, valid, window, offset)  # (B, T) host
+    B, T = labels.shape
+    if steps == 0:
+        groups = [torch.arange(T)]
+    else:
+        wp = window_positions(T, window, offset)
+        groups = [(wp == m).nonzero().squeeze(1) for m in range(1, steps + 1)]  # the queries of step m (n,)
+    parts = []
+    for m, idx in enumerate(groups, 1):
+        b, j = labels[:, idx].nonzero(as_tuple=True)  # host: the N trained (row, query) pairs
+        parts.append((None if steps == 0 else idx, b * len(idx) + j, b * T + idx[j],
+                      1.0 if steps == 0 else float(window - m + 1)))
+    w_sum = sum(beta for _, rows, _, beta in parts if len(rows)) or 1.0
+    return [(None if idx is None else to_device(idx, device), to_device(rows, device), to_device(hpos, device),
+             beta / (w_sum * max(len(rows), 1))) for idx, rows, hpos, beta in parts]
+
+
+def soft_ce_chunk(lq, lp):
+    """lq, lp (c, V) draft / target logits -> (sum over the c rows of CE(p, q), dCE/dlq = q - p in lq's dtype).
+    The softmaxes read the logits in their own dtype and compute in fp32 (no separate fp32 copy of them)."""
+    logq = F.log_softmax(lq, -1, dtype=torch.float32)  # (c, V)
+    p = F.softmax(lp, -1, dtype=torch.float32)
+    ce = -(p[:, None, :] @ logq[:, :, None]).sum()  # row-wise sums of p log q: no (c, V) temporary
+    return ce, logq.exp_().sub_(p).to(lq.dtype)  # in place: q - p (p sums to 1)
+
+
+class SoftCrossEntropy(torch.autograd.Function):
+    """sum over rows i of CE(p_i, q_i) = -sum_v p_iv log q_iv, q = softmax(W hat_i) (the draft), p = softmax(W h_i)
+    (the target: h is what its LM head reads, so its logits need not be kept), W (V, dim) the frozen LM head.
+    Rows are taken `chunk` at a time, so no (N, V) tensor ever exists: the gradient w.r.t. hat, (q - p) W per row,
+    is computed in the same pass, chunk by chunk, and kept as (N, dim) for backward, which only scales it.
+    Nothing is recomputed, and the LM head runs three times per row (draft, target, gradient). chunk_fn: the
+    per-chunk math (soft_ce_chunk, or a torch.compile of it that fuses its elementwise passes)."""
+
+    @staticmethod
+    def forward(ctx, hat, h, weight, chunk, chunk_fn=soft_ce_chunk):
+        grad = torch.zeros_like(hat, dtype=torch.float32) if hat.requires_grad else None  # (N, dim)
+        total = torch.zeros((), dtype=torch.float32, device=hat.device)
+        for a in range(0, hat.shape[0], chunk):
+            lq = F.linear(hat[a:a + chunk].to(weight.dtype), weight)  # (c, V) in the head's (autocast) dtype
+            lp = F.linear(h[a:a + chunk].to(weight.dtype), weight)
+            ce, g = chunk_fn(lq, lp)
+            total = total + ce
+            if grad is not None:
+                grad[a:a + chunk] = g.to(weight.dtype) @ weight  # (c, dim)
+        ctx.save_for_backward(grad)
+        ctx.hat_dtype = hat.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, = ctx.saved_tensors
+        return (grad * g).to(ctx.hat_dtype), None, None, None, None
+
+
+def draft_loss(output, outs, h, plan, vloss_weight, chunk=1024, chunk_fn=soft_ce_chunk):
+    """Soft cross-entropy of the draft vs the target distribution + vloss_weight * smooth-L1(hat_h, h) over the
+    rows of `plan` (loss_plan), each step's mean weighted by its coef. output = the target's frozen LM head,
+    h (B, T, dim) the target's states. Returns (loss, ce, vloss), ce and vloss detached: all three stay on the
+    device (reading them is a host sync; the training loop does it at log intervals only)."""
+    hs = h.reshape(-1, h.shape[-1])  # (B * T, dim)
+    total = ce_sum = vl_sum = 0.0
+    for (_, hat), (_, rows, hpos, coef) in zip(outs, plan):
+        hh, ht = hat.reshape(-1, hat.shape[-1])[rows], hs[hpos]  # (N, dim) gathers: fixed by the host plan
+        ce = SoftCrossEntropy.apply(hh, ht, output.weight, chunk, chunk_fn)
+        vl = F.smooth_l1_loss(hh.float(), ht.float(), reduction="none").mean(-1).sum()
+        total, ce_sum, vl_sum = total + coef * (ce + vloss_weight * vl), ce_sum + coef * ce.detach(), \
+            vl_sum + coef * vl.detach()
+    return total, ce_sum, vl_sum
+
+
+@torch.no_grad()
+def greedy_tokens(output, x, chunk=1024):
+    """argmax of output(x) for x (N, dim), `chunk` rows at a time: (N,) long, no (N, V) tensor."""
+    return torch.cat([output(x[a:a + chunk]).argmax(-1) for a in range(0, x.shape[0], chunk)] or
+                     [torch.zeros(0, dtype=torch.long, device=x.device)])
+
+
+def chain_tau(acc):
+    """Expected tokens per target forward of a chain drafted with per-step agreements a_1..a_k (step d accepted
+    only when all before it were): 1 + sum_d a_1 * ... * a_d, the bonus token counted."""
+    tau, run = 1.0, 1.0
+    for a in acc:
+        run *= a
+        tau += run
+    return tau
 
 
 @torch.no_grad()
@@ -142,24 +243,43 @@ def evaluate(target, draft, examples, cfg, pad_id, device, amp):
     k-step simulation (m-1 own draft states), i.e. what autoregressive drafting sees. Every batch is scored at
     all k offsets, so every position plays every role. Returns k floats (nan where nothing was counted)."""
     k = cfg.window
-    hits, counts = torch.zeros(k), torch.zeros(k)
+    hits, counts = torch.zeros(k, device=device), [0] * k
     step = DraftStep(draft)
     for bi, (ids, loss_mask, valid) in enumerate(data.batches(examples, cfg.batch_size, False, pad_id=pad_id)):
         if bi >= cfg.eval_max_batches:
             break
-        ids, loss_mask, valid = ids.to(device), loss_mask.to(device), valid.to(device)
-        logits, h = target(ids)
-        emb = target.tok_embeddings(ids)
+        ids_d = to_device(ids, device)
+        _, h = target(ids_d, last_only=True)  # only h: the target's choice is argmax output(h), row by row below
+        want = greedy_tokens(target.output, h.reshape(-1, h.shape[-1]), cfg.loss_chunk)  # (B * T,)
+        emb = target.tok_embeddings(ids_d)
         for offset in range(k):  # every offset: each position is scored at every draft step
-            labels = label_positions(loss_mask, valid, k, offset)
+            plan = loss_plan(loss_mask, valid, k, offset, k, device)
             with amp:
-                outs = step(emb, h, k, offset, k)
-            for m, (idx, hat) in enumerate(outs):
-                b, j = labels[:, idx].nonzero(as_tuple=True)
-                agree = target.output(hat[b, j].to(h.dtype)).argmax(-1) == logits[b, idx[j]].argmax(-1)
-                hits[m] += agree.sum().item()
-                counts[m] += len(b)
-    return (hits / counts).tolist()
+                outs = step(emb, h, k, offset, k, [q for q, _, _, _ in plan])
+            for m, ((_, hat), (_, rows, hpos, _)) in enumerate(zip(outs, plan)):
+                got = greedy_tokens(target.output, hat.reshape(-1, hat.shape[-1])[rows].to(h.dtype), cfg.loss_chunk)
+                hits[m] += (got == want[hpos]).sum()
+                counts[m] += len(rows)
+    hits = hits.tolist()  # the one readback of the evaluation
+    return [hits[m] / counts[m] if counts[m] else float("nan") for m in range(k)]
+
+
+@torch.no_grad()
+def measured_tau(target, draft, prompts, stop_ids, max_new=64):
+    """Mean tokens per target forward of greedy tree decoding (decode.py's defaults for the device) with a copy
+    of the draft in the target's dtype, over a few prompts: what the agreements are a proxy for."""
+    import copy
+    import decode
+    dev, dtype = target.output.weight.device, target.output.weight.dtype
+    cfg = decode.DecodeConfig(mode="tree", max_new_tokens=max_new, device=str(dev),
+                              dtype=str(dtype).removeprefix("torch."), cuda_graph=False)
+    decode.resolve(cfg)
+    d = copy.deepcopy(draft).to(dtype).eval()  # (its RoPE table too, rounded as load_draft rounds it)
+    d.set_vocab(target, 0)  # the whole vocabulary
+    acc = []  # draft tokens accepted per verification
+    for prompt in prompts:
+        acc += decode.generate_spec(target, d, prompt, cfg, stop_ids).accepted_lengths
+    return 1 + sum(acc) / len(acc) if acc else 1.0  # decode.Result.tau over all verifications
 
 
 # -----------------------------------------------------------------------------
@@ -212,7 +332,23 @@ def save_checkpoint(cfg, draft, target, opt, step, epoch, batch):
     os.replace(tmp, os.path.join(cfg.out, "state.pt"))
 
 
+def trim_csv(path, step):
+    """Drop the rows written after `step` (a resumed run writes them again)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if float(r[0]) <= step]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows(keep)
+    os.replace(path + ".tmp", path)
+
+
 # -----------------------------------------------------------------------------
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM: the run stopped after a checkpoint; __main__ prints the message alone."""
+
 
 def step_randomness(cfg, step, rank, window, device):
     """Per-step offset and noise generator derived from (seed, step, rank): resuming reproduces them exactly
@@ -229,8 +365,35 @@ def check_config(cfg):
                           f"sim-steps {cfg.sim_steps}, window {cfg.window})")
     if cfg.resume and cfg.init:
         raise BeagleError("--resume continues the run in --out; drop --init")
+    if cfg.resume and cfg.overwrite:
+        raise BeagleError("--resume continues the run in --out, --overwrite replaces it: give one")
+    if cfg.batch_size < 1 or cfg.batch_tokens < 0 or cfg.loss_chunk < 1:
+        raise BeagleError("need --batch-size >= 1, --batch-tokens >= 0 and --loss-chunk >= 1")
     if cfg.stage == 2 and not cfg.init and not cfg.resume and not cfg.measure_memory:
         print("warning: stage 2 without --init starts from a random draft (the paper starts from stage 1)")
+
+
+def stopping(stop, step, cfg, world, device):
+    """Whether to checkpoint and exit now. One process: right after the step a signal arrived in. DDP: the ranks
+    agree at log intervals only (one all-reduce, a host sync, where the log line syncs anyway), so all of them
+    stop after the same step, whichever got the signal."""
+    if world == 1:
+        return bool(stop)
+    if step % cfg.log_interval:
+        return False
+    flag = torch.tensor([float(bool(stop))], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def first_prompts(examples, n):
+    """The first user turn of up to n conversations, as the chat template renders it up to the assistant's
+    first token (the tokens before the first loss label)."""
+    out = []
+    for ids, mask in examples:
+        if True in mask and len(out) < n:
+            out.append(list(ids[:mask.index(True)]))
+    return out
 
 
 def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
@@ -242,19 +405,29 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     amp = torch.autocast("cuda", dtype=amp_dtype) if cuda and amp_dtype else nullcontext()
     master = rank == 0
     check_config(cfg)
+    run_files = [os.path.join(cfg.out, f) for f in ("draft.safetensors", "state.pt")]
+    if not cfg.resume and any(os.path.exists(f) for f in run_files):
+        if not cfg.overwrite:
+            raise BeagleError(f"{cfg.out} holds a run: --resume continues it, --overwrite starts afresh")
+        if master:  # a fresh run: its CSVs must not continue the old one's
+            for f in ("train.csv", "eval.csv"):
+                if os.path.exists(os.path.join(cfg.out, f)):
+                    os.remove(os.path.join(cfg.out, f))
     target.requires_grad_(False).eval()
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     examples = data.tokenize_all(tokenizer, data.load_conversations(cfg.data, verbose=master), cfg.max_len,
                                  verbose=master)
     train_ex, eval_ex = data.split(examples, cfg.eval_frac, cfg.seed, cfg.eval_min)
     seen_ex = train_ex[:max(len(eval_ex), 16)]  # scored like the held-out split: the gap shows memorisation
+    prompts = first_prompts(eval_ex, cfg.tau_prompts)
 
     torch.manual_seed(cfg.seed)
     draft = Beagle(DraftArgs.from_target(target.args)).to(device)  # fp32 master weights; autocast on GPU
     if cfg.init:
         draft.load_state_dict(load_draft(cfg.init, target).state_dict())
     draft.vocab = data.token_ranking(train_ex, target.args.vocab_size)  # saved with it (beagle.py, VOCAB)
-    opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                            fused=cuda)
     step, epoch, batch = 0, 0, 0  # batch: index (in optimizer steps) of the next step inside the epoch
     state_path = os.path.join(cfg.out, "state.pt")
     if cfg.resume:
@@ -265,97 +438,150 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
         st = torch.load(state_path, map_location=device, weights_only=True)
         if json.loads(meta["extra"]).get("step") != st["step"]:  # a crash between the two atomic writes
             raise BeagleError(f"{cfg.out}: draft.safetensors and state.pt are from different steps")
-        changed = [k for k in ("stage", "window", "sim_steps", "batch_size", "seed", "noise", "vloss_weight")
-                   if st["config"][k] != getattr(cfg, k)]
+        changed = [k for k in ("stage", "window", "sim_steps", "batch_size", "batch_tokens", "seed", "noise",
+                               "vloss_weight") if st["config"].get(k, 0) != getattr(cfg, k)]
         if changed:  # these change what the remaining steps compute: not a continuation any more
             raise BeagleError(f"--resume with a different --{changed[0].replace('_', '-')} than the run in {cfg.out}")
         tensors.pop("vocab", None)  # the token ranking: recomputed from the data above
         draft.load_state_dict(tensors)
         opt.load_state_dict(st["opt"])
         step, epoch, batch = st["step"], st["epoch"], st["batch"]
+        if master:
+            for f in ("train.csv", "eval.csv"):
+                trim_csv(os.path.join(cfg.out, f), step)
     os.makedirs(cfg.out, exist_ok=True)
 
-    model = DraftStep(draft)
-    if cfg.compile:
+    cache = None
+    if cfg.state_cache:
+        path = None if cfg.state_cache == "memory" else cfg.state_cache
+        if path and world > 1 and not master:
+            torch.distributed.barrier()  # rank 0 writes a disk cache, the others then read it
+        cache = data.StateCache(target, train_ex, device, path)
+        if path and world > 1 and master:
+            torch.distributed.barrier()
+
+    model, target_forward, chunk_fn = DraftStep(draft), target, soft_ce_chunk
+    if cfg.compile:  # the draft's step, the frozen forward and the loss's per-chunk math (its loop stays eager)
         model = torch.compile(model, dynamic=True)
+        target_forward = torch.compile(target, dynamic=True)
+        chunk_fn = torch.compile(soft_ce_chunk, dynamic=True)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     steps = 0 if cfg.stage == 1 else cfg.sim_steps
     lengths = [len(ids) for ids, _ in train_ex]
-    per_epoch = len(data.batch_plan(lengths, cfg.batch_size, True, cfg.seed, 0)) // world  # same every epoch
-    if per_epoch == 0:
+    plan_of = lambda e: data.batch_plan(lengths, cfg.batch_size, True, cfg.seed, e, batch_tokens=cfg.batch_tokens)
+    # steps per epoch: the same every epoch for --batch-size; with --batch-tokens the plan (and its length)
+    # differs from epoch to epoch
+    per_epoch = [len(plan_of(e)) // world for e in range(cfg.epochs if cfg.batch_tokens else 1)]
+    per_epoch = per_epoch * (1 if cfg.batch_tokens else cfg.epochs)
+    if min(per_epoch, default=0) == 0:
         raise BeagleError(f"{len(train_ex)} training examples make no batch of {cfg.batch_size} on {world} ranks")
-    total = cfg.epochs * per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * per_epoch)
+    total = sum(per_epoch) if not cfg.max_steps else min(cfg.max_steps, sum(per_epoch))
     if master:
         n_params = sum(p.numel() for p in draft.parameters())
-        print(f"stage {cfg.stage}: {len(train_ex)} train / {len(eval_ex)} held-out conversations, {per_epoch} "
+        print(f"stage {cfg.stage}: {len(train_ex)} train / {len(eval_ex)} held-out conversations, {per_epoch[0]} "
               f"steps/epoch, {total} steps, draft {n_params / 1e6:.2f}M params, window {cfg.window}"
-              + (f", {cfg.sim_steps} simulation steps" if cfg.stage == 2 else "") + f", {device}")
+              + (f", {cfg.sim_steps} simulation steps" if cfg.stage == 2 else "") + f", {device}"
+              + (f", states cached ({cfg.state_cache})" if cfg.state_cache else ""))
     bar = None
     if master and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, dynamic_ncols=True, leave=False)
     say = bar.write if bar else print
-    t0, tokens, acc = time.time(), 0, []
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    loss = None
-    while step < total:
-        if batch >= per_epoch:
-            epoch, batch = epoch + 1, 0
-        # one pass over the epoch's plan from the next unseen batch; step n of the epoch takes plan[n * world + rank]
-        it = data.batches(train_ex, cfg.batch_size, True, cfg.seed, epoch, pad_id, skip=batch * world)
-        while batch < per_epoch and step < total:
-            ids, loss_mask, valid = (x.to(device) for x in [next(it) for _ in range(world)][rank])
-            offset, g = step_randomness(cfg, step, rank, cfg.window, device)
-            with torch.no_grad():
-                logits, h = target(ids)  # (B, T, V), (B, T, dim): causal, so right padding changes nothing real
-                emb = target.tok_embeddings(ids)
-                noisy = h + cfg.noise * torch.randn(h.shape, generator=g, device=device, dtype=h.dtype)
-            labels = label_positions(loss_mask, valid, cfg.window, offset)
-            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))  # linear warm-up, then constant
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with amp:
-                outs = model(emb, noisy, cfg.window, offset, steps)
-                loss, ce, vl = draft_loss(target.output, outs, logits, h, labels, cfg.window, cfg.stage,
-                                          cfg.vloss_weight)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step, batch, tokens = step + 1, batch + 1, tokens + int(valid.sum()) * world
-            if bar:
-                bar.update(1)
-            if master and (step % cfg.log_interval == 0 or step == total):
-                dt = time.time() - t0
-                mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-                say(f"step {step:6d} | epoch {epoch:2d} | loss {loss.item():.4f} | ce {ce:.4f} | vloss {vl:.4f} | "
-                    f"lr {lr:.2e} | {tokens / dt:7.0f} tok/s | peak mem {mem:.2f} GiB")
-                append_csv(os.path.join(cfg.out, "train.csv"), {"step": step, "epoch": epoch,
-                                                                  "loss": loss.item(), "ce": ce, "vloss": vl, "lr": lr})
-                t0, tokens = time.time(), 0
-            if step % cfg.eval_interval == 0 or step == total or batch == per_epoch:
-                if master:
-                    if eval_ex:
-                        acc = evaluate(target, draft, eval_ex, cfg, pad_id, device, amp)
-                        seen = evaluate(target, draft, seen_ex, cfg, pad_id, device, amp)
-                        say(f"eval step {step} | top-1 agreement at draft steps 1..{cfg.window}: held-out "
-                            + " ".join(f"{a:.3f}" for a in acc) + " | train " + " ".join(f"{a:.3f}" for a in seen))
-                        append_csv(os.path.join(cfg.out, "eval.csv"), {
-                            "step": step, "epoch": epoch, "epochs": round(step / per_epoch, 3),
-                            **{f"acc{m + 1}": a for m, a in enumerate(acc)},
-                            **{f"train_acc{m + 1}": a for m, a in enumerate(seen)}})
+    stop = []  # a signal's name, once one arrived: finish the step, checkpoint, exit
+    handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, lambda n, _: stop.append(signal.Signals(n).name))
+        except ValueError:  # not the main thread: no handlers
+            pass
+    n_evals, acc, last = step // cfg.eval_interval, [], None
+    zero = lambda: torch.zeros(3, device=device)
+    t0, tokens, sums, n_sum, saved_at = time.time(), 0, zero(), 0, time.time()
+    try:
+        while step < total:
+            if batch >= per_epoch[epoch]:
+                epoch, batch = epoch + 1, 0
+            # one pass over the epoch's plan from the next unseen batch; step n of the epoch takes plan[n * world + rank]
+            plan = plan_of(epoch)
+            while batch < per_epoch[epoch] and step < total:
+                idx = plan[batch * world + rank]
+                ids, loss_mask, valid = data.collate([train_ex[i] for i in idx], pad_id)  # host
+                offset, g = step_randomness(cfg, step, rank, cfg.window, device)
+                ids_d = to_device(ids, device)
+                with torch.no_grad():
+                    if cache is not None:
+                        h = cache.batch(idx, ids.shape[1])  # (B, T, dim)
+                    else:  # (B, T, dim): causal, so right padding changes nothing real; no (B, T, V) logits
+                        _, h = target_forward(ids_d, last_only=True)
+                    emb = target.tok_embeddings(ids_d)
+                    noisy = h + cfg.noise * torch.randn(h.shape, generator=g, device=device, dtype=h.dtype)
+                lp = loss_plan(loss_mask, valid, cfg.window, offset, steps, device)
+                lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))  # linear warm-up, then constant
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with amp:
+                    outs = model(emb, noisy, cfg.window, offset, steps, [q for q, _, _, _ in lp] if steps else None)
+                    loss, ce, vl = draft_loss(target.output, outs, h, lp, cfg.vloss_weight, cfg.loss_chunk, chunk_fn)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sums += torch.stack([loss.detach().float(), ce.float(), vl.float()])  # on the device: no sync
+                n_sum += 1
+                step, batch, tokens = step + 1, batch + 1, tokens + int(valid.sum()) * world  # valid: host
+                if bar:
+                    bar.update(1)
+                if master and (step % cfg.log_interval == 0 or step == total):
+                    last = [x / n_sum for x in sums.tolist()]  # the one readback of the interval
+                    dt = time.time() - t0
+                    mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+                    say(f"step {step:6d} | epoch {epoch:2d} | loss {last[0]:.4f} | ce {last[1]:.4f} | "
+                        f"vloss {last[2]:.4f} | lr {lr:.2e} | {tokens / dt:7.0f} tok/s | peak mem {mem:.2f} GiB")
+                    append_csv(os.path.join(cfg.out, "train.csv"), {"step": step, "epoch": epoch, "loss": last[0],
+                                                                      "ce": last[1], "vloss": last[2], "lr": lr})
+                    t0, tokens, sums, n_sum = time.time(), 0, zero(), 0
+                if step % cfg.eval_interval == 0 or step == total or batch == per_epoch[epoch]:
+                    if master:
+                        if eval_ex:
+                            n_evals += 1
+                            acc = evaluate(target, draft, eval_ex, cfg, pad_id, device, amp)
+                            seen = evaluate(target, draft, seen_ex, cfg, pad_id, device, amp)
+                            tau = float("nan")
+                            if prompts and cfg.tau_interval and (n_evals % cfg.tau_interval == 0 or step == total):
+                                tau = measured_tau(target, draft, prompts, tokenizer.stop_ids)
+                            say(f"eval step {step} | top-1 agreement at draft steps 1..{cfg.window}: held-out "
+                                + " ".join(f"{a:.3f}" for a in acc) + " | train " + " ".join(f"{a:.3f}" for a in seen)
+                                + f" | chain tau {chain_tau(acc):.2f}" + (f" | tree tau {tau:.2f} on {len(prompts)} "
+                                                                          f"prompts" if tau == tau else ""))
+                            append_csv(os.path.join(cfg.out, "eval.csv"), {
+                                "step": step, "epoch": epoch, "epochs": round(epoch + batch / per_epoch[epoch], 3),
+                                **{f"acc{m + 1}": a for m, a in enumerate(acc)},
+                                **{f"train_acc{m + 1}": a for m, a in enumerate(seen)},
+                                "tau_chain": round(chain_tau(acc), 4), "tau": round(tau, 4)})
+                        save_checkpoint(cfg, draft, target, opt, step, epoch, batch)
+                        saved_at = time.time()
+                        plot(cfg.out)
+                        t0, tokens = time.time(), 0  # keep evaluation out of the next tokens/s
+                    if world > 1:
+                        torch.distributed.barrier()
+                elif master and cfg.save_minutes > 0 and time.time() - saved_at >= 60 * cfg.save_minutes:
                     save_checkpoint(cfg, draft, target, opt, step, epoch, batch)
-                    plot(cfg.out)
-                    t0, tokens = time.time(), 0  # keep evaluation out of the next tokens/s
-                if world > 1:
-                    torch.distributed.barrier()
-    if bar:
-        bar.close()
+                    saved_at = time.time()
+                if stopping(stop, step, cfg, world, device):
+                    if master:
+                        save_checkpoint(cfg, draft, target, opt, step, epoch, batch)
+                    raise Interrupted(f"{stop[0]} at step {step}: checkpoint in {cfg.out} (--resume continues)")
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+        if bar:
+            bar.close()
     if master:
         print(f"done: {step} steps, stage {cfg.stage}, final loss "
-              + (f"{loss.item():.4f}" if loss is not None else "n/a") + ", held-out agreement "
+              + (f"{last[0]:.4f}" if last else "n/a") + ", held-out agreement "
               + " ".join(f"{a:.3f}" for a in acc) + f" -> {os.path.join(cfg.out, 'draft.safetensors')}")
     return draft
 
@@ -366,26 +592,23 @@ def measure_memory(cfg, target, tokenizer, device):
     """Peak memory of one training step (forward + backward) on one batch: stage 1, then stage 2 at s = 1..6.
     The attention keys are 2T (true states + the draft-state buffer) whatever s is, and the draft layer's own
     saved activations grow only by the ~T/k queries of each extra step (plus one out-of-place copy of the (B, Hkv,
-    T, D) key/value buffer per step: written out of place so gradients can flow through the draft states).
-    What dominates the growth is the loss: each step keeps its LM-head logits and soft-target log-probs, about
-    B * T/k * V numbers in bf16 + fp32 + the fp32 target probabilities, for backward. Measured on an H200 with a
-    SmolLM2-shaped target (V = 49152, batch 16 x 1296 tokens, k = 6): peak 2.0, 3.3, 4.7, 6.0, 7.4, 8.7 GiB at
-    s = 1..6 (+1.3 GiB a step: ~8 bytes per trained position and vocabulary entry), against 11.3 GiB for
-    stage 1, whose loss covers all T positions at once. A self-attention training-time-test draft (EAGLE-3 /
-    HASS) would in addition attend over T * s keys at step s."""
+    T, D) key/value buffer per step: written out of place so gradients can flow through the draft states). The
+    loss keeps no logits: SoftCrossEntropy holds a (rows, V) block for `--loss-chunk` rows at a time and keeps
+    only an (N, dim) gradient, so the peak should stay nearly flat in s. A self-attention training-time-test
+    draft (EAGLE-3 / HASS) would in addition attend over T * s keys at step s."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     window = max(cfg.window, 6)
     examples = data.tokenize_all(tokenizer, data.load_conversations(cfg.data), cfg.max_len)
-    ids, loss_mask, valid = (x.to(device) for x in next(data.batches(examples, cfg.batch_size, True, cfg.seed)))
+    ids, loss_mask, valid = next(data.batches(examples, cfg.batch_size, True, cfg.seed, batch_tokens=cfg.batch_tokens))
     target.requires_grad_(False).eval()
     draft = Beagle(DraftArgs.from_target(target.args)).to(device)
     model = DraftStep(draft)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     with torch.no_grad():
-        logits, h = target(ids)
-        emb = target.tok_embeddings(ids)
-    labels = label_positions(loss_mask, valid, window, 0)
+        ids_d = ids.to(device)
+        _, h = target(ids_d, last_only=True)
+        emb = target.tok_embeddings(ids_d)
     B, T = ids.shape
     print(f"batch {B} x {T} tokens, window {window}; attention keys per query: 2T = {2 * T} in stage 2")
     if not cuda:
@@ -393,14 +616,14 @@ def measure_memory(cfg, target, tokenizer, device):
         return
     mib = lambda x: f"{x / 2**20:8.1f} MiB"
     for s in [0] + list(range(1, 7)):
+        plan = loss_plan(loss_mask, valid, window, 0, s, device)
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         with amp:
-            outs = model(emb, h, window, 0, s)
+            outs = model(emb, h, window, 0, s, [q for q, _, _, _ in plan] if s else None)
             layer = torch.cuda.memory_allocated(device) - base  # what the draft layer keeps for backward
-            loss, _, _ = draft_loss(target.output, outs, logits, h, labels, window, 1 if s == 0 else 2,
-                                    cfg.vloss_weight)
+            loss, _, _ = draft_loss(target.output, outs, h, plan, cfg.vloss_weight, cfg.loss_chunk)
         kept = torch.cuda.memory_allocated(device) - base  # ... plus what the loss keeps
         loss.backward()
         peak = torch.cuda.max_memory_allocated(device) - base
@@ -438,3 +661,6 @@ if __name__ == "__main__":
         main(cli(TrainConfig))
     except BeagleError as e:
         sys.exit(f"error: {e}")
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
