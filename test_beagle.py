@@ -691,7 +691,7 @@ def train_write_data(path, n=12):
 
 
 def train_windows(T, k, eps):
-    """The windows of PAPER.md, listed literally: a partial window [0, eps), then [eps, eps+k), ..."""
+    """The training windows as defined, listed literally: a partial window [0, eps), then [eps, eps+k), ..."""
     starts = ([0] if eps > 0 else []) + list(range(eps, T, k))
     ends = starts[1:] + [T]
     return [list(range(a, b)) for a, b in zip(starts, ends)]
@@ -2506,7 +2506,7 @@ def test_llama_cli_help_from_comments(capsys):
                  "--compile [true|false] torch.compile the step (100% optional) (default false)",
                  "--cuda-graph [true|false|none] None: on for cuda (default none; none allowed)"]:
         assert text in out, text
-    assert llama.field_comments(DecodeConfig)["mode"] == "ar | chain | tree"
+    assert llama.field_comments(DecodeConfig)["mode"].startswith("ar | chain | tree")
 
 
 def test_llama_cli_help_subprocess():
