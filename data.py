@@ -809,3 +809,5 @@ if __name__ == "__main__":
         main(llama.cli(GenConfig))
     except BeagleError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # every finished batch is in --out already
+        sys.exit("interrupted: run the same command again to continue --out")

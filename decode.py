@@ -659,3 +659,5 @@ if __name__ == "__main__":
         main(llama.cli(DecodeConfig))
     except BeagleError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line (--bench has written the questions done so far)
+        sys.exit("interrupted")

@@ -702,12 +702,12 @@ def load_target(path=None, device="cpu", dtype=torch.float32, template=None):
     """path: None (the default SmolLM2), an HF-format directory, or a .gguf (converted once into the cache).
     Returns (model, tokenizer)."""
     if path is None or str(path).endswith(".gguf"):
+        remove_stale_temps(cache_dir() / "*")  # what conversions killed half-way left in the cache
         src = default_gguf() if path is None else Path(path).resolve()
         if not src.is_file():
             raise BeagleError(f"{src}: no such file")
         stamp = hashlib.sha1(f"{src}:{src.stat().st_size}".encode()).hexdigest()[:8]
         path = default_target_dir() if path is None else cache_dir() / f"{src.stem}-{stamp}"
-        remove_stale_temps(path)  # what a conversion killed half-way left in the cache
         if not (path / "config.json").exists():
             print(f"converting {src} -> {path} (once)", file=sys.stderr)
             try:
@@ -831,20 +831,20 @@ def check_output(path, option, directory=False):
 
 
 def remove_stale_temps(path):
-    """Remove the temp files (or directories) of write_atomic(path) whose process has died: a process killed by
-    SIGKILL (or a power cut) never runs its cleanup, and a half-converted model is hundreds of MB."""
+    """Remove the temp files (or directories) of write_atomic(path) whose process has died (path's name "*": of every
+    path in that directory): a process killed by SIGKILL never runs its cleanup, and a half-converted model is
+    hundreds of MB. A temp file of a live process (another one writing right now) stays."""
     for tmp in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
-        pid = tmp.name[len(Path(path).name) + 2:-4]
+        pid = tmp.name.removesuffix(".tmp").rsplit(".", 1)[-1]  # write_atomic's names: .{name}.{pid}.tmp
         if not pid.isdigit():
             continue
         try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-            continue  # alive (another process writing the same path right now): leave it
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # exists, under another user
+            os.kill(int(pid), 0)  # signal 0 sends nothing: it only asks whether the process exists
             continue
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        except PermissionError:  # it exists, under another user
+            continue
 
 
 def write_atomic(path, write):
