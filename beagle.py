@@ -289,7 +289,7 @@ class ExportConfig:
     # (re)compute the token ranking (VOCAB above) from this training data, read with the target's tokenizer; for
     # checkpoints written before train.py stored the ranking
     vocab_data: str | None = None
-    target: str | None = None  # None: the default SmolLM2-135M-Instruct
+    target: str | None = None  # the tokenizer of --vocab-data: HF-format directory or .gguf; None: default SmolLM2
 
 
 def export_draft(src, dst, dtype=torch.bfloat16, vocab=None):
@@ -311,13 +311,14 @@ if __name__ == "__main__":
         if cfg.dtype not in DTYPES:
             raise BeagleError(f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})")
         llama.check_output(cfg.out, "--out")  # before the ranking's minutes of tokenizing
-        read_draft(cfg.draft)
+        read_draft(cfg.draft)  # (likewise a wrong --draft)
         vocab = None
         if cfg.vocab_data:
             import data
             from llama import load_target
+            convs = data.load_conversations(cfg.vocab_data)  # (a wrong path: an error before the target loads)
             target, tok = load_target(cfg.target)
-            examples = data.tokenize_all(tok, data.load_conversations(cfg.vocab_data), 2048)
+            examples = data.tokenize_all(tok, convs, 2048)
             vocab = data.token_ranking(examples, target.args.vocab_size)
         export_draft(cfg.draft, cfg.out, DTYPES[cfg.dtype], vocab)
         print(f"{cfg.draft} -> {cfg.out} ({cfg.dtype}, {os.path.getsize(cfg.out) / 2**20:.1f} MiB)")

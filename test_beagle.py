@@ -3006,6 +3006,8 @@ MISUSE = [  # (script, argv, what the one line says)
     ("beagle.py", f"--draft {MISUSE_DRAFT} --out a_file/x.safetensors", "a_file is a file, not a directory"),
     ("beagle.py", f"--draft {MISUSE_DRAFT} --out x.safetensors --dtype int8", "--dtype must be one of"),
     ("beagle.py", "--draft missing.safetensors --out x.safetensors", "no draft checkpoint at missing.safetensors"),
+    ("beagle.py", f"--draft {MISUSE_DRAFT} --out x.safetensors --vocab-data none.jsonl",
+     "data file none.jsonl not found"),
     ("llama.py", "--convert missing.gguf --out x", "missing.gguf: no such file"),
     ("llama.py", "--convert DEFAULT_GGUF --out a_file", "--out a_file is a file; give a directory"),
 ]
