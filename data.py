@@ -521,7 +521,7 @@ class GenConfig:
     reply_temperature: float = 0.7
     top_p: float = 1.0  # nucleus sampling of both turns, in (0, 1]; 1: off
     top_k: int = 0  # sample from the k most likely tokens, >= 0; 0: off
-    seed: int = 0  # batch i is generated from (seed, i): the same file whatever the ranks and restarts
+    seed: int = 0  # in [0, 2^32); batch i is generated from (seed, i): the same file whatever the ranks and restarts
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda when available (torchrun: cuda:LOCAL_RANK)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: bfloat16 on cuda, float32 on cpu
     cuda_graph: bool | None = None  # capture the decoding steps in CUDA graphs; None: on a GPU
@@ -541,6 +541,8 @@ def check_config(cfg):
         raise BeagleError(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if cfg.top_k < 0:
         raise BeagleError(f"--top-k must be >= 0 (0: off), got {cfg.top_k}")
+    if not 0 <= cfg.seed < 2 ** 32:  # (batch i's generator is seeded with seed * 1_000_003 + i: a 64-bit number)
+        raise BeagleError(f"--seed must be in [0, 2^32), got {cfg.seed}")
     llama.check_output(cfg.out, "--out")
 
 

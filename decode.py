@@ -79,7 +79,7 @@ class DecodeConfig:
     temperature: float = 0.0  # >= 0, finite; 0: exact argmax (greedy)
     top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much mass, in (0, 1]; 1: off
     top_k_sample: int = 0  # sample from the k most likely tokens, >= 0; 0: no top-k filter
-    seed: int = 0  # the sampling generator's seed (each answer starts from it)
+    seed: int = 0  # the sampling generator's seed, in [0, 2^32) (each answer starts from it)
     json: bool = False  # one JSON object per answer on stdout instead of streamed text
     compare: bool = False  # also decode plainly: speedup, and whether the tokens are identical
     bench: str | None = None  # benchmark plain vs speculative decoding: mtbench | FILE.jsonl ({"turns": [...]})
@@ -514,6 +514,8 @@ def check_config(cfg):
         raise BeagleError(f"--temperature must be a finite number >= 0 (0: greedy), got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
         raise BeagleError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise BeagleError(f"--seed must be in [0, 2^32), got {cfg.seed}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise BeagleError(f"--compile-mode must be one of {' | '.join(COMPILE_MODES)} (got {cfg.compile_mode!r})")
     for name in ("prompt", "system", "template"):
