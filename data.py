@@ -517,7 +517,8 @@ class GenConfig:
     # >= 0, finite; the target's own distribution over questions: diversity (Magpie's choice)
     user_temperature: float = 1.0
     # >= 0, finite; replies a bit sharper than the target's distribution: close to what it says when it is decoded
-    # (greedy or low temperature, the contexts the draft will see), while greedy replies of small models loop
+    # (greedy or low temperature, the contexts the draft will see), while greedy replies of small models loop and
+    # hit the cap
     reply_temperature: float = 0.7
     top_p: float = 1.0  # nucleus sampling of both turns, in (0, 1]; 1: off
     top_k: int = 0  # sample from the k most likely tokens, >= 0; 0: off

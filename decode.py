@@ -463,7 +463,8 @@ def read_jsonl_or_lines(path):
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise BeagleError(f"{where}: not a JSON object ({e.msg}); the file's first line made it JSONL") from None
+            raise BeagleError(f"{where}: not JSON ({e.msg}); the first line is a JSON object, so every line must "
+                              "be one") from None
         if not isinstance(row, dict) or ("prompt" in row) == ("turns" in row):
             raise BeagleError(f'{where}: expected a JSON object with "prompt" (a string) or "turns" (a list of '
                               f'strings), got {short(row)}')

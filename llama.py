@@ -840,11 +840,10 @@ def remove_stale_temps(path):
             continue
         try:
             os.kill(int(pid), 0)  # signal 0 sends nothing: it only asks whether the process exists
-            continue
-        except ProcessLookupError:
+        except ProcessLookupError:  # no such process: nobody will finish or remove this temp file
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         except PermissionError:  # it exists, under another user
-            continue
+            pass
 
 
 def write_atomic(path, write):

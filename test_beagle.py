@@ -2985,7 +2985,7 @@ MISUSE = [  # (script, argv, what the one line says)
     ("decode.py", "--prompt-file number_turn.jsonl", "number_turn.jsonl:3: turn 2 must be a non-blank string, got 3"),
     ("decode.py", "--prompt-file latin1.txt", "latin1.txt:1: not UTF-8 text (byte 0xe9)"),
     ("decode.py", "--prompt-file no_prompt.jsonl", 'no_prompt.jsonl:2: expected a JSON object with "prompt"'),
-    ("decode.py", "--prompt-file not_json.jsonl", "not_json.jsonl:2: not a JSON object"),
+    ("decode.py", "--prompt-file not_json.jsonl", "not_json.jsonl:2: not JSON (Expecting property name"),
     ("decode.py", "--prompt-file missing.jsonl", "cannot read prompts"),
     ("decode.py", "--bench missing.jsonl", "cannot read prompts"),
     ("decode.py", "--bench b.jsonl --bench-out a_file", "--bench-out a_file is a file; give a directory"),
