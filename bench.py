@@ -1,6 +1,7 @@
 """
 The benchmark of decode.py: plain and speculative decoding interleaved answer by answer on MT-bench (or any
-.jsonl of conversations), per category and overall, written to --bench-out as bench.json and bench.md.
+.jsonl of conversations), per category and overall, written to --bench-out (default runs/bench) as bench.json and
+bench.md.
 
     python decode.py --bench mtbench --bench-limit 24 --bench-out runs/bench        # greedy tree, 3 per category
     python decode.py --bench mtbench --temperature 1.0 --bench-out runs/bench/t1    # sampling
