@@ -13,7 +13,7 @@ shared, and are never stored in the draft checkpoint:
     y_i     = Attn(q = norm(e(t_i)), k/v = norm(h_j) for visible j) + e(t_i)
     hat_h_i = FFN(norm(y_i)) + y_i          # the draft's estimate of h_i; logits = target.output(hat_h_i)
 
-Choices where the paper is silent (PAPER.md, "ambiguous"):
+Choices the paper leaves open, and how we make them:
 - h is the target state AFTER its final RMSNorm (what the LM head reads, as in EAGLE); llama.py returns that.
 - A query with no visible key (position 0, the partial window before the first full one) gets attention
   output 0: we unmask one dummy key so SDPA never sees an all-False row (no NaN forward or backward) and zero
@@ -284,12 +284,12 @@ def load_draft(path, target, device="cpu", dtype=torch.float32):
 @dataclass
 class ExportConfig:
     draft: str = "runs/s2/draft.safetensors"  # a checkpoint written by train.py (fp32 master weights)
-    out: str = "drafts/smollm2-135m-instruct.safetensors"  # where decode.py looks for the default target's draft
-    dtype: str = "bfloat16"
+    out: str = "drafts/smollm2-135m-instruct.safetensors"  # the file written; the default: where decode.py looks
+    dtype: str = "bfloat16"  # the weights' dtype in the copy: bfloat16 | float16 | float32 (or bf16, fp16, fp32)
     # (re)compute the token ranking (VOCAB above) from this training data, read with the target's tokenizer; for
     # checkpoints written before train.py stored the ranking
     vocab_data: str | None = None
-    target: str | None = None  # None: the default SmolLM2-135M-Instruct
+    target: str | None = None  # the tokenizer of --vocab-data: HF-format directory or .gguf; None: default SmolLM2
 
 
 def export_draft(src, dst, dtype=torch.bfloat16, vocab=None):
@@ -309,13 +309,16 @@ if __name__ == "__main__":
     cfg = cli(ExportConfig)
     try:
         if cfg.dtype not in DTYPES:
-            raise BeagleError(f"--dtype must be one of {', '.join(DTYPES)}")
+            raise BeagleError(f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})")
+        llama.check_output(cfg.out, "--out")  # before the ranking's minutes of tokenizing
+        read_draft(cfg.draft)  # (likewise a wrong --draft)
         vocab = None
         if cfg.vocab_data:
             import data
             from llama import load_target
+            convs = data.load_conversations(cfg.vocab_data)  # (a wrong path: an error before the target loads)
             target, tok = load_target(cfg.target)
-            examples = data.tokenize_all(tok, data.load_conversations(cfg.vocab_data), 2048)
+            examples = data.tokenize_all(tok, convs, 2048)
             vocab = data.token_ranking(examples, target.args.vocab_size)
         export_draft(cfg.draft, cfg.out, DTYPES[cfg.dtype], vocab)
         print(f"{cfg.draft} -> {cfg.out} ({cfg.dtype}, {os.path.getsize(cfg.out) / 2**20:.1f} MiB)")

@@ -1,6 +1,7 @@
 """
 The benchmark of decode.py: plain and speculative decoding interleaved answer by answer on MT-bench (or any
-.jsonl of conversations), per category and overall, written to --bench-out as bench.json and bench.md.
+.jsonl of conversations), per category and overall, written to --bench-out (default runs/bench) as bench.json and
+bench.md.
 
     python decode.py --bench mtbench --bench-limit 24 --bench-out runs/bench        # greedy tree, 3 per category
     python decode.py --bench mtbench --temperature 1.0 --bench-out runs/bench/t1    # sampling
@@ -12,7 +13,6 @@ are on the device and ends after a device synchronisation. Beside tokens/s and t
 answers caught in a repetition loop (loops()), and tau without them: a loop is easy to draft, so it inflates tau.
 """
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 
 import data
 import decode
+import llama
 from llama import BeagleError
 
 LOOP_TAIL, LOOP_PERIOD = 64, 32  # loops(): the tail of an answer that is checked, the longest period looked for
@@ -63,12 +64,6 @@ def spread(items, limit):
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
-def write_atomic(path, text):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def bench_report(records, settings, depth):
     """-> ({category or "overall": numbers}, the same as a markdown table). tau also without the answers that loop
     (loops()): a repetition loop is easy to draft, so it inflates tau."""
@@ -100,6 +95,9 @@ def bench(cfg):
     """Plain and speculative decoding interleaved prompt by prompt; per-category and overall numbers."""
     if cfg.mode == "ar":
         raise BeagleError("--bench compares plain decoding with --mode chain or tree")
+    # the output directory and its two files: checked before any work, not after the first question
+    out = llama.check_output(cfg.bench_out, "--bench-out", directory=True)
+    files = [llama.check_output(out / name, "--bench-out") for name in ("bench.json", "bench.md")]
     convs = decode.read_jsonl_or_lines(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
     picked = spread(list(enumerate(convs)), cfg.bench_limit)  # (index in the file, conversation)
     convs = [c for _, c in picked]
@@ -129,9 +127,10 @@ def bench(cfg):
             print(f"[{q + 1}/{len(convs)} {category} turn {i + 1}] plain {len(b.tokens) / b.seconds:.1f} tok/s, "
                   f"{cfg.mode} {len(s.tokens) / s.seconds:.1f} tok/s, tau {s.tau:.2f}", file=sys.stderr)
         table, md = bench_report(records, dict(settings, questions_done=q + 1), cfg.depth)
-        os.makedirs(cfg.bench_out, exist_ok=True)  # rewritten after every question: an interrupted run keeps its part
-        write_atomic(Path(cfg.bench_out, "bench.json"), json.dumps(dict(settings=dict(settings, questions_done=q + 1),
-                                                                        results=table, records=records), indent=1))
-        write_atomic(Path(cfg.bench_out, "bench.md"), md)
+        out.mkdir(parents=True, exist_ok=True)  # rewritten after every question: an interrupted run keeps its part
+        report = json.dumps(dict(settings=dict(settings, questions_done=q + 1), results=table, records=records),
+                            indent=1)
+        for path, text in zip(files, (report, md)):
+            llama.write_atomic(path, lambda tmp: tmp.write_text(text))
     print(md, end="")
     return table

@@ -25,6 +25,7 @@ import glob
 import importlib.util
 import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -554,23 +555,43 @@ SENTINEL = "\x00BEAGLE_USER_TURN\x00"  # no whitespace, so templates that trim t
 @dataclass
 class GenConfig:
     target: str | None = None  # model directory or GGUF for llama.load_target; None: default SmolLM2-135M-Instruct
-    out: str = "data/selfgen.jsonl"
-    n: int = 2000  # conversations wanted in `out`; a restarted run appends until there are n
-    batch_size: int = 64
-    turns: int = 1  # user/assistant exchanges per conversation
-    max_user_tokens: int = 128  # a user turn that has not ended by then is dropped
-    max_reply_tokens: int = 512  # a reply that reaches it is kept, truncated, and ends its conversation
-    user_temperature: float = 1.0  # the target's own distribution over questions: diversity (Magpie's choice)
-    # replies a bit sharper than the target's distribution: close to what it says when it is decoded (greedy or
-    # low temperature, the contexts the draft will see), while greedy replies of small models loop and hit the cap
+    out: str = "data/selfgen.jsonl"  # the JSONL file written (appended to: a restarted run continues it)
+    n: int = 2000  # conversations wanted in `out`, >= 1; a restarted run appends until there are n
+    batch_size: int = 64  # conversations generated together, >= 1
+    turns: int = 1  # user/assistant exchanges per conversation, >= 1
+    max_user_tokens: int = 128  # >= 1; a user turn that has not ended by then is dropped
+    max_reply_tokens: int = 512  # >= 1; a reply that reaches it is kept, truncated, and ends its conversation
+    # >= 0, finite; the target's own distribution over questions: diversity (Magpie's choice)
+    user_temperature: float = 1.0
+    # >= 0, finite; replies a bit sharper than the target's distribution: close to what it says when it is decoded
+    # (greedy or low temperature, the contexts the draft will see), while greedy replies of small models loop and
+    # hit the cap
     reply_temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    seed: int = 0
-    device: str = "auto"  # auto: cuda when available
-    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    top_p: float = 1.0  # nucleus sampling of both turns, in (0, 1]; 1: off
+    top_k: int = 0  # sample from the k most likely tokens, >= 0; 0: off
+    seed: int = 0  # in [0, 2^32); batch i is generated from (seed, i): the same file whatever the ranks and restarts
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda when available (torchrun: cuda:LOCAL_RANK)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: bfloat16 on cuda, float32 on cpu
     cuda_graph: bool | None = None  # capture the decoding steps in CUDA graphs; None: on a GPU
     shrink: bool = True  # finished rows leave the batch (halvings) instead of idling until the last row ends
+
+
+def check_config(cfg):
+    """Every option's range and --out's kind, before the target is loaded: one line naming the option."""
+    for name in ("n", "batch_size", "turns", "max_user_tokens", "max_reply_tokens"):
+        if getattr(cfg, name) < 1:
+            raise BeagleError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("user_temperature", "reply_temperature"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise BeagleError(f"--{name.replace('_', '-')} must be a finite number >= 0 (0: greedy), "
+                              f"got {getattr(cfg, name)}")
+    if not 0 < cfg.top_p <= 1:
+        raise BeagleError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise BeagleError(f"--top-k must be >= 0 (0: off), got {cfg.top_k}")
+    if not 0 <= cfg.seed < 2 ** 32:  # (batch i's generator is seeded with seed * 1_000_003 + i: a 64-bit number)
+        raise BeagleError(f"--seed must be in [0, 2^32), got {cfg.seed}")
+    llama.check_output(cfg.out, "--out")
 
 
 def _norm_text(s):
@@ -682,10 +703,7 @@ def generate_conversations(cfg, model, tokenizer, verbose=True, rank=0, world=1)
     Ranks work in rounds of `world` batches; after each round every rank gathers the round's conversations and
     rank 0 appends them in batch order, dropping first user turns seen before (in the file or an earlier batch),
     up to n: one rank and several ranks write the same file, and a restart continues it as if never stopped."""
-    if min(cfg.n, cfg.batch_size, cfg.turns, cfg.max_user_tokens, cfg.max_reply_tokens) < 1:
-        raise BeagleError("--n, --batch-size, --turns, --max-user-tokens and --max-reply-tokens must be >= 1")
-    if min(cfg.user_temperature, cfg.reply_temperature) < 0 or not 0 < cfg.top_p <= 1:
-        raise BeagleError("temperatures must be >= 0 and --top-p in (0, 1]")
+    check_config(cfg)
     count, seen, index = _resume(cfg.out)
     questions = mtbench_questions()
     special = set(tokenizer.stop_ids) | {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
@@ -853,6 +871,7 @@ def main(cfg):
     """Under torchrun (WORLD_SIZE > 1) every rank generates its share of the batches on its own GPU (cuda:LOCAL_RANK)
     and the ranks exchange finished conversations over gloo (host objects, a few per batch)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    check_config(cfg)
     device, dtype = llama.device_and_dtype(cfg.device, cfg.dtype)
     if world > 1:
         torch.distributed.init_process_group("gloo")
@@ -876,3 +895,5 @@ if __name__ == "__main__":
         main(llama.cli(GenConfig))
     except BeagleError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # every finished batch is in --out already
+        sys.exit("interrupted: run the same command again to continue --out")

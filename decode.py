@@ -31,6 +31,7 @@ torch.compile'd first) and replayed; on the CPU the same step runs eagerly.
 """
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -56,33 +57,45 @@ MAX_LEN = {"cuda": 2048, "cpu": 1024}  # default cache slots: every step attends
 
 @dataclass
 class DecodeConfig:
-    prompt: str | None = None
-    prompt_file: str | None = None  # .jsonl ({"prompt": ...} or {"turns": [...]} per line) or text, one per line
-    target: str | None = None  # None: the default SmolLM2-135M-Instruct (llama.load_target)
-    draft: str | None = None  # None: drafts/smollm2-135m-instruct.safetensors for the default target, if present
-    mode: str = "tree"  # ar | chain | tree
-    depth: int = 0  # 0: GPU_TREE / CPU_TREE by device
-    top_k: int = 0
-    tree_tokens: int = 0
-    draft_vocab: int = -1  # N > 0: the draft proposes from the N most frequent target tokens; 0: all; -1: by device
-    max_new_tokens: int = 256
-    max_len: int = 0  # cache slots of an answer (prompt + answer + one tree); 0: MAX_LEN by device, <= the context
-    temperature: float = 0.0  # 0: exact argmax
-    top_p: float = 1.0
-    top_k_sample: int = 0  # 0: no top-k filter when sampling
-    seed: int = 0
-    json: bool = False
-    compare: bool = False
-    bench: str | None = None  # mtbench | FILE.jsonl
+    prompt: str | None = None  # one user turn to answer (non-blank UTF-8 text)
+    # a file of prompts: .jsonl ({"prompt": "..."} or {"turns": ["...", ...]}, maybe "category", one per line) or
+    # plain text, one prompt per line; blank lines are skipped
+    prompt_file: str | None = None
+    target: str | None = None  # HF-format directory or .gguf; None: the default SmolLM2-135M-Instruct
+    # a draft checkpoint (train.py, beagle.py); None: drafts/smollm2-135m-instruct.safetensors for the default
+    # target, if present (no draft: plain decoding)
+    draft: str | None = None
+    mode: str = "tree"  # ar | chain | tree: plain decoding, a chain of --depth draft tokens, an EAGLE-2 dynamic tree
+    depth: int = 0  # draft steps per iteration, >= 1; 0: chosen by device (GPU 5, CPU 2)
+    top_k: int = 0  # children per expanded node (tree), >= 1; 0: chosen by device (GPU 10, CPU 2)
+    tree_tokens: int = 0  # draft tokens verified per iteration (tree), >= 1; 0: chosen by device (GPU 60, CPU 3)
+    # N > 0: the draft proposes from the N most frequent target tokens; 0: all; -1: chosen by device (GPU all, CPU
+    # 4096)
+    draft_vocab: int = -1
+    max_new_tokens: int = 256  # the longest answer, in tokens, >= 1
+    # cache slots of an answer (prompt + answer + one tree), at most the target's context; 0: chosen by device
+    # (GPU 2048, CPU 1024)
+    max_len: int = 0
+    temperature: float = 0.0  # >= 0, finite; 0: exact argmax (greedy)
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much mass, in (0, 1]; 1: off
+    top_k_sample: int = 0  # sample from the k most likely tokens, >= 0; 0: no top-k filter
+    seed: int = 0  # the sampling generator's seed, in [0, 2^32) (each answer starts from it)
+    json: bool = False  # one JSON object per answer on stdout instead of streamed text
+    compare: bool = False  # also decode plainly: speedup, and whether the tokens are identical
+    bench: str | None = None  # benchmark plain vs speculative decoding: mtbench | FILE.jsonl ({"turns": [...]})
     bench_limit: int = 0  # N > 0: N questions spread evenly over the file (MT-bench: every category); 0: all
-    bench_out: str = "bench"
-    device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    template: str | None = None  # force a chat template (vicuna | chatml | jinja source); raw: no template
-    system: str | None = None
+    bench_out: str = "runs/bench"  # the directory for bench.json and bench.md
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (or fp32, bf16, fp16); auto: bf16 on GPU, fp32 on CPU
+    # force a chat template: vicuna | chatml | a .jinja file | Jinja source | raw (no template: the turns joined by
+    # newlines); None: the target's own
+    template: str | None = None
+    system: str | None = None  # a system message before the first user turn
     cuda_graph: bool | None = None  # capture each step as a CUDA graph; None: on for cuda (the CPU runs steps eagerly)
     compile: bool | None = None  # torch.compile each step (before its capture); None: off
-    compile_mode: str = "max-autotune-no-cudagraphs"  # torch.compile's mode (not one with its own CUDA graphs)
+    # torch.compile's mode: default | max-autotune-no-cudagraphs (reduce-overhead and max-autotune make CUDA graphs of
+    # their own: only with --cuda-graph false)
+    compile_mode: str = "max-autotune-no-cudagraphs"
 
 
 @dataclass
@@ -405,26 +418,67 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
 
 def read_prompts(cfg):
     """-> list of (turns, category): a conversation's user turns (the answers are carried from turn to turn)."""
-    if cfg.prompt is None and cfg.prompt_file is None:
-        raise BeagleError("give --prompt, --prompt-file or --bench")
+    if (cfg.prompt is None) == (cfg.prompt_file is None):
+        raise BeagleError("give one of --prompt, --prompt-file or --bench")
     return [([cfg.prompt], "prompt")] if cfg.prompt is not None else read_jsonl_or_lines(cfg.prompt_file)
 
 
-def read_jsonl_or_lines(path):
+def is_text(s):
+    """A non-blank string that is valid Unicode: no lone surrogates, which is how Python passes on command-line bytes
+    that are not UTF-8 (and how JSON can spell them), and which the tokenizer cannot encode."""
     try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        return isinstance(s, str) and bool(s.strip()) and bool(s.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+
+
+def short(x, n=40):  # a value as an error message quotes it
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def read_jsonl_or_lines(path):
+    """A prompt file -> [(turns, category)]: JSONL ({"prompt": str} or {"turns": [str, ...]}, maybe a "category",
+    per line) when its first non-blank line opens a JSON object, else plain text, one prompt per line. Blank lines
+    are skipped; anything else that is not a prompt is an error naming the file and the line (numbered as in an
+    editor, blank lines counted)."""
+    try:
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise BeagleError(f"cannot read prompts: {e}") from None
-    if not lines or not lines[0].lstrip().startswith("{"):
-        return [([line], "prompt") for line in lines]  # plain text: one prompt per line
+    try:
+        text = raw.decode("utf-8-sig")  # (-sig: a byte-order mark, as some editors write, is not part of a prompt)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise BeagleError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    # split at "\n" only: splitlines() would also cut at U+2028 or \x85 inside a prompt
+    lines = [(i, line.strip()) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not lines:
+        raise BeagleError(f"{path}: no prompts (the file is {'empty' if not text else 'blank lines only'})")
+    if not lines[0][1].startswith("{"):
+        return [([line], "prompt") for _, line in lines]  # plain text: one prompt per line
     convs = []
-    for i, line in enumerate(lines, 1):
+    for i, line in lines:
+        where = f"{path}:{i}"
         try:
             row = json.loads(line)
-            turns = [row["prompt"]] if "prompt" in row else list(row["turns"])
-            convs.append((turns, row.get("category", "prompt")))
-        except (ValueError, KeyError, TypeError):
-            raise BeagleError(f"{path}:{i}: expected a JSON object with \"prompt\" or \"turns\"") from None
+        except ValueError as e:
+            raise BeagleError(f"{where}: not JSON ({e.msg}); the first line is a JSON object, so every line must "
+                              "be one") from None
+        if not isinstance(row, dict) or ("prompt" in row) == ("turns" in row):
+            raise BeagleError(f'{where}: expected a JSON object with "prompt" (a string) or "turns" (a list of '
+                              f'strings), got {short(row)}')
+        turns = [row["prompt"]] if "prompt" in row else row["turns"]
+        if "prompt" in row and not is_text(row["prompt"]):
+            raise BeagleError(f'{where}: "prompt" must be a non-blank string, got {short(row["prompt"])}')
+        if not isinstance(turns, list) or not turns:
+            raise BeagleError(f'{where}: "turns" must be a non-empty list of strings, got {short(turns)}')
+        bad = next((j for j, turn in enumerate(turns, 1) if not is_text(turn)), None)
+        if bad is not None:
+            raise BeagleError(f'{where}: turn {bad} must be a non-blank string, got {short(turns[bad - 1])}')
+        if not isinstance(row.get("category", ""), str):
+            raise BeagleError(f'{where}: "category" must be a string, got {short(row["category"])}')
+        convs.append((turns, row.get("category", "prompt")))
     return convs
 
 
@@ -440,19 +494,49 @@ def prompt_ids(tokenizer, cfg, turns, answers):
     return tokenizer.chat(messages)
 
 
+MODES = ("ar", "chain", "tree")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+AT_LEAST = {  # integer options: the smallest value allowed, and what the smallest ones mean
+    "max_new_tokens": (1, ""), "depth": (0, " (0: chosen by device)"), "top_k": (0, " (0: chosen by device)"),
+    "tree_tokens": (0, " (0: chosen by device)"), "draft_vocab": (-1, " (0: all tokens, -1: chosen by device)"),
+    "max_len": (0, " (0: chosen by device)"), "top_k_sample": (0, " (0: no top-k filter)"),
+    "bench_limit": (0, " (0: every question)")}
+
+
+def check_config(cfg):
+    """Every option's range, before anything is loaded: a one-line error that names the option and what it allows,
+    not a traceback from deep inside torch (or, worse, silently random tokens at --temperature inf)."""
+    if cfg.mode not in MODES:
+        raise BeagleError(f"--mode must be one of {' | '.join(MODES)} (got {cfg.mode!r})")
+    for name, (low, note) in AT_LEAST.items():
+        if getattr(cfg, name) < low:
+            raise BeagleError(f"--{name.replace('_', '-')} must be >= {low}{note}, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        raise BeagleError(f"--temperature must be a finite number >= 0 (0: greedy), got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise BeagleError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise BeagleError(f"--seed must be in [0, 2^32), got {cfg.seed}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise BeagleError(f"--compile-mode must be one of {' | '.join(COMPILE_MODES)} (got {cfg.compile_mode!r})")
+    for name in ("prompt", "system", "template"):
+        if getattr(cfg, name) is not None and not is_text(getattr(cfg, name)):
+            raise BeagleError(f"--{name} must be non-blank UTF-8 text, got {short(getattr(cfg, name))}")
+
+
 def resolve(cfg):
-    """Fill the device-dependent defaults in place."""
+    """Check the options and fill the device-dependent defaults in place."""
+    check_config(cfg)
     cfg.device, dtype = llama.device_and_dtype(cfg.device, cfg.dtype)
     cfg.dtype = str(dtype).removeprefix("torch.")  # resolved, and spelled one way in reports
     gpu = torch.device(cfg.device).type == "cuda"
-    if cfg.mode not in ("ar", "chain", "tree"):
-        raise BeagleError("--mode must be ar, chain or tree")
     depth, top_k, tree_tokens = GPU_TREE if gpu else CPU_TREE
     cfg.cuda_graph = gpu if cfg.cuda_graph is None else cfg.cuda_graph
     cfg.compile = bool(cfg.compile)  # (None: off until measured)
+    if cfg.compile and gpu and cfg.cuda_graph and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise BeagleError(f"--compile-mode {cfg.compile_mode} makes CUDA graphs of its own: add --cuda-graph false "
+                          "or take default | max-autotune-no-cudagraphs")
     cfg.depth, cfg.top_k, cfg.tree_tokens = cfg.depth or depth, cfg.top_k or top_k, cfg.tree_tokens or tree_tokens
-    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
-        raise BeagleError("--temperature must be >= 0 and --top-p in (0, 1]")
 
 
 def load(cfg):
@@ -578,3 +662,5 @@ if __name__ == "__main__":
         main(llama.cli(DecodeConfig))
     except BeagleError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line (--bench has written the questions done so far)
+        sys.exit("interrupted")

@@ -504,6 +504,7 @@ def convert_gguf(gguf_path, out_dir):
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise BeagleError(f"{gguf_path}: no such file")
+    check_output(out_dir, "--out", directory=True)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BeagleError(f"{out_dir} already exists and is not empty")
     try:
@@ -708,6 +709,7 @@ def load_target(path=None, device="cpu", dtype=torch.float32, template=None):
     """path: None (the default SmolLM2), an HF-format directory, or a .gguf (converted once into the cache).
     Returns (model, tokenizer)."""
     if path is None or str(path).endswith(".gguf"):
+        remove_stale_temps(cache_dir() / "*")  # what conversions killed half-way left in the cache
         src = default_gguf() if path is None else Path(path).resolve()
         if not src.is_file():
             raise BeagleError(f"{src}: no such file")
@@ -801,11 +803,18 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def device_and_dtype(device="auto", dtype="auto"):
-    """The scripts' --device / --dtype: auto = cuda when there is one; bf16 on a GPU, fp32 on the CPU."""
+    """The scripts' --device / --dtype: auto = cuda when there is one; bf16 on a GPU, fp32 on the CPU. The devices
+    are the ones the code is written for (auto, cpu, cuda, cuda:N), checked here: torch's own error for a wrong one
+    is a traceback that lists twenty device types."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise BeagleError(f"--device must be auto, cpu, cuda or cuda:N (got {device!r})")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise BeagleError(f"--device {device}: CUDA is not available here")
+    if index and int(index) >= torch.cuda.device_count():
+        raise BeagleError(f"--device {device}: there are {torch.cuda.device_count()} GPUs (cuda:0 ..)")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in DTYPES:
@@ -813,10 +822,43 @@ def device_and_dtype(device="auto", dtype="auto"):
     return device, DTYPES[dtype]
 
 
+def check_output(path, option, directory=False):
+    """Before any work: `path` (given as `option`) can be written as a file (or, with directory, a directory), so a
+    wrong kind of path is one line at the start, not a traceback after the work."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise BeagleError(f"{option} {path} is {'a file' if directory else 'a directory'}; "
+                          f"give {'a directory' if directory else 'a file name'}")
+    parent = next((p for p in path.parents if p.exists()), Path("."))  # the nearest part of the path that exists
+    if not parent.is_dir():
+        raise BeagleError(f"{option} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise BeagleError(f"{option} {path}: {parent} is not writable")
+    return path
+
+
+def remove_stale_temps(path):
+    """Remove the temp files (or directories) of write_atomic(path) whose process has died (path's name "*": of every
+    path in that directory): a process killed by SIGKILL never runs its cleanup, and a half-converted model is
+    hundreds of MB. A temp file of a live process (another one writing right now) stays."""
+    for tmp in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        pid = tmp.name.removesuffix(".tmp").rsplit(".", 1)[-1]  # write_atomic's names: .{name}.{pid}.tmp
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0 sends nothing: it only asks whether the process exists
+        except ProcessLookupError:  # no such process: nobody will finish or remove this temp file
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        except PermissionError:  # it exists, under another user
+            pass
+
+
 def write_atomic(path, write):
     """write(tmp) writes a file (or a directory) at tmp, beside path, which then replaces path in one rename: a crash
-    or an error never leaves half a file at path, and the temp file is removed on failure."""
+    or an error never leaves half a file at path, and the temp file is removed on failure (and, if a killed process
+    left one, on the next write of the same path)."""
     path = Path(path)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
