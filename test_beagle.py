@@ -3221,6 +3221,13 @@ MISUSE = [  # (script, argv, what the one line says)
     ("beagle.py", "--draft missing.safetensors --out x.safetensors", "no draft checkpoint at missing.safetensors"),
     ("beagle.py", f"--draft {MISUSE_DRAFT} --out x.safetensors --vocab-data none.jsonl",
      "data file none.jsonl not found"),
+    ("train.py", "--batch-size 0", "--batch-size must be >= 1, got 0"),
+    ("train.py", "--lr -1", "--lr must be a finite number > 0, got -1.0"),
+    ("train.py", "--lr nan", "--lr must be a finite number > 0, got nan"),
+    ("train.py", "--eval-frac 1", "--eval-frac must be a finite number in [0, 1), got 1.0"),
+    ("train.py", "--stage 3", "need --stage 1|2"),
+    ("train.py", "--out a_file", "--out a_file is a file; give a directory"),
+    ("train.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
     ("llama.py", "--convert missing.gguf --out x", "missing.gguf: no such file"),
     ("llama.py", "--convert DEFAULT_GGUF --out a_file", "--out a_file is a file; give a directory"),
 ]

@@ -1,5 +1,5 @@
 """
-Two-stage block-attention training of the Beagle draft against a frozen target (PAPER.md, "Training").
+Two-stage block-attention training of the Beagle draft against a frozen target (README, "Method").
 
     python train.py --stage 1 --data data/selfgen.jsonl --out runs/s1 --epochs 10 --device cuda
     python train.py --stage 2 --data data/selfgen.jsonl --init runs/s1/draft.safetensors --out runs/s2 --epochs 10
@@ -31,6 +31,7 @@ backward; the loss keeps only an (N, dim) gradient per step, so memory grows lit
 """
 import csv
 import json
+import math
 import os
 import random
 import signal
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 import data
 from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
     simulation_mask, window_positions, window_start
-from llama import DTYPES, BeagleError, cli, device_and_dtype, load_target
+from llama import DTYPES, BeagleError, check_output, cli, device_and_dtype, load_target
 
 
 @dataclass
@@ -367,8 +368,18 @@ def check_config(cfg):
         raise BeagleError("--resume continues the run in --out; drop --init")
     if cfg.resume and cfg.overwrite:
         raise BeagleError("--resume continues the run in --out, --overwrite replaces it: give one")
-    if cfg.batch_size < 1 or cfg.batch_tokens < 0 or cfg.loss_chunk < 1:
-        raise BeagleError("need --batch-size >= 1, --batch-tokens >= 0 and --loss-chunk >= 1")
+    for name, low in (("batch_size", 1), ("batch_tokens", 0), ("loss_chunk", 1), ("epochs", 1), ("max_steps", 0),
+                      ("warmup", 0), ("eval_interval", 1), ("eval_min", 0), ("eval_max_batches", 1),
+                      ("log_interval", 1), ("max_len", 2), ("tau_interval", 0), ("tau_prompts", 1)):
+        if getattr(cfg, name) < low:
+            raise BeagleError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    for name in ("lr", "grad_clip", "noise", "vloss_weight", "weight_decay", "save_minutes", "eval_frac"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0) or (name == "eval_frac" and value >= 1):
+            raise BeagleError(f"--{name.replace('_', '-')} must be a finite number "
+                              + {"lr": "> 0", "eval_frac": "in [0, 1)"}.get(name, ">= 0") + f", got {value}")
+    if not cfg.measure_memory:
+        check_output(cfg.out, "--out", directory=True)
     if cfg.stage == 2 and not cfg.init and not cfg.resume and not cfg.measure_memory:
         print("warning: stage 2 without --init starts from a random draft (the paper starts from stage 1)")
 
