@@ -109,12 +109,8 @@ class Beagle(nn.Module):
             # and zero their output below, so they get exactly 0 and no gradient flows through them.
             first = torch.zeros_like(mask[..., :1, :])  # (.., 1, S)
             first[..., 0].fill_(True)  # (not `= True`: that copies a host scalar, a GPU sync)
-            g = self.n_heads // self.n_kv_heads
-            if g > 1 and k.device.type in llama.REPEAT_KV_DEVICES:  # (SDPA's fused kernels: no GQA with a mask)
-                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, H, S, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | (first & ~seen),
-                                               enable_gqa=k.shape[1] != self.n_heads)
-            y = torch.where(seen, y, 0.0)  # (B, H, T, D)
+            mask = llama.tile_mask(mask | (first & ~seen), self.n_heads // self.n_kv_heads)
+            y = torch.where(seen, llama.attention(q, k, v, mask), 0.0)  # (B, H, T, D)
         y = self.wo(y.transpose(1, 2).reshape(B, T, -1)) + emb
         return self.feed_forward(self.ffn_norm(y)) + y
 

@@ -375,9 +375,9 @@ def check_config(cfg):
             raise BeagleError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     for name in ("lr", "grad_clip", "noise", "vloss_weight", "weight_decay", "save_minutes", "eval_frac"):
         value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0) or (name == "eval_frac" and value >= 1):
+        if not math.isfinite(value) or value < 0 or (name == "eval_frac" and value >= 1):
             raise BeagleError(f"--{name.replace('_', '-')} must be a finite number "
-                              + {"lr": "> 0", "eval_frac": "in [0, 1)"}.get(name, ">= 0") + f", got {value}")
+                              + ("in [0, 1)" if name == "eval_frac" else ">= 0") + f", got {value}")
     if not cfg.measure_memory:
         check_output(cfg.out, "--out", directory=True)
     if cfg.stage == 2 and not cfg.init and not cfg.resume and not cfg.measure_memory:
