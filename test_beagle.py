@@ -3312,3 +3312,62 @@ def test_misuse_stale_temps_removed(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         llama.write_atomic(tmp_path / "f.bin", fail)
     assert (tmp_path / "f.bin").read_bytes() == b"whole" and not list(tmp_path.glob(".f.bin.*"))
+
+
+# ==== round 2: DDP ====
+# Two gloo ranks at batch B each give the gradients of one process at batch 2B (equal numbers of trained positions
+# per rank, so DDP's mean of the two ranks' means is the mean over the whole batch).
+
+def _ddp_batch(seed, B=2, T=24):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 262, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, 6:] = True  # the same label positions in every row: each rank trains as many positions
+    return ids, mask, torch.ones(B, T, dtype=torch.bool)
+
+
+def _ddp_grads(ids, loss_mask, valid, stage, world=1):
+    target = train_tiny_target()
+    torch.manual_seed(1)
+    draft = Beagle(DraftArgs.from_target(target.args))
+    model = train.DraftStep(draft)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    steps = 0 if stage == 1 else 2
+    with torch.no_grad():
+        _, h = target(ids)
+        emb = target.tok_embeddings(ids)
+    plan = train.loss_plan(loss_mask, valid, 3, 1, steps, torch.device("cpu"))
+    outs = model(emb, h, 3, 1, steps, [q for q, _, _, _ in plan] if steps else None)
+    loss, _, _ = train.draft_loss(target.output, outs, h, plan, 10.0, 16)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in draft.named_parameters()}
+
+
+def _ddp_rank(rank, world, port, stage, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        grads = _ddp_grads(*_ddp_batch(rank), stage, world)
+        if rank == 0:
+            torch.save(grads, path)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_train_ddp_two_ranks_equal_one_rank_at_twice_the_batch(tmp_path, stage):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, stage, str(tmp_path / "grads.pt")), nprocs=2)
+    two = torch.load(tmp_path / "grads.pt")
+    both = [torch.cat(x) for x in zip(_ddp_batch(0), _ddp_batch(1))]  # rank 0's rows, then rank 1's
+    one = _ddp_grads(*both, stage)
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert max(g.abs().max() for g in one.values()) > 0
