@@ -798,9 +798,7 @@ def cache_states(target, examples, path, shard_bytes=1 << 30):
         flush()
     index = {"dim": target.args.dim, "dtype": str(target.output.weight.dtype).removeprefix("torch."),
              "shards": shards, "examples": where}
-    with open(os.path.join(path, "index.json.tmp"), "w") as f:
-        json.dump(index, f)
-    os.replace(os.path.join(path, "index.json.tmp"), os.path.join(path, "index.json"))
+    llama.write_atomic(os.path.join(path, "index.json"), lambda tmp: tmp.write_text(json.dumps(index)))
 
 
 class CachedStates:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import data
 from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
     simulation_mask, window_positions, window_start
-from llama import DTYPES, BeagleError, check_output, cli, device_and_dtype, load_target
+from llama import DTYPES, BeagleError, check_output, cli, device_and_dtype, load_target, write_atomic
 
 
 @dataclass
@@ -319,18 +319,15 @@ def plot(out):
     b.set_xlabel("step"), b.set_ylabel("top-1 agreement"), b.legend()
     b.set_title("agreement with the target: held-out (solid), training (dashed)")
     fig.tight_layout()
-    tmp = os.path.join(out, f"curves.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(os.path.join(out, "curves.png"), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, os.path.join(out, "curves.png"))
 
 
 def save_checkpoint(cfg, draft, target, opt, step, epoch, batch):
     save_draft(os.path.join(cfg.out, "draft.safetensors"), draft, target,
                extra={"stage": cfg.stage, "step": step, "window": cfg.window, "sim_steps": cfg.sim_steps})
-    tmp = os.path.join(cfg.out, f"state.{os.getpid()}.tmp")
-    torch.save({"opt": opt.state_dict(), "step": step, "epoch": epoch, "batch": batch, "config": asdict(cfg)}, tmp)
-    os.replace(tmp, os.path.join(cfg.out, "state.pt"))
+    state = {"opt": opt.state_dict(), "step": step, "epoch": epoch, "batch": batch, "config": asdict(cfg)}
+    write_atomic(os.path.join(cfg.out, "state.pt"), lambda tmp: torch.save(state, tmp))
 
 
 def trim_csv(path, step):
@@ -340,9 +337,10 @@ def trim_csv(path, step):
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     keep = rows[:1] + [r for r in rows[1:] if float(r[0]) <= step]
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows(keep)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+    write_atomic(path, write)
 
 
 # -----------------------------------------------------------------------------
