@@ -109,7 +109,7 @@ class Beagle(nn.Module):
             # and zero their output below, so they get exactly 0 and no gradient flows through them.
             first = torch.zeros_like(mask[..., :1, :])  # (.., 1, S)
             first[..., 0].fill_(True)  # (not `= True`: that copies a host scalar, a GPU sync)
-            mask = llama.tile_mask(mask | (first & ~seen), self.n_heads // self.n_kv_heads)
+            mask = mask | (first & ~seen)
             y = torch.where(seen, llama.attention(q, k, v, mask), 0.0)  # (B, H, T, D)
         y = self.wo(y.transpose(1, 2).reshape(B, T, -1)) + emb
         return self.feed_forward(self.ffn_norm(y)) + y

@@ -139,20 +139,18 @@ class Linear(nn.Linear):
 
 
 def attention(q, k, v, mask):
-    """SDPA of q (B, H, T, D) over k, v (B, Hkv, S, D) with an explicit mask (B|1, 1, g T, S), where g = H / Hkv and
-    the mask's rows are a (T, S) mask tiled g times (tile_mask). With grouped-query attention the g query heads that
-    share a kv head are read as g x T query rows of that one head: the same attention, but no kernel copies K/V g
-    times (SDPA's fused kernels take GQA only without a mask, and its fallback repeats K/V: for a batched decode
-    step over a long cache that copy is most of the step's memory traffic)."""
+    """SDPA of q (B, H, T, D) over k, v (B, Hkv, S, D) with an explicit mask (B|1, 1, T, S), for grouped-query
+    attention (g = H / Hkv query heads share a kv head) without copying K/V g times. On CUDA, SDPA takes the
+    shared heads as they are (enable_gqa). On the CPU the g query heads of a kv head are read as g x T query rows
+    of that one head, with the mask's rows tiled to match. Each form measured the faster one on its device
+    (results/README.md, "Attention")."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv * T, D), k, v, attn_mask=mask)
-    return y.view(B, H, T, D)
-
-
-def tile_mask(mask, g):
-    """(.., T, S) -> (.., g T, S), row j T + t = row t: the mask of attention()'s g x T query rows per kv head."""
-    return mask if g == 1 else mask.repeat(*[1] * (mask.dim() - 2), g, 1)
+    if q.is_cuda or H == Hkv:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+    rows = mask.repeat(*[1] * (mask.dim() - 2), H // Hkv, 1)  # row j T + t = row t
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv * T, D), k, v, attn_mask=rows)
+    return y.reshape(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -177,7 +175,7 @@ class Attention(nn.Module):
         k, v = kv.chunk(2, dim=1)  # (B, Hkv, S, D) each
         if mask is None:  # plain causal attention over this call's tokens: SDPA's fused kernels take GQA as it is
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != self.n_kv_heads)
-        else:  # mask: tiled for the query heads of a kv head (Transformer.forward), see attention()
+        else:
             y = attention(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -236,10 +234,8 @@ class Transformer(nn.Module):
         a, T = self.args, tokens.shape[1]
         at = F.pad(positions[:, None].expand(T, a.n_heads + a.n_kv_heads), (0, a.n_kv_heads))  # (T, H + 2 Hkv)
         cos, sin = self.rope[at].unbind(-2)  # (T, H + 2 Hkv, D) each
-        if mask is not None:  # tiled for grouped-query attention and made additive once, not in every layer
-            mask = tile_mask(mask, a.n_heads // a.n_kv_heads)
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        if mask is not None and mask.dtype == torch.bool:  # made additive once, not in every layer
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, positions if slots is None else slots, mask, cache, i)
         h = self.norm(x)
