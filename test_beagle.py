@@ -3057,6 +3057,47 @@ def test_train_r2_step_never_reads_back_to_the_host():
             torch.stack([loss.detach(), ce, vl])
 
 
+def test_train_r2_stage2_recompute_same_gradients_less_kept():
+    """--recompute (each simulation step rerun in the backward pass) gives the loss and gradients of keeping the
+    steps' activations, and what autograd keeps for backward then grows per extra step by at most the step's
+    inputs (two new (B, Hkv, T, D) key/value buffers, its query embeddings and mask), while keeping the
+    activations grows by more than that."""
+    target = train_tiny_target()
+    draft = Beagle(DraftArgs.from_target(target.args))
+    ids, loss_mask, valid = train_fixed_batch(target)
+    with torch.no_grad():
+        _, h = target(ids, last_only=True)
+        emb = target.tok_embeddings(ids)
+        k_true, _ = draft.kv(h, torch.arange(ids.shape[1]))
+    buffers = 2 * k_true.numel() * k_true.element_size()
+    kept, results = {}, {}
+    for recompute in (False, True):
+        for steps in (1, 3):
+            seen = {}
+            def pack(t):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+            plan = train.loss_plan(loss_mask, valid, 3, 1, steps, torch.device("cpu"))
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                outs = train.DraftStep(draft, recompute)(emb, h, 3, 1, steps, [q for q, _, _, _ in plan])
+            loss, _, _ = train.draft_loss(target.output, outs, h, plan, 10.0, chunk=7)
+            draft.zero_grad()
+            loss.backward()
+            kept[recompute, steps] = sum(seen.values())
+            results[recompute, steps] = loss.detach(), [p.grad.clone() for p in draft.parameters()]
+    for steps in (1, 3):
+        (l0, g0), (l1, g1) = results[False, steps], results[True, steps]
+        torch.testing.assert_close(l1, l0)
+        for a, b in zip(g1, g0):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # what steps 2 and 3 add with recompute: their inputs: two new buffers, and per query its embedding, its
+    # mask row (2T bools) and its position (int64)
+    plan = train.loss_plan(loss_mask, valid, 3, 1, 3, torch.device("cpu"))
+    inputs = sum(buffers + (emb.shape[0] * emb.shape[2] * emb.element_size() + 2 * ids.shape[1] + 8) * len(q)
+                 for q, _, _, _ in plan[1:])
+    assert kept[True, 3] - kept[True, 1] <= inputs < kept[False, 3] - kept[False, 1]
+
+
 def test_train_r2_chain_tau():
     assert train.chain_tau([1.0, 1.0, 1.0]) == 4.0 and train.chain_tau([0.0, 1.0]) == 1.0
     acc = [0.9, 0.6, 0.3]

@@ -26,8 +26,9 @@ step m only computes the queries at window position m (the only ones the loss re
 would be discarded), so step m costs ~T/k queries against 2T keys. Gradients DO flow through the buffer: the
 state written at step m is a function of the draft's weights, and the exact gradient of "draft m steps from
 its own states" includes how those states change, as in autoregressive drafting itself (EAGLE-3 / HASS also
-backpropagate through their unrolled steps). The cost is that every step's draft-layer activations are kept for
-backward; the loss keeps only an (N, dim) gradient per step, so memory grows little with s.
+backpropagate through their unrolled steps). So that memory does not grow with s, each step's draft-layer
+activations are not kept but recomputed in the backward pass (--recompute, about one more draft forward a step);
+what a step keeps is its inputs, two (B, Hkv, T, D) key/value buffers, and the loss keeps an (N, dim) gradient.
 """
 import csv
 import json
@@ -43,6 +44,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import data
 from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
@@ -83,6 +85,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available
     dtype: str = "auto"  # the target's weights and the autocast dtype; auto: bfloat16 on cuda, float32 on cpu
     compile: bool = False
+    # stage 2: rerun each simulation step in the backward pass instead of keeping its activations (peak memory
+    # flat in s, for about one more draft forward per step)
+    recompute: bool = True
     seed: int = 0
     resume: bool = False
     overwrite: bool = False  # start afresh in an --out that holds a run (without it: refused)
@@ -95,9 +100,9 @@ class TrainConfig:
 # the draft's part of a training step, in one module so DDP sees a single forward()
 
 class DraftStep(nn.Module):
-    def __init__(self, draft):
+    def __init__(self, draft, recompute=True):
         super().__init__()
-        self.draft = draft
+        self.draft, self.recompute = draft, recompute
 
     def forward(self, emb, states, window, offset, steps, queries=None):
         """emb (B, T, dim) query embeddings, states (B, T, dim) target states used as keys/values (noised when
@@ -116,13 +121,22 @@ class DraftStep(nn.Module):
             # queries at window position m: (n,), found on the host (no device sync)
             idx = queries[m - 1] if queries else to_device((wp == m).nonzero().squeeze(1), dev)
             mask = simulation_mask(T, window, offset, m, dev)[idx][None, None]  # (1, 1, n, 2T)
-            hat = self.draft.attend(emb[:, idx], idx, torch.cat([k_true, k_buf], 2), torch.cat([v_true, v_buf], 2),
-                                    mask)  # (B, n, dim)
-            outs.append((idx, hat))
-            if m < steps:  # write this step's states into the buffer at their own positions (out of place)
-                k_new, v_new = self.draft.kv(hat, idx)
-                k_buf, v_buf = k_buf.index_copy(2, idx, k_new), v_buf.index_copy(2, idx, v_new)
+            args = emb[:, idx], idx, k_true, k_buf, v_true, v_buf, mask, m < steps
+            # recompute: keep only the step's inputs for backward and rerun it there, so that the steps keep one
+            # pair of (B, Hkv, T, D) buffers each, not also the draft layer's activations
+            hat, k_buf, v_buf = (checkpoint(self.sim_step, *args, use_reentrant=False)
+                                 if self.recompute and torch.is_grad_enabled() else self.sim_step(*args))
+            outs.append((idx, hat))  # hat (B, n, dim)
         return outs
+
+    def sim_step(self, emb, idx, k_true, k_buf, v_true, v_buf, mask, write):
+        """One simulation step: its queries over the true states' keys and the draft-state buffer's; with write,
+        the buffers with the step's own states written at their positions (out of place) for the next step."""
+        hat = self.draft.attend(emb, idx, torch.cat([k_true, k_buf], 2), torch.cat([v_true, v_buf], 2), mask)
+        if write:
+            k_new, v_new = self.draft.kv(hat, idx)
+            k_buf, v_buf = k_buf.index_copy(2, idx, k_new), v_buf.index_copy(2, idx, v_new)
+        return hat, k_buf, v_buf
 
 
 def to_device(x, device):
@@ -469,7 +483,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
         if path and world > 1 and master:
             torch.distributed.barrier()
 
-    model, target_forward, chunk_fn = DraftStep(draft), target, soft_ce_chunk
+    model, target_forward, chunk_fn = DraftStep(draft, cfg.recompute), target, soft_ce_chunk
     if cfg.compile:  # the draft's step, the frozen forward and the loss's per-chunk math (its loop stays eager)
         model = torch.compile(model, dynamic=True)
         target_forward = torch.compile(target, dynamic=True)
@@ -599,10 +613,10 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
 
 def measure_memory(cfg, target, tokenizer, device):
     """Peak memory of one training step (forward + backward) on one batch: stage 1, then stage 2 at s = 1..6.
-    The attention keys are 2T (true states + the draft-state buffer) whatever s is, and the draft layer's own
-    saved activations grow only by the ~T/k queries of each extra step (plus one out-of-place copy of the (B, Hkv,
-    T, D) key/value buffer per step: written out of place so gradients can flow through the draft states). The
-    loss keeps no logits: SoftCrossEntropy holds a (rows, V) block for `--loss-chunk` rows at a time and keeps
+    The attention keys are 2T (true states + the draft-state buffer) whatever s is. With --recompute a step keeps
+    only its inputs, of which the out-of-place (B, Hkv, T, D) key/value buffers are new (written out of place so
+    gradients can flow through the draft states); without it, also the draft layer's activations. The loss keeps
+    no logits: SoftCrossEntropy holds a (rows, V) block for `--loss-chunk` rows at a time and keeps
     only an (N, dim) gradient, so the peak should stay nearly flat in s. A self-attention training-time-test
     draft (EAGLE-3 / HASS) would in addition attend over T * s keys at step s."""
     device = torch.device(device)
@@ -612,7 +626,7 @@ def measure_memory(cfg, target, tokenizer, device):
     ids, loss_mask, valid = next(data.batches(examples, cfg.batch_size, True, cfg.seed, batch_tokens=cfg.batch_tokens))
     target.requires_grad_(False).eval()
     draft = Beagle(DraftArgs.from_target(target.args)).to(device)
-    model = DraftStep(draft)
+    model = DraftStep(draft, cfg.recompute)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     with torch.no_grad():
         ids_d = ids.to(device)
