@@ -1,6 +1,7 @@
 """
 The Beagle draft: one cross-attention decoder layer (Zhong et al., "Cross-Attention Speculative Decoding",
-arXiv 2505.24544), its training masks, and its checkpoint format.
+arXiv 2505.24544), its training masks, and its checkpoint format; and EAGLE-2's draft, the baseline it is
+compared with (Li et al., arXiv 2401.15077 and 2406.16858), behind the same small interface.
 
     python train.py --stage 1 --data sharegpt.jsonl --out runs/s1            # trains it (see train.py)
     python decode.py --draft runs/s1/draft.safetensors ...                   # uses it (see decode.py)
@@ -30,6 +31,28 @@ Choices the paper leaves open, and how we make them:
   checks every token.
 - Init: every linear weight ~ N(0, 0.02), wo and w2 (the two projections that write into the residual)
   ~ N(0, 0.02 / sqrt(2)), norms at 1 (nanoGPT's rule for one layer): hat_h starts close to e(t_i) + small.
+
+EAGLE-2's draft (class Eagle2) is one SELF-attention decoder layer over fused inputs
+    x_i = FC([e(t_i); h_{i-1}])             # 2 dim -> dim, with a bias; h_{-1} does not exist: no x_0
+    hat_h_i = Layer(x over x_1..x_i)        # causal self-attention (no input norm, as EAGLE's one layer has), FFN
+so its keys come from its inputs (which carry the previous state), where Beagle's come from states themselves.
+It trains next-token only (--window 1, stage 1), with the same loss: soft cross-entropy + 10 x smooth-L1 on the
+states, noise on the input states.
+
+The draft interface: what train.py and decode.py call, so a third draft implements exactly these:
+- forward(emb, positions, states, positions, mask): training, all T positions at once. emb (B, T, dim) = e(t_i),
+  states (B, T, dim) the (noised) target states h_i, mask (1, 1, T, T) which states each query may use (for
+  Beagle: which keys it sees). -> hat_h (B, T, dim). Beagle's stage 2 also calls kv() and attend() directly.
+- commit(cache, start, h, emb_next): decoding, the TRUE target states h (1, S, dim) of positions start..start+S-1
+  are final; emb_next (1, S-1, dim) are the embeddings of the tokens at start+1..start+S-1. Writes the cache.
+- propose(cache, start, positions, emb, parent, mask): decoding, R tree nodes query at once. emb (1, R, dim) their
+  tokens' embeddings at positions (R,), parent (1, R, dim) the draft state of each node's parent (None: the
+  parent is the last committed token, whose true state the cache knows), mask (R|1, L) the cache slots of the
+  prefix and of the node's ancestors. The R queries own scratch slots start..start+R-1, which a later commit
+  overwrites. -> hat_h (1, R, dim).
+- top(target, hat, k) and set_vocab: the head (shared, below). The cache (decode.DraftCache) is a static key and
+  value buffer per slot plus `last`, the newest true state: Beagle's slot p holds the K/V of the state at p,
+  EAGLE-2's those of its fused input x_p.
 """
 import json
 import math
@@ -117,6 +140,16 @@ class Beagle(nn.Module):
     def forward(self, emb, q_positions, states, k_positions, mask):
         return self.attend(emb, q_positions, *self.kv(states, k_positions), mask)
 
+    # decoding (the interface in the module docstring)
+
+    def commit(self, cache, start, h, emb_next):
+        cache.write(start, *self.kv(h, start + torch.arange(h.shape[1], device=h.device)))
+
+    def propose(self, cache, start, positions, emb, parent, mask):
+        hat = self.attend(emb, positions, cache.k, cache.v, mask[None, None])
+        cache.write(start, *self.kv(hat, positions))  # children will see these states as keys
+        return hat
+
     # the draft's head: the target's LM head, or its rows of the n most frequent tokens only (VOCAB)
 
     def set_vocab(self, target, n, explicit=True):
@@ -153,6 +186,42 @@ class Beagle(nn.Module):
         top = F.log_softmax(linear(hat, weight).float(), -1).topk(k)
         return top.values, ids[top.indices]
 
+
+class Eagle2(Beagle):
+    """EAGLE-2's draft (module docstring): Beagle's layer with its two input norms removed, keys and values from
+    the layer's own inputs, and an FC that fuses each token's embedding with the previous position's state."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.query_norm = self.kv_norm = nn.Identity()  # q, k and v all read the fused input x as it is
+        self.fc = Linear(2 * args.dim, args.dim, bias=True)
+        nn.init.normal_(self.fc.weight, mean=0.0, std=0.02), nn.init.zeros_(self.fc.bias)
+
+    def fuse(self, emb, prev):  # (B, T, dim) each -> x (B, T, dim)
+        return self.fc(torch.cat([emb, prev], -1))
+
+    def forward(self, emb, q_positions, states, k_positions, mask):
+        # x_p reads the state at p-1, so key x_p is visible exactly when state p-1 is: the mask moves one column
+        # right (and x_0, which would read a state before the sequence, is never a key)
+        x = self.fuse(emb, torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], 1))
+        keys = torch.cat([torch.zeros_like(mask[..., :1]), mask[..., :-1]], -1)
+        return self.attend(x, q_positions, *self.kv(x, k_positions), keys)
+
+    def commit(self, cache, start, h, emb_next):
+        S = h.shape[1]
+        x = self.fuse(emb_next, h[:, :-1])  # x at start+1 .. start+S-1
+        cache.write(start + 1, *self.kv(x, start + 1 + torch.arange(S - 1, device=h.device)))
+        cache.last.copy_(h[:, -1:])  # the next root's query reads it
+
+    def propose(self, cache, start, positions, emb, parent, mask):
+        x = self.fuse(emb, cache.last.expand_as(emb) if parent is None else parent)
+        cache.write(start, *self.kv(x, positions))  # a query sees its own input: write it first
+        slot = torch.arange(cache.k.shape[2], device=x.device)
+        own = slot[None, :] == (start + torch.arange(x.shape[1], device=x.device))[:, None]  # (R, L)
+        return self.attend(x, positions, cache.k, cache.v, ((mask & (slot > 0)) | own)[None, None])
+
+
+DRAFTS = {"beagle": Beagle, "eagle2": Eagle2}  # a checkpoint's "draft" metadata -> its class
 
 # -----------------------------------------------------------------------------
 # masks (True = may attend). One sequence is cut into windows of `window` positions; the first full window
@@ -219,7 +288,8 @@ def check_fingerprint(saved, target, rtol=5e-3):
 
 def save_draft(path, draft, target, extra=None):
     """Atomic: write a temp file next to `path`, then os.replace, so a crash never leaves half a checkpoint."""
-    meta = {"format": FORMAT, "draft_args": json.dumps(asdict(draft.args)),
+    kind = next(name for name, cls in DRAFTS.items() if type(draft) is cls)
+    meta = {"format": FORMAT, "draft": kind, "draft_args": json.dumps(asdict(draft.args)),
             "target": json.dumps(target_fingerprint(target)), "extra": json.dumps(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
     if getattr(draft, "vocab", None) is not None:
@@ -264,7 +334,9 @@ def load_draft(path, target, device="cpu", dtype=torch.float32):
     except Exception as e:
         raise BeagleError(f"{path}: unreadable draft metadata: {e}") from None
     check_fingerprint(saved, target)
-    draft = Beagle(args)
+    if meta.get("draft", "beagle") not in DRAFTS:  # (drafts saved before EAGLE-2 came have no "draft": Beagle's)
+        raise BeagleError(f"{path}: unknown draft kind {meta['draft']!r} (known: {', '.join(DRAFTS)})")
+    draft = DRAFTS[meta.get("draft", "beagle")](args)
     vocab = tensors.pop("vocab", None)
     if vocab is not None and vocab.shape != (args.vocab_size,):
         raise BeagleError(f"{path}: its token ranking has shape {tuple(vocab.shape)}, not ({args.vocab_size},)")

@@ -1,5 +1,5 @@
 """
-Plain and speculative decoding with a Beagle draft, batch size 1.
+Plain and speculative decoding with a Beagle (or EAGLE-2) draft, batch size 1.
 
     python decode.py --prompt "Write a haiku about dogs."                      # EAGLE-2 dynamic tree, default draft
     python decode.py --prompt "Write a haiku about dogs." --mode ar            # plain decoding (the baseline)
@@ -15,8 +15,9 @@ One speculative iteration. The committed prefix t_0..t_{n-1} has true target sta
 keys/values sit in the draft cache. The bonus token t_n (the target's own choice after the prefix) roots a tree:
   1. draft: the root queries e(t_n) at position n over the true keys and proposes its top-k children; each
      further step expands the top-k frontier nodes (by cumulative draft log-prob), a node's query seeing the true
-     keys plus the draft states hat_h of its ancestors only (their K/V computed one step late, batched, in scratch
-     slots that the next iteration overwrites). Keep the best --tree-tokens nodes by cumulative log-prob.
+     keys plus the draft states hat_h of its ancestors only (each step's queries write their K/V, batched, to
+     scratch slots that the next iteration overwrites). Keep the best --tree-tokens nodes by cumulative log-prob.
+     The draft is either beagle.py's (Beagle, or the EAGLE-2 baseline): both implement commit() and propose().
   2. verify: root + nodes in ONE target forward, tree attention mask over the cache, position = n + depth.
   3. accept the longest path the target agrees with (argmax at temperature 0, else sequential rejection sampling:
      exactly the target's distribution) plus one bonus token from the target; move the path's K/V into place;
@@ -229,14 +230,16 @@ def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
 # it back to the host); every mask spans the L cache slots.
 
 class DraftCache:
-    """Static K/V buffers of the draft, (1, Hkv, L, D). Slots 0..n-1 hold the K/V of the TRUE target states of the
-    committed prefix; while drafting, the K/V of draft states go to the scratch slots n, n+1, ..., which the next
-    iteration's true states overwrite (so draft states are discarded for free)."""
+    """Static K/V buffers of the draft, (1, Hkv, L, D), and `last` (1, 1, dim), the true state of the newest
+    committed token (what an EAGLE-2 root query reads). Slots 0..n-1 hold the K/V that the TRUE target states of
+    the committed prefix give (beagle.py: the draft interface); while drafting, the queries' own K/V go to the
+    scratch slots n, n+1, ..., which the next iteration's commit overwrites (so drafts are discarded for free)."""
 
     def __init__(self, draft, max_len):
         w = next(draft.parameters())
         self.k = w.new_zeros(1, draft.n_kv_heads, max_len, draft.head_dim)
         self.v = torch.zeros_like(self.k)
+        self.last = w.new_zeros(1, 1, draft.args.dim)
 
     def write(self, start, k, v):  # k, v (1, Hkv, S, D) -> slots start .. start+S-1 (start: int or (1,) tensor)
         slots = start + torch.arange(k.shape[2], device=k.device)
@@ -267,9 +270,9 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
     # (built from the identity: a step never writes a Python scalar into a tensor, on a GPU a synchronizing copy)
     qanc = torch.eye(Q, dtype=torch.bool, device=dev)  # query 0 (the root) is its own only ancestor
 
-    # step 1: the root queries the true keys only
-    hat = draft.attend(target.tok_embeddings(root.view(1, 1)), n, dcache.k, dcache.v,
-                       (torch.arange(L, device=dev) < n)[None, None, None])  # (1, 1, dim)
+    # step 1: the root queries the true keys only (its parent: the newest committed token)
+    hat = draft.propose(dcache, n, n, target.tok_embeddings(root.view(1, 1)), None,
+                        (torch.arange(L, device=dev) < n)[None])  # (1, 1, dim)
     values, indices = draft.top(target, hat[0], k)  # (1, k)
     tok[:k], score[:k] = indices[0], values[0]
     parent[:k].fill_(P), dep[:k].fill_(1)
@@ -278,13 +281,12 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
     nq, prev = 1, 0  # query indices used so far; first query index of the previous step
 
     for s in range(2, depth + 1):
-        # lazy append: the previous step's queries get K/V at their own positions now that children query
-        dcache.write(n + prev, *draft.kv(hat, (n + s - 2).expand(hat.shape[1])))
-        # the frontier (depth s-1, position n+s-1) queries true keys + the draft states of its ancestors
+        # the frontier (depth s-1, position n+s-1) queries the true keys + the scratch slots of its ancestors'
+        # queries (each query wrote its own K/V to slot n + its index)
         qi = torch.arange(nq, nq + k, device=dev)
         qanc[qi] |= qanc[front_q]  # rows qi are still identity rows: self + the parent's ancestors
-        hat = draft.attend(target.tok_embeddings(tok[front][None]), (n + s - 1).expand(k), dcache.k, dcache.v,
-                           tree_mask(qanc[front_q, :nq], n, L)[None, None])  # (1, k, dim)
+        hat = draft.propose(dcache, n + nq, (n + s - 1).expand(k), target.tok_embeddings(tok[front][None]),
+                            hat[:, front_q - prev], tree_mask(qanc[front_q, :nq], n, L))  # (1, k, dim)
         values, indices = draft.top(target, hat[0], k)  # (k, k) children of each frontier node
         cum = (score[front, None] + values).flatten()  # (k*k,)
         lo = k + (s - 2) * k * k
@@ -379,7 +381,7 @@ def iterate(target, draft, cache, dcache, cfg, n, root, *u):
     # commit: the target K/V of the path's nodes move to slots n, n+1, ... (the root is there already), the draft K/V
     # of their true states h go to the same slots (a padded path writes junk past the new prefix: never read)
     cache.move(n + path[1:], n + 1)
-    dcache.write(n, *draft.kv(h[:, path], n + torch.arange(path.shape[0], device=path.device)))
+    draft.commit(dcache, n, h[:, path], target.tok_embeddings(tokens[path[1:]][None]))
     return torch.cat([m, tokens[path[1:]], bonus]), n + m + 1, bonus
 
 
@@ -394,9 +396,9 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
     sync(dev)
     t0 = time.perf_counter()
     pos = torch.arange(n, device=dev)
-    logits, h = target(torch.tensor([prompt], device=dev), pos, cache,
-                       torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
-    dcache.write(0, *draft.kv(h, pos))
+    ids = torch.tensor([prompt], device=dev)
+    logits, h = target(ids, pos, cache, torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
+    draft.commit(dcache, 0, h, target.tok_embeddings(ids[:, 1:]))
     root, n = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
     out, accepted, new = [], [], root.tolist()
     while True:

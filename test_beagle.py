@@ -1512,16 +1512,16 @@ def decode_tiny_target(vocab=48, seed=0, sharp=3.0, dtype=torch.float32):
     return target
 
 
-def decode_random_draft(target, seed=1):
+def decode_random_draft(target, seed=1, cls=Beagle):
     torch.manual_seed(seed)
-    return Beagle(DraftArgs.from_target(target.args)).to(target.output.weight.dtype).eval()
+    return cls(DraftArgs.from_target(target.args)).to(target.output.weight.dtype).eval()
 
 
-def decode_train_draft(target, seqs, steps=60, lr=1e-3, seed=1):
+def decode_train_draft(target, seqs, steps=60, lr=1e-3, seed=1, cls=Beagle):
     """A briefly trained draft: the paper's regression loss alone (hat_h_i -> h_i, query i over the true states
     of positions < i, i.e. draft step 1), on the target states of `seqs` computed once. No LM head in the loop,
     so it is cheap even for the real target, and hat_h ~ h makes the LM head agree."""
-    draft = decode_random_draft(target, seed).train()
+    draft = decode_random_draft(target, seed, cls).train()
     opt = torch.optim.Adam(draft.parameters(), lr=lr)
     with torch.no_grad():
         data = [(target.tok_embeddings(x[None]), target(x[None])[1]) for x in seqs]
@@ -1812,13 +1812,14 @@ def decode_tv(a, b):
     return 0.5 * (a - b).abs().sum().item()
 
 
-@pytest.mark.parametrize("mode,depth,top_k,tree_tokens,temperature,top_p,top_k_sample,runs,bound", [
-    ("tree", 2, 3, 5, 1.0, 1.0, 0, 2000, 0.07), ("chain", 2, 0, 0, 0.8, 0.9, 6, 1000, 0.09)])
-def test_decode_sampling_follows_target(mode, depth, top_k, tree_tokens, temperature, top_p, top_k_sample, runs,
-                                        bound):
+@pytest.mark.parametrize("kind,mode,depth,top_k,tree_tokens,temperature,top_p,top_k_sample,runs,bound", [
+    ("beagle", "tree", 2, 3, 5, 1.0, 1.0, 0, 2000, 0.07), ("beagle", "chain", 2, 0, 0, 0.8, 0.9, 6, 1000, 0.09),
+    ("eagle2", "tree", 2, 3, 5, 1.0, 1.0, 0, 2000, 0.07)])
+def test_decode_sampling_follows_target(kind, mode, depth, top_k, tree_tokens, temperature, top_p, top_k_sample,
+                                        runs, bound):
     V = 8
     target = decode_tiny_target(vocab=V, seed=3, sharp=2.0)
-    draft = decode_random_draft(target, seed=4)
+    draft = decode_random_draft(target, seed=4, cls=beagle.DRAFTS[kind])
     with torch.no_grad():  # make the draft's proposals far from the target's distribution
         draft.wo.weight.mul_(200)
         draft.feed_forward.w2.weight.mul_(200)
@@ -1836,11 +1837,14 @@ def test_decode_sampling_follows_target(mode, depth, top_k, tree_tokens, tempera
     # what the output would follow if draft tokens were taken as they come: p(t1) q(t2 | t1)
     with torch.no_grad():
         n = len(prompt)
-        _, h = target(torch.tensor([prompt]))
-        k, v = draft.kv(h, torch.arange(n))
-        hat = draft.attend(target.tok_embeddings(torch.arange(V)[:, None]), torch.tensor([n]), k.expand(V, -1, -1, -1),
-                           v.expand(V, -1, -1, -1), torch.ones(1, 1, 1, n, dtype=torch.bool))
-        q = target.output(hat[:, 0]).softmax(-1).double()  # (V, V): draft's q(t2 | t1)
+        x = torch.tensor([prompt])
+        _, h = target(x)
+        dcache = DraftCache(draft, n + V)  # every t1 as a root of its own, side by side (the draft interface)
+        draft.commit(dcache, 0, h, target.tok_embeddings(x[:, 1:]))
+        hat = draft.propose(dcache, torch.tensor([n]), torch.tensor([n]).expand(V),
+                            target.tok_embeddings(torch.arange(V))[None], None,
+                            (torch.arange(n + V) < n).expand(V, -1))
+        q = target.output(hat[0]).softmax(-1).double()  # (V, V): draft's q(t2 | t1)
     draft_joint = exact.sum((1, 2))[:, None] * q
     assert decode_tv(draft_joint, exact.sum(2)) > 0.3  # the draft is clearly not the target
     # an exact sampler lands at TV ~0.05 here (seeds 0, 1: 0.040-0.059); one that forgets to remove rejected
@@ -3276,6 +3280,8 @@ MISUSE = [  # (script, argv, what the one line says)
     ("train.py", "--lr nan", "--lr must be a finite number >= 0, got nan"),
     ("train.py", "--eval-frac 1", "--eval-frac must be a finite number in [0, 1), got 1.0"),
     ("train.py", "--stage 3", "need --stage 1|2"),
+    ("train.py", "--draft eagle3", "--draft must be one of beagle | eagle2 (got 'eagle3')"),
+    ("train.py", "--draft eagle2", "--draft eagle2 trains next-token only, as EAGLE-2 does: give --stage 1 --window 1"),
     ("train.py", "--out a_file", "--out a_file is a file; give a directory"),
     ("train.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
     ("llama.py", "--convert missing.gguf --out x", "missing.gguf: no such file"),
@@ -3413,3 +3419,77 @@ def test_train_ddp_two_ranks_equal_one_rank_at_twice_the_batch(tmp_path, stage):
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=name)
     assert max(g.abs().max() for g in one.values()) > 0
+
+
+# =====================================================================================================================
+# ==== the EAGLE-2 baseline: the same draft interface, the same tree decoder, the same training loop ====
+# =====================================================================================================================
+
+def test_eagle2_decoding_equals_its_training_forward_on_own_states():
+    """Commit a prefix, then draft a chain with propose(): each step's hat_h is what the training forward gives when
+    the positions before it carry the draft's own earlier states. So decoding and training agree on the fused
+    inputs x_p = FC(e(t_p), state p-1), on which keys each query sees, and on what the cache holds."""
+    target = decode_tiny_target()
+    draft = decode_random_draft(target, seed=2, cls=beagle.Eagle2)
+    x, n, L = torch.randint(0, 48, (1, 12), generator=torch.Generator().manual_seed(0)), 7, 32
+    pos, slot = torch.arange(12), torch.arange(L)
+    with torch.no_grad():
+        _, h = target(x)
+        emb = target.tok_embeddings(x)
+        dcache = DraftCache(draft, L)
+        dcache.k.normal_(), dcache.v.normal_()  # unwritten slots hold junk that must never be read
+        draft.commit(dcache, 0, h[:, :n], emb[:, 1:n])
+        states, parent = h.clone(), None
+        for d in range(4):  # the chain's node d at position n + d queries from scratch slot n + d
+            p = n + d
+            hat = draft.propose(dcache, torch.tensor([p]), torch.tensor([p]), emb[:, p:p + 1], parent,
+                                (slot < p)[None])  # the prefix + the scratch slots of the node's ancestors
+            want = draft(emb, pos, states, pos, (pos[None, :] < pos[:, None])[None, None])[:, p]
+            torch.testing.assert_close(hat[:, 0], want, atol=1e-5, rtol=1e-5)
+            states[:, p], parent = hat[:, 0], hat
+        torch.testing.assert_close(dcache.last, h[:, n - 1:n])
+
+
+def test_eagle2_greedy_spec_equals_plain_and_checkpoint(decode_tiny, tmp_path):
+    target, prompts, _, _ = decode_tiny
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.tensor(p + generate_ar(target, p, decode_cfg(max_new_tokens=48), set()).tokens) for p in prompts]
+    seqs += [torch.randint(0, 48, (40,), generator=g) for _ in range(4)]
+    trained = decode_train_draft(target, seqs, cls=beagle.Eagle2)
+    path = tmp_path / "eagle2.safetensors"
+    beagle.save_draft(path, trained, target)
+    loaded = beagle.load_draft(path, target)
+    assert type(loaded) is beagle.Eagle2 and not isinstance(decode_random_draft(target), beagle.Eagle2)
+    accepted = {"random": [], "trained": []}
+    for prompt in prompts:
+        plain = generate_ar(target, prompt, decode_cfg(max_new_tokens=30), set()).tokens
+        for mode, depth, top_k, tree_tokens in DECODE_SETTINGS:
+            cfg = decode_cfg(mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=30)
+            for name, draft in (("random", decode_random_draft(target, cls=beagle.Eagle2)), ("trained", loaded)):
+                r = generate_spec(target, draft, prompt, cfg, set())
+                assert r.tokens == plain, (name, mode, depth, top_k, tree_tokens, prompt)
+                accepted[name] += r.accepted_lengths
+    assert 0 in accepted["trained"] and max(accepted["trained"]) >= 3
+    assert sum(accepted["trained"]) > 2 * sum(accepted["random"])  # the trained draft drafts: the states line up
+    meta = beagle.read_draft(path)[1]
+    beagle.write_safetensors(tmp_path / "odd.safetensors", beagle.read_draft(path)[0], {**meta, "draft": "medusa"})
+    with pytest.raises(BeagleError, match="unknown draft kind 'medusa'"):
+        beagle.load_draft(tmp_path / "odd.safetensors", target)
+
+
+def test_eagle2_trains_next_token_and_refuses_the_wrong_init(tmp_path):
+    target, tok = train_tiny_target(), TrainCharTokenizer()
+    with torch.no_grad():
+        target.output.weight.mul_(50)
+    torch.manual_seed(0)
+    losses = train_overfit(beagle.Eagle2(DraftArgs.from_target(target.args)), target, 1, 0, n_steps=80, k=1)
+    assert sum(losses[-5:]) < 0.4 * sum(losses[:5]), losses
+    # the training loop: its evaluation scores next-token agreement and decodes a few prompts with the draft
+    e2 = train.train(train_cfg(tmp_path, "e2", draft="eagle2", window=1, max_steps=4), target, tok)
+    assert type(e2) is beagle.Eagle2 and type(load_draft(str(tmp_path / "e2" / "draft.safetensors"), target)) is \
+        beagle.Eagle2
+    rows = (tmp_path / "e2" / "eval.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,epochs,acc1,train_acc1,tau_chain,tau" and float(rows[-1].split(",")[-1]) >= 1.0
+    with pytest.raises(BeagleError, match="is not a beagle draft"):
+        train.train(train_cfg(tmp_path, "b", init=str(tmp_path / "e2" / "draft.safetensors"), max_steps=1), target,
+                    tok)

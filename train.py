@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import data
-from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
+from beagle import DRAFTS, Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
     simulation_mask, window_positions, window_start
 from llama import DTYPES, BeagleError, check_output, cli, device_and_dtype, load_target, write_atomic
 
@@ -55,6 +55,9 @@ from llama import DTYPES, BeagleError, check_output, cli, device_and_dtype, load
 @dataclass
 class TrainConfig:
     stage: int = 1  # 1: inverse block attention (multi-token prediction); 2: training-time simulation
+    # beagle | eagle2: the draft to train; eagle2 (the baseline, beagle.py) trains next-token only: --window 1,
+    # stage 1
+    draft: str = "beagle"
     target: str | None = None  # None: the default SmolLM2-135M-Instruct (llama.load_target)
     data: str = "data/selfgen.jsonl"  # ShareGPT JSON / JSONL
     out: str = "runs/beagle"
@@ -267,10 +270,11 @@ def evaluate(target, draft, examples, cfg, pad_id, device, amp):
         _, h = target(ids_d, last_only=True)  # only h: the target's choice is argmax output(h), row by row below
         want = greedy_tokens(target.output, h.reshape(-1, h.shape[-1]), cfg.loss_chunk)  # (B * T,)
         emb = target.tok_embeddings(ids_d)
+        steps = k if k > 1 else 0  # one step: next-token drafting, the stage-1 forward (what --draft eagle2 has)
         for offset in range(k):  # every offset: each position is scored at every draft step
-            plan = loss_plan(loss_mask, valid, k, offset, k, device)
+            plan = loss_plan(loss_mask, valid, k, offset, steps, device)
             with amp:
-                outs = step(emb, h, k, offset, k, [q for q, _, _, _ in plan])
+                outs = step(emb, h, k, offset, steps, [q for q, _, _, _ in plan] if steps else None)
             for m, ((_, hat), (_, rows, hpos, _)) in enumerate(zip(outs, plan)):
                 got = greedy_tokens(target.output, hat.reshape(-1, hat.shape[-1])[rows].to(h.dtype), cfg.loss_chunk)
                 hits[m] += (got == want[hpos]).sum()
@@ -376,6 +380,10 @@ def check_config(cfg):
     if cfg.stage not in (1, 2) or cfg.window < 1 or (cfg.stage == 2 and not 1 <= cfg.sim_steps <= cfg.window):
         raise BeagleError(f"need --stage 1|2 and 1 <= --sim-steps <= --window (got stage {cfg.stage}, "
                           f"sim-steps {cfg.sim_steps}, window {cfg.window})")
+    if cfg.draft not in DRAFTS:
+        raise BeagleError(f"--draft must be one of {' | '.join(DRAFTS)} (got {cfg.draft!r})")
+    if cfg.draft == "eagle2" and (cfg.stage != 1 or cfg.window != 1):
+        raise BeagleError("--draft eagle2 trains next-token only, as EAGLE-2 does: give --stage 1 --window 1")
     if cfg.resume and cfg.init:
         raise BeagleError("--resume continues the run in --out; drop --init")
     if cfg.resume and cfg.overwrite:
@@ -445,9 +453,12 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     prompts = first_prompts(eval_ex, cfg.tau_prompts)
 
     torch.manual_seed(cfg.seed)
-    draft = Beagle(DraftArgs.from_target(target.args)).to(device)  # fp32 master weights; autocast on GPU
+    draft = DRAFTS[cfg.draft](DraftArgs.from_target(target.args)).to(device)  # fp32 master weights; autocast
     if cfg.init:
-        draft.load_state_dict(load_draft(cfg.init, target).state_dict())
+        init = load_draft(cfg.init, target)
+        if type(init) is not type(draft):
+            raise BeagleError(f"--init {cfg.init} is not a {cfg.draft} draft (--draft)")
+        draft.load_state_dict(init.state_dict())
     draft.vocab = data.token_ranking(train_ex, target.args.vocab_size)  # saved with it (beagle.py, VOCAB)
     opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                             fused=cuda)
@@ -461,8 +472,8 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
         st = torch.load(state_path, map_location=device, weights_only=True)
         if json.loads(meta["extra"]).get("step") != st["step"]:  # a crash between the two atomic writes
             raise BeagleError(f"{cfg.out}: draft.safetensors and state.pt are from different steps")
-        changed = [k for k in ("stage", "window", "sim_steps", "batch_size", "batch_tokens", "seed", "noise",
-                               "vloss_weight") if st["config"].get(k, 0) != getattr(cfg, k)]
+        changed = [k for k in ("draft", "stage", "window", "sim_steps", "batch_size", "batch_tokens", "seed", "noise",
+                               "vloss_weight") if st["config"].get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
         if changed:  # these change what the remaining steps compute: not a continuation any more
             raise BeagleError(f"--resume with a different --{changed[0].replace('_', '-')} than the run in {cfg.out}")
         tensors.pop("vocab", None)  # the token ranking: recomputed from the data above
