@@ -34,13 +34,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import beagle
 import bench
+import common
 import data
 import decode
 import llama
 import train
 from beagle import Beagle, DraftArgs, block_mask, load_draft, save_draft, simulation_mask, window_positions
 from decode import DecodeConfig, DraftCache, generate_ar, generate_spec
-from llama import BeagleError, Graphed, KVCache, ModelArgs, Transformer
+from common import BeagleError
+from llama import Graphed, KVCache, ModelArgs, Transformer
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -52,7 +54,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 # =====================================================================================================================
-# the target (llama.py): against transformers, loaders, tokenizer, chat template, cache, errors
+# the target (llama.py, common.py): against transformers, loaders, tokenizer, chat template, cache, errors
 # =====================================================================================================================
 
 Q = gguf.GGMLQuantizationType
@@ -427,14 +429,15 @@ def test_llama_gguf_llama31_rope_freqs(llama_sp_model, tmp_path):
 
 def test_llama_device_and_dtype():
     cpu = not torch.cuda.is_available()
-    assert llama.device_and_dtype("cpu", "auto") == ("cpu", torch.float32)
-    assert llama.device_and_dtype("cpu", "bf16") == llama.device_and_dtype("cpu", "bfloat16") == ("cpu", torch.bfloat16)
-    assert llama.device_and_dtype("auto", "fp16")[0] == ("cpu" if cpu else "cuda")
+    assert common.device_and_dtype("cpu", "auto") == ("cpu", torch.float32)
+    bf16 = ("cpu", torch.bfloat16)
+    assert common.device_and_dtype("cpu", "bf16") == common.device_and_dtype("cpu", "bfloat16") == bf16
+    assert common.device_and_dtype("auto", "fp16")[0] == ("cpu" if cpu else "cuda")
     with pytest.raises(BeagleError, match="--dtype must be"):
-        llama.device_and_dtype("cpu", "int8")
+        common.device_and_dtype("cpu", "int8")
     if cpu:
         with pytest.raises(BeagleError, match="CUDA is not available"):
-            llama.device_and_dtype("cuda", "auto")
+            common.device_and_dtype("cuda", "auto")
 
 
 def test_llama_cli_help_and_types(capsys):
@@ -445,11 +448,11 @@ def test_llama_cli_help_and_types(capsys):
         name: str | None = None
         flag: bool = False
 
-    assert llama.cli(Knobs, ["--steps", "5", "--lr=2e-3", "--name", "None", "--flag"]) == Knobs(5, 2e-3, None, True)
+    assert common.cli(Knobs, ["--steps", "5", "--lr=2e-3", "--name", "None", "--flag"]) == Knobs(5, 2e-3, None, True)
     with pytest.raises(SystemExit, match="expects"):
-        llama.cli(Knobs, ["--steps", "many"])
+        common.cli(Knobs, ["--steps", "many"])
     with pytest.raises(SystemExit) as e:
-        llama.cli(Knobs, ["--help"])
+        common.cli(Knobs, ["--help"])
     assert e.value.code == 0 and "--steps" in capsys.readouterr().out
 
 
@@ -573,7 +576,8 @@ def llama_smol(tmp_path_factory):
 
 def test_llama_slow_smollm2_default_target(llama_smol, capsys, llama_accelerate_free):
     model, tok, path = llama_smol
-    assert llama.default_target_dir().name == "SmolLM2-135M-Instruct" and (llama.default_target_dir() / "config.json").exists()
+    target_dir = llama.default_target_dir()
+    assert target_dir.name == "SmolLM2-135M-Instruct" and (target_dir / "config.json").exists()
     llama.load_target()  # second use: no conversion
     assert "converting" not in capsys.readouterr().err
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -979,7 +983,6 @@ def train_tiny_hf_dir(path):
     """A 2-layer random Llama in HF layout beside the default model's tokenizer files (converted once from the
     pip-installed GGUF by llama.load_target if the cache does not hold it yet)."""
     import shutil
-    import llama
     from safetensors.torch import save_file
     src = llama.default_target_dir()
     if not (src / "tokenizer.json").exists():
@@ -1439,7 +1442,6 @@ def test_data_cache_states_roundtrip(tmp_path):
 
 @pytest.fixture(scope="module")
 def data_smol_tokenizer():
-    import llama
     if not (llama.default_target_dir() / "config.json").exists():
         llama.load_target()  # converts the GGUF into the cache, once
     return llama.Tokenizer(llama.default_target_dir())
@@ -1473,12 +1475,11 @@ def test_data_tokenize_mask_smollm2(data_smol_tokenizer):
 
 
 def test_data_cli_end_to_end(tmp_path, monkeypatch, data_smol_tokenizer, capsys):
-    """python data.py --out ... through llama.cli, with a tiny random target behind the real tokenizer."""
-    import llama
+    """python data.py --out ... through common.cli, with a tiny random target behind the real tokenizer."""
     model = _data_tiny_target(data_smol_tokenizer.vocab_size, stopping=True)
     monkeypatch.setattr(llama, "load_target", lambda path, device, dtype: (model, data_smol_tokenizer))
     out = tmp_path / "sg.jsonl"
-    cfg = llama.cli(data.GenConfig, ["--out", str(out), "--n=6", "--batch-size", "8", "--max-user-tokens", "10",
+    cfg = common.cli(data.GenConfig, ["--out", str(out), "--n=6", "--batch-size", "8", "--max-user-tokens", "10",
                                      "--max-reply-tokens=10", "--device", "cpu", "--reply-temperature", "0"])
     assert cfg.n == 6 and cfg.reply_temperature == 0.0 and cfg.target is None
     data.main(cfg)
@@ -1488,9 +1489,9 @@ def test_data_cli_end_to_end(tmp_path, monkeypatch, data_smol_tokenizer, capsys)
     ex = data.tokenize_all(data_smol_tokenizer, convs, 256, verbose=False)
     assert len(ex) == 6 and all(any(m) for _, m in ex)
     with pytest.raises(BeagleError, match="must be >= 1"):
-        data.main(llama.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--turns", "0"]))
+        data.main(common.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--turns", "0"]))
     with pytest.raises(BeagleError, match="--dtype"):
-        data.main(llama.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--dtype", "int8"]))
+        data.main(common.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--dtype", "int8"]))
 
 
 # =====================================================================================================================
@@ -1933,13 +1934,13 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(llama, "load_target", lambda path, device, dtype, template=None: (target, tok))
     draft_path = tmp_path / "draft.safetensors"
     save_draft(str(draft_path), decode_random_draft(target), target)
-    decode.main(llama.cli(DecodeConfig, ["--prompt", "Say hi.", "--mode", "ar", "--max-new-tokens", "8"]))
+    decode.main(common.cli(DecodeConfig, ["--prompt", "Say hi.", "--mode", "ar", "--max-new-tokens", "8"]))
     out = capsys.readouterr().out
     assert ">>> Say hi." in out and "[ar] " in out and "tokens/s" in out
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"turns": ["Name a fruit.", "And a vegetable?"]}) + "\n"
                        + json.dumps({"prompt": "Say hi."}) + "\n")
-    decode.main(llama.cli(DecodeConfig, ["--prompt-file", str(prompts), "--draft", str(draft_path), "--mode", "tree",
+    decode.main(common.cli(DecodeConfig, ["--prompt-file", str(prompts), "--draft", str(draft_path), "--mode", "tree",
                                          "--depth", "2", "--top-k", "2", "--tree-tokens", "3", "--max-new-tokens", "8",
                                          "--json", "--compare"]))
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -1951,7 +1952,7 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
     questions = tmp_path / "bench.jsonl"
     questions.write_text(json.dumps({"category": "writing", "turns": ["Name a fruit.", "And a vegetable?"]}) + "\n"
                          + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
-    decode.main(llama.cli(DecodeConfig, ["--bench", str(questions), "--draft", str(draft_path), "--mode", "chain",
+    decode.main(common.cli(DecodeConfig, ["--bench", str(questions), "--draft", str(draft_path), "--mode", "chain",
                                          "--depth", "2", "--max-new-tokens", "6", "--bench-out", str(tmp_path / "b")]))
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
@@ -1963,7 +1964,7 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "b" / "bench.md").read_text().strip() == out.strip() and "| overall | 3 |" in out
     too_many = str(target.args.max_seq_len - 20)  # the chat template alone is longer than 20 tokens
     with pytest.raises(BeagleError, match="longer than the context"):
-        decode.main(llama.cli(DecodeConfig, ["--prompt", "hi", "--mode", "ar", "--max-new-tokens", too_many]))
+        decode.main(common.cli(DecodeConfig, ["--prompt", "hi", "--mode", "ar", "--max-new-tokens", too_many]))
 
 
 def test_decode_mtbench_questions():
@@ -2304,13 +2305,13 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
 
 
 def test_graph_cli_flag():
-    assert llama.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
-    assert llama.cli(DecodeConfig, ["--cuda-graph", "false"]).cuda_graph is False
-    cfg = llama.cli(DecodeConfig, ["--device", "cpu"])
+    assert common.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
+    assert common.cli(DecodeConfig, ["--cuda-graph", "false"]).cuda_graph is False
+    cfg = common.cli(DecodeConfig, ["--device", "cpu"])
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
     assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
-    assert llama.cli(DecodeConfig, ["--compile", "--compile-mode", "default"]).compile is True
+    assert common.cli(DecodeConfig, ["--compile", "--compile-mode", "default"]).compile is True
 
 
 # -----------------------------------------------------------------------------
@@ -2339,7 +2340,7 @@ def test_graph_real_static_equals_dynamic(tmp_path, monkeypatch, capsys):
     # the command line with --cuda-graph (on the CPU: the static steps, eagerly)
     monkeypatch.setattr(llama, "load_target", lambda path, device, dtype, template=None: (target, tok))
     save_draft(str(tmp_path / "d.safetensors"), draft, target)
-    decode.main(llama.cli(DecodeConfig, ["--prompt", "Say hi.", "--draft", str(tmp_path / "d.safetensors"),
+    decode.main(common.cli(DecodeConfig, ["--prompt", "Say hi.", "--draft", str(tmp_path / "d.safetensors"),
                                          "--depth", "2", "--top-k", "2", "--tree-tokens", "3", "--max-new-tokens", "8",
                                          "--json", "--compare", "--cuda-graph", "--device", "cpu"]))
     row = json.loads(capsys.readouterr().out)
@@ -2473,7 +2474,7 @@ class LlamaKnobs:
 
 
 def test_llama_cli_types_and_values():
-    cli = lambda *argv: llama.cli(LlamaKnobs, list(argv))
+    cli = lambda *argv: common.cli(LlamaKnobs, list(argv))
     assert cli() == LlamaKnobs()
     assert cli("--max-new-tokens", "5", "--temperature=0.7", "--out", "a b") == LlamaKnobs(5, 0.7, "a b")
     assert cli("--prompt=--not-an-option", "--out=x=y").prompt == "--not-an-option"  # any value after '='
@@ -2498,13 +2499,13 @@ def test_llama_cli_types_and_values():
 ])
 def test_llama_cli_errors_are_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
-        llama.cli(LlamaKnobs, argv)
+        common.cli(LlamaKnobs, argv)
     assert e.value.code == message
 
 
 def test_llama_cli_help_from_comments(capsys):
     with pytest.raises(SystemExit) as e:
-        llama.cli(LlamaKnobs, ["--help"])
+        common.cli(LlamaKnobs, ["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert e.value.code == 0
     for text in ["--max-new-tokens INT tokens to generate per prompt (default 256)",
@@ -2514,7 +2515,7 @@ def test_llama_cli_help_from_comments(capsys):
                  "--compile [true|false] torch.compile the step (100% optional) (default false)",
                  "--cuda-graph [true|false|none] None: on for cuda (default none; none allowed)"]:
         assert text in out, text
-    assert llama.field_comments(DecodeConfig)["mode"].startswith("ar | chain | tree")
+    assert common.field_comments(DecodeConfig)["mode"].startswith("ar | chain | tree")
 
 
 def test_llama_cli_help_subprocess():
@@ -2533,7 +2534,7 @@ def test_llama_cli_help_subprocess():
 
 def test_llama_write_atomic(tmp_path):
     path = tmp_path / "f.txt"
-    llama.write_atomic(path, lambda tmp: tmp.write_text("one"))
+    common.write_atomic(path, lambda tmp: tmp.write_text("one"))
     assert path.read_text() == "one"
 
     def fails(tmp):
@@ -2541,9 +2542,9 @@ def test_llama_write_atomic(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        llama.write_atomic(path, fails)
+        common.write_atomic(path, fails)
     assert path.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]  # temp file gone
-    llama.write_atomic(tmp_path / "d", lambda tmp: (tmp.mkdir(), (tmp / "x").write_text("2")))  # a directory too
+    common.write_atomic(tmp_path / "d", lambda tmp: (tmp.mkdir(), (tmp / "x").write_text("2")))  # a directory too
     assert (tmp_path / "d" / "x").read_text() == "2"
 
     def fails_in_dir(tmp):
@@ -2551,7 +2552,7 @@ def test_llama_write_atomic(tmp_path):
         fails(tmp / "x")
 
     with pytest.raises(OSError, match="disk full"):
-        llama.write_atomic(tmp_path / "e", fails_in_dir)
+        common.write_atomic(tmp_path / "e", fails_in_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt"]  # the half-written directory is gone
 
 
@@ -3345,14 +3346,14 @@ def test_misuse_stale_temps_removed(tmp_path, monkeypatch):
         llama.load_target(str(tmp_path / "missing.gguf"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", f".other.{live}.tmp"]
     (tmp_path / f".f.bin.{dead}.tmp").write_bytes(b"half")
-    llama.write_atomic(tmp_path / "f.bin", lambda tmp: tmp.write_bytes(b"whole"))
+    common.write_atomic(tmp_path / "f.bin", lambda tmp: tmp.write_bytes(b"whole"))
     assert (tmp_path / "f.bin").read_bytes() == b"whole" and not list(tmp_path.glob(".f.bin.*"))
 
     def fail(tmp):
         tmp.write_bytes(b"half")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        llama.write_atomic(tmp_path / "f.bin", fail)
+        common.write_atomic(tmp_path / "f.bin", fail)
     assert (tmp_path / "f.bin").read_bytes() == b"whole" and not list(tmp_path.glob(".f.bin.*"))
 
 

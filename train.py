@@ -49,7 +49,8 @@ from torch.utils.checkpoint import checkpoint
 import data
 from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
     simulation_mask, window_positions, window_start
-from llama import DTYPES, BeagleError, check_output, cli, device_and_dtype, load_target, write_atomic
+from common import DTYPES, BeagleError, check_output, cli, device_and_dtype, write_atomic
+from llama import load_target
 
 
 @dataclass
