@@ -311,7 +311,7 @@ if __name__ == "__main__":
         vocab = None
         if cfg.vocab_data:
             import data
-            from llama import load_target
+            from convert import load_target
             convs = data.load_conversations(cfg.vocab_data)  # (a wrong path: an error before the target loads)
             target, tok = load_target(cfg.target)
             examples = data.tokenize_all(tok, convs, 2048)

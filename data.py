@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import common
+import convert
 import llama
 from common import BeagleError
 
@@ -555,7 +556,7 @@ SENTINEL = "\x00BEAGLE_USER_TURN\x00"  # no whitespace, so templates that trim t
 
 @dataclass
 class GenConfig:
-    target: str | None = None  # model directory or GGUF for llama.load_target; None: default SmolLM2-135M-Instruct
+    target: str | None = None  # model directory or GGUF for convert.load_target; None: default SmolLM2-135M-Instruct
     out: str = "data/selfgen.jsonl"  # the JSONL file written (appended to: a restarted run continues it)
     n: int = 2000  # conversations wanted in `out`, >= 1; a restarted run appends until there are n
     batch_size: int = 64  # conversations generated together, >= 1
@@ -879,7 +880,7 @@ def main(cfg):
             torch.cuda.set_device(device)
     try:
         torch.manual_seed(cfg.seed)
-        model, tokenizer = llama.load_target(cfg.target, device=device, dtype=dtype)
+        model, tokenizer = convert.load_target(cfg.target, device=device, dtype=dtype)
         model.eval()
         generate_conversations(cfg, model, tokenizer, rank=rank, world=world)
         if rank == 0:

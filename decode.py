@@ -43,7 +43,7 @@ import torch
 import beagle
 import data
 import common
-import llama
+import convert
 from common import DTYPES, BeagleError
 from llama import Graphed, KVCache
 
@@ -544,7 +544,7 @@ def resolve(cfg):
 def load(cfg):
     """-> (target, tokenizer, draft or None); falls back to plain decoding when there is no draft."""
     template = None if cfg.template == "raw" else cfg.template
-    target, tokenizer = llama.load_target(cfg.target, cfg.device, DTYPES[cfg.dtype], template=template)
+    target, tokenizer = convert.load_target(cfg.target, cfg.device, DTYPES[cfg.dtype], template=template)
     target.eval()
     path = cfg.draft or (str(DEFAULT_DRAFT) if cfg.target is None and DEFAULT_DRAFT.is_file() else None)
     if path is None and cfg.mode != "ar":

@@ -50,13 +50,13 @@ import data
 from beagle import Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
     simulation_mask, window_positions, window_start
 from common import DTYPES, BeagleError, check_output, cli, device_and_dtype, write_atomic
-from llama import load_target
+from convert import load_target
 
 
 @dataclass
 class TrainConfig:
     stage: int = 1  # 1: inverse block attention (multi-token prediction); 2: training-time simulation
-    target: str | None = None  # None: the default SmolLM2-135M-Instruct (llama.load_target)
+    target: str | None = None  # None: the default SmolLM2-135M-Instruct (convert.load_target)
     data: str = "data/selfgen.jsonl"  # ShareGPT JSON / JSONL
     out: str = "runs/beagle"
     init: str | None = None  # a draft checkpoint to start from (stage 2: the stage-1 draft)
