@@ -65,7 +65,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llama
-from llama import DTYPES, BeagleError, FeedForward, Linear, RMSNorm, apply_rope, linear, rope_table, write_atomic
+from common import DTYPES, BeagleError, check_output, cli, write_atomic
+from llama import FeedForward, Linear, RMSNorm, apply_rope, linear, rope_table
 
 
 @dataclass
@@ -373,17 +374,16 @@ def export_draft(src, dst, dtype=torch.bfloat16, vocab=None):
 
 
 if __name__ == "__main__":
-    from llama import cli
     cfg = cli(ExportConfig)
     try:
         if cfg.dtype not in DTYPES:
             raise BeagleError(f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})")
-        llama.check_output(cfg.out, "--out")  # before the ranking's minutes of tokenizing
+        check_output(cfg.out, "--out")  # before the ranking's minutes of tokenizing
         read_draft(cfg.draft)  # (likewise a wrong --draft)
         vocab = None
         if cfg.vocab_data:
             import data
-            from llama import load_target
+            from convert import load_target
             convs = data.load_conversations(cfg.vocab_data)  # (a wrong path: an error before the target loads)
             target, tok = load_target(cfg.target)
             examples = data.tokenize_all(tok, convs, 2048)

@@ -21,8 +21,8 @@ import torch
 
 import data
 import decode
-import llama
-from llama import BeagleError
+import common
+from common import BeagleError
 
 LOOP_TAIL, LOOP_PERIOD = 64, 32  # loops(): the tail of an answer that is checked, the longest period looked for
 
@@ -96,8 +96,8 @@ def bench(cfg):
     if cfg.mode == "ar":
         raise BeagleError("--bench compares plain decoding with --mode chain or tree")
     # the output directory and its two files: checked before any work, not after the first question
-    out = llama.check_output(cfg.bench_out, "--bench-out", directory=True)
-    files = [llama.check_output(out / name, "--bench-out") for name in ("bench.json", "bench.md")]
+    out = common.check_output(cfg.bench_out, "--bench-out", directory=True)
+    files = [common.check_output(out / name, "--bench-out") for name in ("bench.json", "bench.md")]
     convs = decode.read_jsonl_or_lines(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
     picked = spread(list(enumerate(convs)), cfg.bench_limit)  # (index in the file, conversation)
     convs = [c for _, c in picked]
@@ -131,6 +131,6 @@ def bench(cfg):
         report = json.dumps(dict(settings=dict(settings, questions_done=q + 1), results=table, records=records),
                             indent=1)
         for path, text in zip(files, (report, md)):
-            llama.write_atomic(path, lambda tmp: tmp.write_text(text))
+            common.write_atomic(path, lambda tmp: tmp.write_text(text))
     print(md, end="")
     return table

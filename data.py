@@ -39,8 +39,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import common
+import convert
 import llama
-from llama import BeagleError
+from common import BeagleError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
@@ -554,7 +556,7 @@ SENTINEL = "\x00BEAGLE_USER_TURN\x00"  # no whitespace, so templates that trim t
 
 @dataclass
 class GenConfig:
-    target: str | None = None  # model directory or GGUF for llama.load_target; None: default SmolLM2-135M-Instruct
+    target: str | None = None  # model directory or GGUF for convert.load_target; None: default SmolLM2-135M-Instruct
     out: str = "data/selfgen.jsonl"  # the JSONL file written (appended to: a restarted run continues it)
     n: int = 2000  # conversations wanted in `out`, >= 1; a restarted run appends until there are n
     batch_size: int = 64  # conversations generated together, >= 1
@@ -591,7 +593,7 @@ def check_config(cfg):
         raise BeagleError(f"--top-k must be >= 0 (0: off), got {cfg.top_k}")
     if not 0 <= cfg.seed < 2 ** 32:  # (batch i's generator is seeded with seed * 1_000_003 + i: a 64-bit number)
         raise BeagleError(f"--seed must be in [0, 2^32), got {cfg.seed}")
-    llama.check_output(cfg.out, "--out")
+    common.check_output(cfg.out, "--out")
 
 
 def _norm_text(s):
@@ -798,7 +800,7 @@ def cache_states(target, examples, path, shard_bytes=1 << 30):
         flush()
     index = {"dim": target.args.dim, "dtype": str(target.output.weight.dtype).removeprefix("torch."),
              "shards": shards, "examples": where}
-    llama.write_atomic(os.path.join(path, "index.json"), lambda tmp: tmp.write_text(json.dumps(index)))
+    common.write_atomic(os.path.join(path, "index.json"), lambda tmp: tmp.write_text(json.dumps(index)))
 
 
 class CachedStates:
@@ -870,7 +872,7 @@ def main(cfg):
     and the ranks exchange finished conversations over gloo (host objects, a few per batch)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     check_config(cfg)
-    device, dtype = llama.device_and_dtype(cfg.device, cfg.dtype)
+    device, dtype = common.device_and_dtype(cfg.device, cfg.dtype)
     if world > 1:
         torch.distributed.init_process_group("gloo")
         if device.startswith("cuda"):
@@ -878,7 +880,7 @@ def main(cfg):
             torch.cuda.set_device(device)
     try:
         torch.manual_seed(cfg.seed)
-        model, tokenizer = llama.load_target(cfg.target, device=device, dtype=dtype)
+        model, tokenizer = convert.load_target(cfg.target, device=device, dtype=dtype)
         model.eval()
         generate_conversations(cfg, model, tokenizer, rank=rank, world=world)
         if rank == 0:
@@ -890,7 +892,7 @@ def main(cfg):
 
 if __name__ == "__main__":
     try:
-        main(llama.cli(GenConfig))
+        main(common.cli(GenConfig))
     except BeagleError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # every finished batch is in --out already

@@ -43,8 +43,10 @@ import torch
 
 import beagle
 import data
-import llama
-from llama import BeagleError, Graphed, KVCache
+import common
+import convert
+from common import DTYPES, BeagleError
+from llama import Graphed, KVCache
 
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting, one iteration = one graph.
@@ -529,7 +531,7 @@ def check_config(cfg):
 def resolve(cfg):
     """Check the options and fill the device-dependent defaults in place."""
     check_config(cfg)
-    cfg.device, dtype = llama.device_and_dtype(cfg.device, cfg.dtype)
+    cfg.device, dtype = common.device_and_dtype(cfg.device, cfg.dtype)
     cfg.dtype = str(dtype).removeprefix("torch.")  # resolved, and spelled one way in reports
     gpu = torch.device(cfg.device).type == "cuda"
     depth, top_k, tree_tokens = GPU_TREE if gpu else CPU_TREE
@@ -544,7 +546,7 @@ def resolve(cfg):
 def load(cfg):
     """-> (target, tokenizer, draft or None); falls back to plain decoding when there is no draft."""
     template = None if cfg.template == "raw" else cfg.template
-    target, tokenizer = llama.load_target(cfg.target, cfg.device, llama.DTYPES[cfg.dtype], template=template)
+    target, tokenizer = convert.load_target(cfg.target, cfg.device, DTYPES[cfg.dtype], template=template)
     target.eval()
     path = cfg.draft or (str(DEFAULT_DRAFT) if cfg.target is None and DEFAULT_DRAFT.is_file() else None)
     if path is None and cfg.mode != "ar":
@@ -552,7 +554,7 @@ def load(cfg):
         cfg.mode = "ar"
     if cfg.mode == "ar":
         return target, tokenizer, None
-    draft = beagle.load_draft(path, target, cfg.device, llama.DTYPES[cfg.dtype])
+    draft = beagle.load_draft(path, target, cfg.device, DTYPES[cfg.dtype])
     auto, gpu = cfg.draft_vocab < 0, torch.device(cfg.device).type == "cuda"
     draft.set_vocab(target, (0 if gpu else CPU_DRAFT_VOCAB) if auto else cfg.draft_vocab, explicit=not auto)
     draft.check_top_k(1 if cfg.mode == "chain" else cfg.top_k)  # before anything is printed
@@ -661,7 +663,7 @@ def main(cfg):
 
 if __name__ == "__main__":
     try:
-        main(llama.cli(DecodeConfig))
+        main(common.cli(DecodeConfig))
     except BeagleError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: one line (--bench has written the questions done so far)

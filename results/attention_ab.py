@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import decode  # noqa: E402
 import llama  # noqa: E402
 import step_time  # noqa: E402
@@ -74,7 +75,7 @@ if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("error: results/attention_ab.py times CUDA kernels: it needs a GPU")
     micro()
-    cfg = llama.cli(decode.DecodeConfig, sys.argv[1:] + ["--device", "cuda"])
+    cfg = common.cli(decode.DecodeConfig, sys.argv[1:] + ["--device", "cuda"])
     for name, f in VARIANTS.items():
         llama.attention = f
         print(f"{name}: ", end="", flush=True)

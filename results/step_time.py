@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
+import common  # noqa: E402
 import decode  # noqa: E402
-import llama  # noqa: E402
 
 
 def replay_ms(fn, reps=200):
@@ -76,6 +76,6 @@ def main(cfg):
 
 if __name__ == "__main__":
     try:
-        main(llama.cli(decode.DecodeConfig))
-    except llama.BeagleError as e:
+        main(common.cli(decode.DecodeConfig))
+    except common.BeagleError as e:
         sys.exit(f"error: {e}")
