@@ -28,10 +28,15 @@ out: rejected tokens need no undo), and random numbers are drawn before a step a
 token, or a whole iteration) is a fixed sequence of kernels that reads nothing back to the host; its result (the
 accepted tokens) is read once after it. On a GPU a step is captured once as a CUDA graph (llama.Graphed, maybe
 torch.compile'd first) and replayed; on the CPU the same step runs eagerly.
+
+The CPU's defaults fit the machine: on first use a few seconds of timing (a target forward of 1..8 tokens, a draft
+step), cached in llama.cache_dir(), and the tree shape and draft vocabulary of most predicted tokens/s, from a fixed
+acceptance model of the shipped draft (expected_tau); plain decoding where no tree is predicted to pay.
 """
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -48,10 +53,10 @@ from llama import BeagleError, Graphed, KVCache
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting, one iteration = one graph.
 GPU_TREE = (5, 10, 60)
-# CPU (README "Results"): a forward of 1 to 4 tokens costs about the same (llama.linear), and a full-vocabulary draft
-# head a fifth of one: trees of at most 3 draft tokens, from the 4096 most frequent tokens (beagle.py, VOCAB).
+# CPU: chosen per machine from its measured costs (cpu_defaults). CPU_TREE is the shape for one 2-core machine whose
+# forward of 1 to 4 tokens costs about the same (README "Results"), kept where nothing is measured (train.py's tau).
 CPU_TREE = (2, 2, 3)
-CPU_DRAFT_VOCAB = 4096  # GPU: the whole vocabulary (the head is cheap there)
+CPU_DRAFT_VOCAB = 4096  # the subset the CPU may take (beagle.py, VOCAB); GPU: the whole vocabulary (its head is cheap)
 MAX_LEN = {"cuda": 2048, "cpu": 1024}  # default cache slots: every step attends over all of them
 
 
@@ -66,11 +71,13 @@ class DecodeConfig:
     # target, if present (no draft: plain decoding)
     draft: str | None = None
     mode: str = "tree"  # ar | chain | tree: plain decoding, a chain of --depth draft tokens, an EAGLE-2 dynamic tree
-    depth: int = 0  # draft steps per iteration, >= 1; 0: chosen by device (GPU 5, CPU 2)
-    top_k: int = 0  # children per expanded node (tree), >= 1; 0: chosen by device (GPU 10, CPU 2)
-    tree_tokens: int = 0  # draft tokens verified per iteration (tree), >= 1; 0: chosen by device (GPU 60, CPU 3)
-    # N > 0: the draft proposes from the N most frequent target tokens; 0: all; -1: chosen by device (GPU all, CPU
-    # 4096)
+    # chosen by device: GPU 5 / 10 / 60 and all tokens; CPU: for this machine's costs, measured on first use (a few
+    # seconds, then cached; cpu_defaults), or plain decoding where no tree is predicted to pay
+    depth: int = 0  # draft steps per iteration, >= 1; 0: chosen by device (GPU 5, CPU per machine)
+    top_k: int = 0  # children per expanded node (tree), >= 1; 0: chosen by device (GPU 10, CPU per machine)
+    tree_tokens: int = 0  # draft tokens per verification (tree), >= 1; 0: chosen by device (GPU 60, CPU per machine)
+    # N > 0: the draft proposes from the N most frequent target tokens; 0: all; -1: chosen by device (GPU all, CPU per
+    # machine: 4096 or all)
     draft_vocab: int = -1
     max_new_tokens: int = 256  # the longest answer, in tokens, >= 1
     # cache slots of an answer (prompt + answer + one tree), at most the target's context; 0: chosen by device
@@ -162,9 +169,14 @@ def tree_sizes(depth, top_k, tree_tokens):
     return pool, 1 + (depth - 1) * top_k, min(tree_tokens, pool)
 
 
+def cache_slots(target, cfg):  # L, the cache slots of every answer: --max-len or the device's, at most the context
+    return min(cfg.max_len or MAX_LEN.get(target.output.weight.device.type, 1024), target.args.max_seq_len)
+
+
 def check_length(target, cfg, n_prompt, spec):
-    """-> L, the cache slots of every answer, after checking that the prompt, its answer and one tree fit."""
-    L = min(cfg.max_len or MAX_LEN.get(target.output.weight.device.type, 1024), target.args.max_seq_len)
+    """-> L, the cache slots of every answer (cache_slots), after checking that the prompt, its answer and one tree
+    fit."""
+    L = cache_slots(target, cfg)
     k, keep = (1, cfg.depth) if cfg.mode == "chain" else (cfg.top_k, cfg.tree_tokens)
     _, Q, N = tree_sizes(cfg.depth, k, keep) if spec else (0, 0, -1)
     extra = max(N + 1, Q)  # a tree's slots past the answer: target (root + nodes), draft (queries)
@@ -414,6 +426,160 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
 
 
 # -----------------------------------------------------------------------------
+# the CPU's tree shape and draft vocabulary, chosen for this machine's costs (measured once, then cached): what a
+# bigger tree costs differs between CPUs, so no fixed shape is right everywhere
+
+ACCEPT_1, ACCEPT_2, ACCEPT_TAIL, DECAY = 0.42, 0.10, 0.6, 0.95  # the acceptance model (expected_tau)
+MIN_SPEEDUP = 1.05  # below this predicted speedup (the model's error) the CPU decodes plainly
+
+
+def expected_tau(depth, top_k, tree_tokens):
+    """Tokens per iteration predicted by a fixed model of the shipped draft, greedy: at any node the target's token is
+    the draft's rank-r proposal with probability p_1 = 0.42, p_2 = 0.10, p_r = 0.10 * 0.6^(r-2), times 0.95 per step
+    after the first, independently from step to step. Fitted to its CPU MT-bench with 2 / 2 / 3 (results/round2/
+    session2/bench_greedy_cpu_amd.md: step 1 accepted 0.52 = p_1 + p_2, the depth-2 node under the rank-1 child
+    0.343 of those, p_1^2 ~ 0.18); the tail stays below its GPU top-10 acceptance (0.76), the decay is its held-out
+    agreement's fall from step 1 to 2 (0.560 -> 0.534); the same for the 4096-token subset (round 1: the same tau).
+    Deeper or wider than 2 / 2 it is an extrapolation. draft_tree runs on the model (a node's score: the probability
+    that its whole path is accepted), and the kept nodes' path probabilities sum to the expected accepted tokens."""
+    p = [ACCEPT_1] + [ACCEPT_2 * ACCEPT_TAIL ** r for r in range(top_k - 1)]
+    front, pool = [1.0], []
+    for s in range(depth):
+        kids = sorted((q * p[r] * DECAY ** s for q in front for r in range(top_k)), reverse=True)
+        pool, front = pool + kids, kids[:top_k]
+    return 1 + sum(sorted(pool, reverse=True)[:tree_tokens])
+
+
+def at(ms, n):  # a cost table over 1..len(ms) rows, at n rows; beyond it linear in n from its last entry
+    return ms[n - 1] if n <= len(ms) else ms[-1] * n / len(ms)
+
+
+def draft_step_ms(costs, vocab, rows):  # between (or beyond) the measured vocabularies: linear in the vocabulary
+    points = sorted((int(v), at(ms, rows)) for v, ms in costs["draft_ms"].items())
+    (lo, a), (hi, b) = points[0], points[-1]
+    return a if hi == lo else a + (b - a) * (vocab - lo) / (hi - lo)
+
+
+def iteration_ms(costs, depth, top_k, tree_tokens, vocab):
+    """The verifying forward (root + kept nodes), the draft steps (the root's query, then top_k queries a step) and
+    the rest (masks, acceptance, moving K/V: overhead_ms)."""
+    keep = tree_sizes(depth, top_k, tree_tokens)[2]
+    return (at(costs["forward_ms"], keep + 1) + draft_step_ms(costs, vocab, 1)
+            + (depth - 1) * draft_step_ms(costs, vocab, top_k) + costs["overhead_ms"])
+
+
+def choose(costs, cfg, vocabs):
+    """-> (predicted speedup over plain decoding, (depth, top_k, tree_tokens), vocabulary): most predicted tokens/s
+    among the shapes up to 4 / 4 / 7 (forwards of up to 8 tokens, as measured) that keep cfg's explicit options
+    (chain mode: top-k 1) and the vocabularies `vocabs`; the smaller on a tie."""
+    chain, best = cfg.mode == "chain", None
+    for depth in [cfg.depth] if cfg.depth else range(1, 5):
+        for top_k in [1] if chain else [cfg.top_k] if cfg.top_k else range(1, 5):
+            pool = tree_sizes(depth, top_k, 1)[0]
+            for keep in [depth] if chain else [cfg.tree_tokens] if cfg.tree_tokens else range(1, min(pool, 7) + 1):
+                for vocab in vocabs:
+                    speed = expected_tau(depth, top_k, keep) / iteration_ms(costs, depth, top_k, keep, vocab)
+                    if best is None or speed > best[0]:
+                        best = speed, (depth, top_k, keep), vocab
+    return best[0] * at(costs["forward_ms"], 1), best[1], best[2]  # plain decoding: a 1-token forward a token
+
+
+def median_ms(fn, reps=5):
+    fn()  # (first calls allocate)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(1000 * sorted(times)[reps // 2], 2)
+
+
+@torch.no_grad()
+def measure_costs(target, draft, max_len):
+    """This CPU's costs (ms, medians of 5): a target forward of 1..8 tokens; a draft step (queries, the head's top 2,
+    their K/V) of 1..8 rows, from the 4096-token subset and from all tokens; what else a real 2 / 2 / 3 iteration
+    costs. Caches of max_len slots: every step spans all of them, so the prefix length does not matter."""
+    V, n, weight = target.args.vocab_size, torch.tensor([max_len // 4]), target.output.weight
+    cache, dcache, head = KVCache(target.args, 1, max_len, dtype=weight.dtype), DraftCache(draft, max_len), draft.head
+    tokens, rows = torch.arange(1, 9)[None], n + torch.arange(8)
+    prefix = (torch.arange(max_len) < n).expand(1, 1, 8, -1)  # (1, 1, 8, L): up to 8 queries see the prefix
+    causal = lambda T: tree_mask(torch.ones(T, T, dtype=torch.bool).tril(), n, max_len)
+    costs = dict(forward_ms=[median_ms(lambda: target(tokens[:, :T], rows[:T], cache, causal(T), slots=rows[:T]))
+                             for T in range(1, 9)], draft_ms={}, overhead_ms=0.0)
+
+    def draft_step(R):
+        hat = draft.attend(target.tok_embeddings(tokens[:, :R]), rows[:R], dcache.k, dcache.v, prefix[:, :, :R])
+        draft.top(target, hat[0], 2)
+        dcache.write(n, *draft.kv(hat, rows[:R]))
+
+    for vocab in sorted({min(CPU_DRAFT_VOCAB, V), V}, reverse=True):  # (a head of the first rows: as costly as any)
+        draft.head = None if vocab == V else (torch.arange(vocab), weight[:vocab].contiguous())
+        costs["draft_ms"][str(vocab)] = [median_ms(lambda: draft_step(R)) for R in range(1, 9)]
+    ref = DecodeConfig(depth=2, top_k=2, tree_tokens=3)  # (with the subset, the loop's last head)
+    real = median_ms(lambda: iterate(target, draft, cache, dcache, ref, n, tokens[0, :1]))
+    draft.head = head
+    costs["overhead_ms"] = round(max(0.0, real - iteration_ms(costs, 2, 2, 3, vocab)), 2)
+    return costs
+
+
+def cpu_costs(target, draft, max_len):
+    """-> (costs, where from): measured on first use (one line on stderr), then read from
+    llama.cache_dir()/cpu-costs.json, keyed by the CPU, threads, torch, dtype, cache slots and target shape.
+    BEAGLE_CPU_COSTS='{"forward_ms": [...]}' (any of the three keys) forces numbers: another machine's, a test's."""
+    import bench  # (bench.py imports this file)
+    try:
+        forced = json.loads(os.environ.get("BEAGLE_CPU_COSTS") or "{}")
+    except ValueError:
+        forced = None
+    if not isinstance(forced, dict) or not set(forced) <= {"forward_ms", "draft_ms", "overhead_ms"}:
+        raise BeagleError("BEAGLE_CPU_COSTS must be a JSON object of forward_ms, draft_ms or overhead_ms")
+    if len(forced) == 3:
+        return forced, "forced by BEAGLE_CPU_COSTS"
+    a, cpu, path = target.args, bench.hardware("cpu"), llama.cache_dir() / "cpu-costs.json"
+    key = (f"{cpu}, torch {torch.__version__}, {target.output.weight.dtype}, {max_len} slots, target {a.n_layers} "
+           f"layers of {a.dim} (hidden {a.hidden_dim}, heads {a.n_heads}/{a.n_kv_heads}), vocabulary {a.vocab_size}")
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet (or unreadable: measured again)
+        table = {}
+    source = "cached" if key in table else "measured now"
+    if key not in table:
+        print(f"calibrating the CPU tree shape once for {cpu} ... (cached in {path}; delete it to measure again)",
+              file=sys.stderr)
+        table[key] = measure_costs(target, draft, max_len)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            llama.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(table, indent=1) + "\n"))
+        except OSError as e:
+            print(f"note: cannot cache the CPU's costs ({e}): measured again next time", file=sys.stderr)
+    return {**table[key], **forced}, "partly forced by BEAGLE_CPU_COSTS" if forced else source
+
+
+def cpu_defaults(target, draft, cfg):
+    """Fill the CPU options left to the device with the choice for this machine; -> False where no tree is predicted
+    to pay and none was asked for: decode plainly. One line on stderr, unless the costs were cached and it pays."""
+    V, auto = target.args.vocab_size, cfg.draft_vocab < 0
+    ranked = draft.vocab is not None  # (without a token ranking, no subset)
+    vocabs = sorted({min(CPU_DRAFT_VOCAB, V), V} if ranked else {V}) if auto else [draft.vocab_size()]
+    costs, source = cpu_costs(target, draft, cache_slots(target, cfg))
+    speedup, shape, vocab = choose(costs, cfg, vocabs)
+    line = (f"CPU: {f'chain {shape[0]}' if cfg.mode == 'chain' else 'tree ' + ' / '.join(map(str, shape))}, draft "
+            f"vocabulary {vocab}: predicted {speedup:.2f}x plain decoding's tokens/s (a forward of 1..8 tokens "
+            f"{' / '.join(f'{x:.1f}' for x in costs['forward_ms'])} ms; {source})")
+    if speedup < MIN_SPEEDUP and not cfg.bench and not cfg.depth and (cfg.mode == "chain" or not (
+            cfg.top_k or cfg.tree_tokens)):  # (no shape asked for; a benchmark compares the two whatever we predict)
+        print(f"note: {line}; below {MIN_SPEEDUP}x: plain decoding (--depth N: speculative anyway)", file=sys.stderr)
+        return False
+    if source != "cached" or speedup < MIN_SPEEDUP:
+        print(line, file=sys.stderr)
+    cfg.depth, cfg.top_k, cfg.tree_tokens = (mine or chosen for mine, chosen in
+                                             zip((cfg.depth, cfg.top_k, cfg.tree_tokens), shape))
+    if auto:
+        draft.set_vocab(target, 0 if vocab == V else vocab)
+    return True
+
+
+# -----------------------------------------------------------------------------
 # prompts, loading, streaming
 
 def read_prompts(cfg):
@@ -530,17 +696,19 @@ def resolve(cfg):
     cfg.device, dtype = llama.device_and_dtype(cfg.device, cfg.dtype)
     cfg.dtype = str(dtype).removeprefix("torch.")  # resolved, and spelled one way in reports
     gpu = torch.device(cfg.device).type == "cuda"
-    depth, top_k, tree_tokens = GPU_TREE if gpu else CPU_TREE
     cfg.cuda_graph = gpu if cfg.cuda_graph is None else cfg.cuda_graph
     cfg.compile = bool(cfg.compile)  # (None: off until measured)
     if cfg.compile and gpu and cfg.cuda_graph and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
         raise BeagleError(f"--compile-mode {cfg.compile_mode} makes CUDA graphs of its own: add --cuda-graph false "
                           "or take default | max-autotune-no-cudagraphs")
-    cfg.depth, cfg.top_k, cfg.tree_tokens = cfg.depth or depth, cfg.top_k or top_k, cfg.tree_tokens or tree_tokens
+    if gpu:  # (the CPU's are chosen for the machine once the models are loaded: load, cpu_defaults)
+        cfg.depth, cfg.top_k, cfg.tree_tokens = (mine or default for mine, default in
+                                                 zip((cfg.depth, cfg.top_k, cfg.tree_tokens), GPU_TREE))
 
 
 def load(cfg):
-    """-> (target, tokenizer, draft or None); falls back to plain decoding when there is no draft."""
+    """-> (target, tokenizer, draft or None); falls back to plain decoding when there is no draft, or on a CPU where no
+    tree is predicted to pay (cpu_defaults)."""
     template = None if cfg.template == "raw" else cfg.template
     target, tokenizer = llama.load_target(cfg.target, cfg.device, llama.DTYPES[cfg.dtype], template=template)
     target.eval()
@@ -551,9 +719,15 @@ def load(cfg):
     if cfg.mode == "ar":
         return target, tokenizer, None
     draft = beagle.load_draft(path, target, cfg.device, llama.DTYPES[cfg.dtype])
-    auto, gpu = cfg.draft_vocab < 0, torch.device(cfg.device).type == "cuda"
-    draft.set_vocab(target, (0 if gpu else CPU_DRAFT_VOCAB) if auto else cfg.draft_vocab, explicit=not auto)
-    draft.check_top_k(1 if cfg.mode == "chain" else cfg.top_k)  # before anything is printed
+    auto = cfg.draft_vocab < 0
+    draft.set_vocab(target, 0 if auto else cfg.draft_vocab, explicit=not auto)  # (auto: the GPU's, all tokens)
+    draft.check_top_k(1 if cfg.mode == "chain" else cfg.top_k or 1)  # before anything is printed or timed
+    shape_left = not cfg.depth or cfg.mode == "tree" and not (cfg.top_k and cfg.tree_tokens)
+    if torch.device(cfg.device).type == "cpu" and (shape_left or auto and draft.vocab is not None):  # (a choice)
+        if not cpu_defaults(target, draft, cfg):
+            cfg.mode = "ar"
+            return target, tokenizer, None
+        draft.check_top_k(1 if cfg.mode == "chain" else cfg.top_k)
     cfg.draft_vocab = 0 if draft.head is None else draft.vocab_size()  # resolved, for the reports
     return target, tokenizer, draft
 
