@@ -29,6 +29,9 @@ out: rejected tokens need no undo), and random numbers are drawn before a step a
 token, or a whole iteration) is a fixed sequence of kernels that reads nothing back to the host; its result (the
 accepted tokens) is read once after it. On a GPU a step is captured once as a CUDA graph (llama.Graphed, maybe
 torch.compile'd first) and replayed; on the CPU the same step runs eagerly.
+
+The CPU's tree shape and draft vocabulary fit the machine: calibrate.py times it once and chooses them (plain
+decoding where no tree is predicted to pay).
 """
 import dataclasses
 import json
@@ -51,10 +54,10 @@ from llama import Graphed, KVCache
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting, one iteration = one graph.
 GPU_TREE = (5, 10, 60)
-# CPU (README "Results"): a forward of 1 to 4 tokens costs about the same (llama.linear), and a full-vocabulary draft
-# head a fifth of one: trees of at most 3 draft tokens, from the 4096 most frequent tokens (beagle.py, VOCAB).
+# CPU: chosen per machine from its measured costs (cpu_defaults). CPU_TREE is the shape for one 2-core machine whose
+# forward of 1 to 4 tokens costs about the same (README "Results"), kept where nothing is measured (train.py's tau).
 CPU_TREE = (2, 2, 3)
-CPU_DRAFT_VOCAB = 4096  # GPU: the whole vocabulary (the head is cheap there)
+CPU_DRAFT_VOCAB = 4096  # the subset the CPU may take (beagle.py, VOCAB); GPU: the whole vocabulary (its head is cheap)
 MAX_LEN = {"cuda": 2048, "cpu": 1024}  # default cache slots: every step attends over all of them
 
 
@@ -69,11 +72,13 @@ class DecodeConfig:
     # target, if present (no draft: plain decoding)
     draft: str | None = None
     mode: str = "tree"  # ar | chain | tree: plain decoding, a chain of --depth draft tokens, an EAGLE-2 dynamic tree
-    depth: int = 0  # draft steps per iteration, >= 1; 0: chosen by device (GPU 5, CPU 2)
-    top_k: int = 0  # children per expanded node (tree), >= 1; 0: chosen by device (GPU 10, CPU 2)
-    tree_tokens: int = 0  # draft tokens verified per iteration (tree), >= 1; 0: chosen by device (GPU 60, CPU 3)
-    # N > 0: the draft proposes from the N most frequent target tokens; 0: all; -1: chosen by device (GPU all, CPU
-    # 4096)
+    # chosen by device: GPU 5 / 10 / 60 and all tokens; CPU: for this machine's costs, measured on first use (a few
+    # seconds, then cached; cpu_defaults), or plain decoding where no tree is predicted to pay
+    depth: int = 0  # draft steps per iteration, >= 1; 0: chosen by device (GPU 5, CPU per machine)
+    top_k: int = 0  # children per expanded node (tree), >= 1; 0: chosen by device (GPU 10, CPU per machine)
+    tree_tokens: int = 0  # draft tokens per verification (tree), >= 1; 0: chosen by device (GPU 60, CPU per machine)
+    # N > 0: the draft proposes from the N most frequent target tokens; 0: all; -1: chosen by device (GPU all, CPU per
+    # machine: 4096 or all)
     draft_vocab: int = -1
     max_new_tokens: int = 256  # the longest answer, in tokens, >= 1
     # cache slots of an answer (prompt + answer + one tree), at most the target's context; 0: chosen by device
@@ -165,9 +170,14 @@ def tree_sizes(depth, top_k, tree_tokens):
     return pool, 1 + (depth - 1) * top_k, min(tree_tokens, pool)
 
 
+def cache_slots(target, cfg):  # L, the cache slots of every answer: --max-len or the device's, at most the context
+    return min(cfg.max_len or MAX_LEN.get(target.output.weight.device.type, 1024), target.args.max_seq_len)
+
+
 def check_length(target, cfg, n_prompt, spec):
-    """-> L, the cache slots of every answer, after checking that the prompt, its answer and one tree fit."""
-    L = min(cfg.max_len or MAX_LEN.get(target.output.weight.device.type, 1024), target.args.max_seq_len)
+    """-> L, the cache slots of every answer (cache_slots), after checking that the prompt, its answer and one tree
+    fit."""
+    L = cache_slots(target, cfg)
     k, keep = (1, cfg.depth) if cfg.mode == "chain" else (cfg.top_k, cfg.tree_tokens)
     _, Q, N = tree_sizes(cfg.depth, k, keep) if spec else (0, 0, -1)
     extra = max(N + 1, Q)  # a tree's slots past the answer: target (root + nodes), draft (queries)
@@ -534,17 +544,19 @@ def resolve(cfg):
     cfg.device, dtype = common.device_and_dtype(cfg.device, cfg.dtype)
     cfg.dtype = str(dtype).removeprefix("torch.")  # resolved, and spelled one way in reports
     gpu = torch.device(cfg.device).type == "cuda"
-    depth, top_k, tree_tokens = GPU_TREE if gpu else CPU_TREE
     cfg.cuda_graph = gpu if cfg.cuda_graph is None else cfg.cuda_graph
     cfg.compile = bool(cfg.compile)  # (None: off until measured)
     if cfg.compile and gpu and cfg.cuda_graph and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
         raise BeagleError(f"--compile-mode {cfg.compile_mode} makes CUDA graphs of its own: add --cuda-graph false "
                           "or take default | max-autotune-no-cudagraphs")
-    cfg.depth, cfg.top_k, cfg.tree_tokens = cfg.depth or depth, cfg.top_k or top_k, cfg.tree_tokens or tree_tokens
+    if gpu:  # (the CPU's are chosen for the machine once the models are loaded: load, cpu_defaults)
+        cfg.depth, cfg.top_k, cfg.tree_tokens = (mine or default for mine, default in
+                                                 zip((cfg.depth, cfg.top_k, cfg.tree_tokens), GPU_TREE))
 
 
 def load(cfg):
-    """-> (target, tokenizer, draft or None); falls back to plain decoding when there is no draft."""
+    """-> (target, tokenizer, draft or None); falls back to plain decoding when there is no draft, or on a CPU where no
+    tree is predicted to pay (calibrate.py)."""
     template = None if cfg.template == "raw" else cfg.template
     target, tokenizer = convert.load_target(cfg.target, cfg.device, DTYPES[cfg.dtype], template=template)
     target.eval()
@@ -555,9 +567,16 @@ def load(cfg):
     if cfg.mode == "ar":
         return target, tokenizer, None
     draft = beagle.load_draft(path, target, cfg.device, DTYPES[cfg.dtype])
-    auto, gpu = cfg.draft_vocab < 0, torch.device(cfg.device).type == "cuda"
-    draft.set_vocab(target, (0 if gpu else CPU_DRAFT_VOCAB) if auto else cfg.draft_vocab, explicit=not auto)
-    draft.check_top_k(1 if cfg.mode == "chain" else cfg.top_k)  # before anything is printed
+    auto = cfg.draft_vocab < 0
+    draft.set_vocab(target, 0 if auto else cfg.draft_vocab, explicit=not auto)  # (auto: the GPU's, all tokens)
+    draft.check_top_k(1 if cfg.mode == "chain" else cfg.top_k or 1)  # before anything is printed or timed
+    shape_left = not cfg.depth or cfg.mode == "tree" and not (cfg.top_k and cfg.tree_tokens)
+    if torch.device(cfg.device).type == "cpu" and (shape_left or auto and draft.vocab is not None):  # (a choice)
+        import calibrate  # (it imports this file)
+        if not calibrate.cpu_defaults(target, draft, cfg):
+            cfg.mode = "ar"
+            return target, tokenizer, None
+        draft.check_top_k(1 if cfg.mode == "chain" else cfg.top_k)
     cfg.draft_vocab = 0 if draft.head is None else draft.vocab_size()  # resolved, for the reports
     return target, tokenizer, draft
 

@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import beagle
+import calibrate
 import bench
 import common
 import convert
@@ -2958,6 +2959,109 @@ def test_decode_slow_compiled_step_equals_eager(capsys):
     assert [r.accepted_lengths for r in runs[:2]] == [r.accepted_lengths for r in runs[2:]]
     err = capsys.readouterr().err.splitlines()
     assert len([line for line in err if line.startswith("torch.compile (mode default): first call")]) == 1
+# the CPU's defaults, chosen for the machine's measured costs (calibrate.py)
+
+CPU_DRAFT_MS = {"4096": [1.5] * 4 + [2.0] * 4, "49152": [6.0] * 8}  # a draft step of 1..8 rows, subset and all tokens
+CPU_FLAT = dict(forward_ms=[25, 25, 26, 26, 35, 38, 41, 44], draft_ms=CPU_DRAFT_MS, overhead_ms=2.0)  # 1-4: the same
+# the second machine of the issue: 39 / 38 / 52 / 51 / 100 ms for 1 / 2 / 3 / 4 / 8 tokens (5-7: in between)
+CPU_OTHER = dict(forward_ms=[39, 38, 52, 51, 63.25, 75.5, 87.75, 100], draft_ms=CPU_DRAFT_MS, overhead_ms=2.0)
+CPU_NOTHING_PAYS = dict(forward_ms=[20, 30, 40, 50, 60, 70, 80, 90], draft_ms={"48": [5.0] * 8}, overhead_ms=3.0)
+
+
+def test_decode_cpu_choice_follows_the_machines_costs():
+    """Where 1 to 4 tokens cost one forward, a tree of 3 draft tokens (2 / 2 / 3, the old fixed default); where 3
+    and 4 cost 1.3x (the issue's second machine), one draft token verified in a forward of 2. Both from the subset
+    (its head is cheaper, the model's acceptance the same); explicit options kept; chain mode: top-k 1."""
+    assert calibrate.expected_tau(2, 2, 3) == pytest.approx(1 + 0.42 + 0.10 + 0.42 ** 2 * 0.95)  # measured: 1.70
+    a2 = 0.42 ** 2 * 0.95  # a path of two rank-1 nodes
+    assert calibrate.expected_tau(3, 1, 3) == pytest.approx(1 + 0.42 + a2 + a2 * 0.42 * 0.95 ** 2)  # a chain
+    flat, shape, vocab = calibrate.choose(CPU_FLAT, DecodeConfig(), [4096, 49152])
+    assert (shape, vocab) == ((2, 2, 3), 4096) and flat == pytest.approx(calibrate.expected_tau(2, 2, 3) * 25 / 31)
+    other, shape, vocab = calibrate.choose(CPU_OTHER, DecodeConfig(), [4096, 49152])
+    assert (shape, vocab) == ((1, 1, 1), 4096) and other == pytest.approx(1.42 * 39 / (38 + 1.5 + 2))
+    assert calibrate.choose(CPU_OTHER, DecodeConfig(), [49152])[1] == (1, 1, 1)  # (no ranking: all tokens)
+    assert calibrate.choose(CPU_FLAT, DecodeConfig(mode="chain"), [4096])[1] == (2, 1, 2)
+    for fixed in (dict(depth=3), dict(top_k=4), dict(tree_tokens=6), dict(depth=1, top_k=3, tree_tokens=2)):
+        chosen = calibrate.choose(CPU_OTHER, DecodeConfig(**fixed), [4096])[1]
+        shape = dict(zip(("depth", "top_k", "tree_tokens"), chosen))
+        assert fixed.items() <= shape.items(), (fixed, shape)
+    assert calibrate.choose(CPU_FLAT, DecodeConfig(tree_tokens=20), [4096])[1][2] == 20  # beyond 8: extrapolated
+    assert calibrate.draft_step_ms(CPU_FLAT, 8192, 1) == pytest.approx(1.5 + 4.5 * 4096 / 45056)  # linear in vocabulary
+
+
+def test_decode_cpu_costs_measured_once_then_cached(tmp_path, monkeypatch, capsys):
+    """The first use times every cost (the real code path, on a tiny model) and writes them to the cache, keyed by
+    the CPU, threads, torch and the target's shape; the next use reads them and times nothing."""
+    monkeypatch.setenv("BEAGLE_CACHE", str(tmp_path))
+    monkeypatch.delenv("BEAGLE_CPU_COSTS", raising=False)
+    calls = []
+    monkeypatch.setattr(calibrate, "median_ms", lambda fn, reps=5: (fn(), calls.append(1), 10.0 + len(calls))[-1])
+    target = decode_tiny_target()
+    draft = decode_random_draft(target)
+    costs, source = calibrate.cpu_costs(target, draft, 64)
+    assert source == "measured now" and len(calls) == 8 + 8 + 1  # forwards 1..8, draft steps 1..8 (vocab 48), 2/2/3
+    assert len(costs["forward_ms"]) == 8 and list(costs["draft_ms"]) == ["48"] and costs["overhead_ms"] >= 0
+    assert draft.head is None  # restored
+    err = capsys.readouterr().err
+    assert err.startswith("calibrating the CPU tree shape once for ") and str(tmp_path / "cpu-costs.json") in err
+    [(key, saved)] = json.loads((tmp_path / "cpu-costs.json").read_text()).items()
+    assert saved == costs and bench.hardware("cpu") in key and torch.__version__ in key and "64 slots" in key
+    assert calibrate.cpu_costs(target, draft, 64) == (costs, "cached") and len(calls) == 17
+    assert capsys.readouterr().err == ""
+    calibrate.cpu_costs(decode_tiny_target(vocab=50), draft, 64)  # another target shape: measured for itself
+    assert len(calls) == 34 and len(json.loads((tmp_path / "cpu-costs.json").read_text())) == 2
+    monkeypatch.setenv("BEAGLE_CPU_COSTS", json.dumps({"forward_ms": [1] * 8}))  # forced in part: over the cached
+    forced = calibrate.cpu_costs(target, draft, 64)
+    assert forced == ({**costs, "forward_ms": [1] * 8}, "partly forced by BEAGLE_CPU_COSTS")
+    monkeypatch.setenv("BEAGLE_CPU_COSTS", "[1, 2]")
+    with pytest.raises(BeagleError, match="BEAGLE_CPU_COSTS must be a JSON object"):
+        calibrate.cpu_costs(target, draft, 64)
+
+
+def test_decode_cpu_nothing_pays_plain_decoding(tmp_path, monkeypatch, capsys):
+    """Forced costs under which no tree pays: decode.load falls back to plain decoding with a one-line note; asked for
+    a tree (--depth) or a benchmark, it keeps speculating, with the shape's explicit options as given."""
+    target = decode_tiny_target()
+    monkeypatch.setattr(convert, "load_target", lambda path, device, dtype, template=None: (target, None))
+    save_draft(str(tmp_path / "d.safetensors"), decode_random_draft(target), target)
+    monkeypatch.setenv("BEAGLE_CPU_COSTS", json.dumps(CPU_NOTHING_PAYS))
+    monkeypatch.setattr(calibrate, "median_ms", lambda *a: pytest.fail("forced costs: nothing is timed"))
+
+    def load(**kw):
+        cfg = DecodeConfig(draft=str(tmp_path / "d.safetensors"), device="cpu", max_len=64, **kw)
+        decode.resolve(cfg)
+        return cfg, decode.load(cfg)[2]
+    cfg, draft = load()
+    assert cfg.mode == "ar" and draft is None
+    [note] = capsys.readouterr().err.splitlines()
+    assert note.startswith("note: CPU: tree 1 / 1 / 1, draft vocabulary 48: predicted 0.75x plain decoding's")
+    assert note.endswith("below 1.05x: plain decoding (--depth N: speculative anyway)")
+    assert load(mode="chain")[0].mode == "ar"
+    cfg, draft = load(depth=3)
+    assert cfg.mode == "tree" and draft is not None and cfg.depth == 3 and "predicted" in capsys.readouterr().err
+    cfg, draft = load(bench="questions.jsonl")
+    assert cfg.mode == "tree" and (cfg.depth, cfg.top_k, cfg.tree_tokens) == (1, 1, 1)
+    monkeypatch.setenv("BEAGLE_CPU_COSTS", json.dumps(CPU_FLAT))
+    cfg, draft = load(top_k=1, draft_vocab=0)  # explicit: kept
+    assert cfg.mode == "tree" and cfg.top_k == 1 and cfg.draft_vocab == 0 and draft.head is None
+
+
+def test_decode_cpu_explicit_options_are_not_calibrated(tmp_path, monkeypatch):
+    """Every CPU option given: nothing is measured, nothing is changed; the GPU keeps its fixed tree."""
+    target = decode_tiny_target()
+    monkeypatch.setattr(convert, "load_target", lambda path, device, dtype, template=None: (target, None))
+    monkeypatch.setattr(calibrate, "cpu_costs", lambda *a: pytest.fail("all options given: nothing to choose"))
+    save_draft(str(tmp_path / "d.safetensors"), decode_random_draft(target), target)
+    for shape in (dict(depth=3, top_k=1, tree_tokens=2), dict(mode="chain", depth=4)):
+        cfg = DecodeConfig(draft=str(tmp_path / "d.safetensors"), device="cpu", draft_vocab=0, **shape)
+        decode.resolve(cfg)
+        assert decode.load(cfg)[2] is not None and all(getattr(cfg, k) == v for k, v in shape.items())
+    cfg = DecodeConfig(device="cuda")
+    monkeypatch.setattr(common, "device_and_dtype", lambda device, dtype: ("cuda", torch.bfloat16))
+    decode.resolve(cfg)
+    assert (cfg.depth, cfg.top_k, cfg.tree_tokens) == decode.GPU_TREE
+
+
 # ==== round 2: training ====
 # the chunked loss from h, host-side loss plans, token-budget batches, the state cache, tau, run-dir safety
 

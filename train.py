@@ -286,13 +286,15 @@ def evaluate(target, draft, examples, cfg, pad_id, device, amp):
 
 @torch.no_grad()
 def measured_tau(target, draft, prompts, stop_ids, max_new=64):
-    """Mean tokens per target forward of greedy tree decoding (decode.py's defaults for the device) with a copy
-    of the draft in the target's dtype, over a few prompts: what the agreements are a proxy for."""
+    """Mean tokens per target forward of greedy tree decoding (decode.py's GPU tree, or on the CPU its fixed CPU_TREE:
+    one shape for every machine, so taus compare) with a copy of the draft in the target's dtype, over a few
+    prompts: what the agreements are a proxy for."""
     import copy
     import decode
     dev, dtype = target.output.weight.device, target.output.weight.dtype
-    cfg = decode.DecodeConfig(mode="tree", max_new_tokens=max_new, device=str(dev),
-                              dtype=str(dtype).removeprefix("torch."), cuda_graph=False)
+    depth, top_k, tree_tokens = decode.GPU_TREE if dev.type == "cuda" else decode.CPU_TREE
+    cfg = decode.DecodeConfig(mode="tree", depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=max_new,
+                              device=str(dev), dtype=str(dtype).removeprefix("torch."), cuda_graph=False)
     decode.resolve(cfg)
     d = copy.deepcopy(draft).to(dtype).eval()  # (its RoPE table too, rounded as load_draft rounds it)
     d.set_vocab(target, 0)  # the whole vocabulary
