@@ -115,8 +115,8 @@ def bench(cfg):
                     compile_mode=cfg.compile_mode if cfg.compile else None, draft_vocab=cfg.draft_vocab,
                     max_len=decode.check_length(target, cfg, 1, True), loop_tail=LOOP_TAIL, loop_period=LOOP_PERIOD,
                     target=cfg.target or "default (SmolLM2-135M-Instruct)",
-                    draft=cfg.draft or str(decode.DEFAULT_DRAFT), device=cfg.device, dtype=cfg.dtype,
-                    hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
+                    draft=str(decode.SHIPPED.get(cfg.draft, cfg.draft or decode.DEFAULT_DRAFT)), device=cfg.device,
+                    dtype=cfg.dtype, hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
     for q, (turns, category) in enumerate(convs):
         for i, res in decode.converse(target, draft, tokenizer, cfg, turns, ("ar", cfg.mode), stop):  # interleaved
             b, s = res["ar"], res[cfg.mode]

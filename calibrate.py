@@ -127,6 +127,15 @@ def cpu_costs(target, draft, max_len):
         forced = None
     if not isinstance(forced, dict) or not set(forced) <= {"forward_ms", "draft_ms", "overhead_ms"}:
         raise BeagleError("BEAGLE_CPU_COSTS must be a JSON object of forward_ms, draft_ms or overhead_ms")
+    times = lambda x: isinstance(x, list) and x and all(isinstance(t, (int, float)) and t > 0 for t in x)
+    ok = {"forward_ms": times, "overhead_ms": lambda x: isinstance(x, (int, float)) and x >= 0,
+          "draft_ms": lambda x: isinstance(x, dict) and x and all(k.isdigit() and times(t) for k, t in x.items())}
+    bad = next((key for key, value in forced.items() if not ok[key](value)), None)
+    if bad:
+        raise BeagleError(f"BEAGLE_CPU_COSTS: {bad} must be " + {
+            "forward_ms": "a list of milliseconds > 0 (a forward of 1, 2, ... tokens)", "overhead_ms": "a number >= 0",
+            "draft_ms": 'an object {"VOCABULARY": [milliseconds > 0 for 1, 2, ... rows]}'}[bad]
+            + f", got {forced[bad]!r}")
     if len(forced) == 3:
         return forced, "forced by BEAGLE_CPU_COSTS"
     a, cpu, path = target.args, hardware("cpu"), convert.cache_dir() / "cpu-costs.json"

@@ -10,6 +10,7 @@ Plain and speculative decoding with a Beagle (or EAGLE-2) draft, batch size 1.
     python decode.py --prompt "Hi" --device cuda --cuda-graph false            # GPU without CUDA graphs (eager)
     python decode.py --prompt "Hi" --device cuda --compile true                # torch.compile each step, then capture
     python decode.py --prompt "Hi" --draft-vocab 0                             # the draft proposes from all tokens
+    python decode.py --prompt "Hi" --compare --draft eagle2                    # the EAGLE-2 baseline's draft
 
 One speculative iteration. The committed prefix t_0..t_{n-1} has true target states h_0..h_{n-1}, whose draft
 keys/values sit in the draft cache. The bonus token t_n (the target's own choice after the prefix) roots a tree:
@@ -52,6 +53,7 @@ from common import DTYPES, BeagleError
 from llama import Graphed, KVCache
 
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
+SHIPPED = {"beagle": DEFAULT_DRAFT, "eagle2": DEFAULT_DRAFT.with_name("smollm2-135m-instruct-eagle2.safetensors")}
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting, one iteration = one graph.
 GPU_TREE = (5, 10, 60)
 # CPU: chosen per machine from its measured costs (cpu_defaults). CPU_TREE is the shape for one 2-core machine whose
@@ -68,8 +70,8 @@ class DecodeConfig:
     # plain text, one prompt per line; blank lines are skipped
     prompt_file: str | None = None
     target: str | None = None  # HF-format directory or .gguf; None: the default SmolLM2-135M-Instruct
-    # a draft checkpoint (train.py, beagle.py); None: drafts/smollm2-135m-instruct.safetensors for the default
-    # target, if present (no draft: plain decoding)
+    # a draft checkpoint (train.py, beagle.py), or beagle | eagle2: the default target's shipped Beagle draft or
+    # EAGLE-2 baseline (drafts/); None: the shipped Beagle draft for the default target (no draft: plain decoding)
     draft: str | None = None
     mode: str = "tree"  # ar | chain | tree: plain decoding, a chain of --depth draft tokens, an EAGLE-2 dynamic tree
     # chosen by device: GPU 5 / 10 / 60 and all tokens; CPU: for this machine's costs, measured on first use (a few
@@ -560,7 +562,8 @@ def load(cfg):
     template = None if cfg.template == "raw" else cfg.template
     target, tokenizer = convert.load_target(cfg.target, cfg.device, DTYPES[cfg.dtype], template=template)
     target.eval()
-    path = cfg.draft or (str(DEFAULT_DRAFT) if cfg.target is None and DEFAULT_DRAFT.is_file() else None)
+    path = str(SHIPPED.get(cfg.draft, cfg.draft)) if cfg.draft else (
+        str(DEFAULT_DRAFT) if cfg.target is None and DEFAULT_DRAFT.is_file() else None)
     if path is None and cfg.mode != "ar":
         print("note: no draft (give --draft PATH); plain decoding", file=sys.stderr)
         cfg.mode = "ar"

@@ -1905,12 +1905,15 @@ def test_decode_real_greedy_spec_equals_plain(decode_real):
                 assert r.tau > 1.5 and max(r.accepted_lengths) >= 3, r.accepted_lengths
 
 
-def test_decode_real_shipped_draft(decode_real):
-    """The committed default draft loads for the default target with its token ranking, is trained (it is accepted
-    well beyond chance), and with it speculative output equals plain greedy output (CPU and GPU tree settings)."""
+@pytest.mark.parametrize("kind", ["beagle", "eagle2"])
+def test_decode_real_shipped_draft(decode_real, kind):
+    """The committed drafts (the default, and the EAGLE-2 baseline) load for the default target with their token
+    ranking, are trained (accepted well beyond chance), and with them speculative output equals plain greedy output
+    (CPU and GPU tree settings)."""
     target, tok = decode_real
     stop = set(tok.stop_ids)
-    draft = beagle.load_draft(str(decode.DEFAULT_DRAFT), target)
+    draft = beagle.load_draft(str(decode.SHIPPED[kind]), target)
+    assert type(draft) is beagle.DRAFTS[kind]
     assert draft.vocab is not None and sorted(draft.vocab.tolist()) == list(range(target.args.vocab_size))
     ids = tok.chat([{"role": "user", "content": "Why is the sky blue?"}])
     want = generate_ar(target, ids, DecodeConfig(max_new_tokens=48), stop).tokens
@@ -3016,6 +3019,12 @@ def test_decode_cpu_costs_measured_once_then_cached(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("BEAGLE_CPU_COSTS", "[1, 2]")
     with pytest.raises(BeagleError, match="BEAGLE_CPU_COSTS must be a JSON object"):
         calibrate.cpu_costs(target, draft, 64)
+    for costs, message in (({"forward_ms": "fast"}, "forward_ms must be a list of milliseconds > 0"),
+                           ({"draft_ms": {"all": [1]}}, "draft_ms must be an object"),
+                           ({"overhead_ms": -1}, "overhead_ms must be a number >= 0, got -1")):
+        monkeypatch.setenv("BEAGLE_CPU_COSTS", json.dumps(costs))
+        with pytest.raises(BeagleError, match=message):
+            calibrate.cpu_costs(target, draft, 64)
 
 
 def test_decode_cpu_nothing_pays_plain_decoding(tmp_path, monkeypatch, capsys):
