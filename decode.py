@@ -56,7 +56,7 @@ DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instr
 SHIPPED = {"beagle": DEFAULT_DRAFT, "eagle2": DEFAULT_DRAFT.with_name("smollm2-135m-instruct-eagle2.safetensors")}
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting, one iteration = one graph.
 GPU_TREE = (5, 10, 60)
-# CPU: chosen per machine from its measured costs (cpu_defaults). CPU_TREE is the shape for one 2-core machine whose
+# CPU: chosen per machine from its measured costs (calibrate.py). CPU_TREE is the shape for one 2-core machine whose
 # forward of 1 to 4 tokens costs about the same (README "Results"), kept where nothing is measured (train.py's tau).
 CPU_TREE = (2, 2, 3)
 CPU_DRAFT_VOCAB = 4096  # the subset the CPU may take (beagle.py, VOCAB); GPU: the whole vocabulary (its head is cheap)
@@ -75,7 +75,7 @@ class DecodeConfig:
     draft: str | None = None
     mode: str = "tree"  # ar | chain | tree: plain decoding, a chain of --depth draft tokens, an EAGLE-2 dynamic tree
     # chosen by device: GPU 5 / 10 / 60 and all tokens; CPU: for this machine's costs, measured on first use (a few
-    # seconds, then cached; cpu_defaults), or plain decoding where no tree is predicted to pay
+    # seconds, then cached; calibrate.py), or plain decoding where no tree is predicted to pay
     depth: int = 0  # draft steps per iteration, >= 1; 0: chosen by device (GPU 5, CPU per machine)
     top_k: int = 0  # children per expanded node (tree), >= 1; 0: chosen by device (GPU 10, CPU per machine)
     tree_tokens: int = 0  # draft tokens per verification (tree), >= 1; 0: chosen by device (GPU 60, CPU per machine)
