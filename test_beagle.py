@@ -977,8 +977,6 @@ def test_llama_cli_help_subprocess():
     assert "The Beagle draft: one cross-attention decoder layer" in out
     assert "--draft STR a checkpoint written by train.py (fp32 master weights) (default 'runs/s2/draft.safetensors')" in out
     assert "--vocab-data STR|none (re)compute the token ranking" in out  # a comment above its field
-    r = script("beagle.py", "--dtpye", "bf16")
-    assert r.returncode == 1 and r.stderr == "error: unknown option '--dtpye' (--help lists the options)\n"
 
 
 def test_llama_write_atomic(tmp_path):
@@ -1371,22 +1369,19 @@ def test_train_cli_end_to_end(real, tmp_path):
     target = train_tiny_hf_dir(tmp_path / "tiny")
     data_path = train_write_data(tmp_path / "chat.jsonl", n=10)
 
-    def run(*args, launcher=()):
-        return script(*launcher, HERE / "train.py", "--target", target, "--data", data_path, "--device", "cpu",
-                      "--batch-size", "2", "--window", "3", "--sim-steps", "2", "--eval-frac", "0.2", "--max-len", "128",
-                      "--eval-interval", "2", "--progress", "false", *args, cwd=tmp_path)
-
+    argv = ["--target", target, "--data", data_path, "--device", "cpu", "--batch-size", "2", "--window", "3",
+            "--sim-steps", "2", "--eval-frac", "0.2", "--max-len", "128", "--eval-interval", "2", "--progress", "false"]
     # stage 1 under torchrun: 2 CPU processes (gloo DDP), 8 examples / (batch 2 x 2 ranks) = 2 steps per epoch
-    r = run("--stage", "1", "--out", "s1", "--max-steps", "3", "--log-interval", "1",
-            launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
+    r = script("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", HERE / "train.py", *argv,
+               "--stage", "1", "--out", "s1", "--max-steps", "3", "--log-interval", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "2 steps/epoch" in r.stdout and r.stdout.count("step      3 | epoch  1 | loss") == 1  # rank 0 logs
     assert "top-1 agreement at draft steps 1..3" in r.stdout
     for f in ("draft.safetensors", "state.pt", "train.csv", "eval.csv", "curves.png"):
         assert (tmp_path / "s1" / f).stat().st_size > 0, f
-    r = run("--stage", "2", "--out", "s2", "--init", "s1/draft.safetensors", "--max-steps", "2")
-    assert r.returncode == 0, r.stderr
-    draft = load_draft(str(tmp_path / "s2" / "draft.safetensors"), __import__("convert").load_target(target)[0])
+    train.main(common.cli(train.TrainConfig, argv + ["--stage", "2", "--out", str(tmp_path / "s2"), "--init",
+                                                     str(tmp_path / "s1" / "draft.safetensors"), "--max-steps", "2"]))
+    draft = load_draft(str(tmp_path / "s2" / "draft.safetensors"), convert.load_target(target)[0])
     assert draft.args.dim == 32
     # user errors are BeagleErrors (printed by __main__ as one "error: ..." line)
     with pytest.raises(BeagleError, match="no draft checkpoint at nowhere.safetensors"):
@@ -2562,14 +2557,14 @@ def test_decode_real_greedy_spec_equals_plain(real):
     target, tok = real
     stop = set(tok.stop_ids)
     ids = [tok.chat([{"role": "user", "content": p}]) for p in DECODE_REAL_PROMPTS]
-    plain = [generate_ar(target, x, DecodeConfig(max_new_tokens=40), stop).tokens for x in ids]
-    assert plain[0][-1] in stop and len(plain[0]) < 40 and len(plain[1]) == 40  # a stop, and the length limit
+    plain = [generate_ar(target, x, DecodeConfig(max_new_tokens=30), stop).tokens for x in ids]
+    assert plain[0][-1] in stop and len(plain[0]) < 30 and len(plain[1]) == 30  # a stop, and the length limit
     trained = tiny_draft(target, [torch.tensor(x + p) for x, p in zip(ids, plain)])
     # the random draft (rejections only, its tau is ~1: slow) on the short answer alone
     runs = (("random", "tree", 4, 4, 12, 1), ("trained", "chain", 4, 0, 0, 2), ("trained", "tree", 5, 4, 16, 2))
     for name, mode, depth, top_k, tree_tokens, n_prompts in runs:
         draft = trained if name == "trained" else tiny_draft(target)
-        cfg = DecodeConfig(mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=40)
+        cfg = DecodeConfig(mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=30)
         for x, want in zip(ids[:n_prompts], plain):
             r = generate_spec(target, draft, x, cfg, stop)
             assert r.tokens == want, (name, mode, depth, top_k, tree_tokens)
@@ -2585,10 +2580,10 @@ def test_decode_real_shipped_draft(real):
     draft = beagle.load_draft(str(decode.DEFAULT_DRAFT), target)
     assert draft.vocab is not None and sorted(draft.vocab.tolist()) == list(range(target.args.vocab_size))
     ids = tok.chat([{"role": "user", "content": "Why is the sky blue?"}])
-    want = generate_ar(target, ids, DecodeConfig(max_new_tokens=48), stop).tokens
+    want = generate_ar(target, ids, DecodeConfig(max_new_tokens=32), stop).tokens
     for (depth, top_k, tree_tokens), vocab in ((decode.CPU_TREE, decode.CPU_DRAFT_VOCAB), (decode.GPU_TREE, 0)):
         draft.set_vocab(target, vocab)
-        cfg = DecodeConfig(depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=48)
+        cfg = DecodeConfig(depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=32)
         r = generate_spec(target, draft, ids, cfg, stop)
         assert r.tokens == want, (depth, top_k, tree_tokens, vocab)
     assert r.tau > 1.5, r.accepted_lengths  # 5 / 10 / 60: a random draft gets ~1.0
@@ -2685,13 +2680,6 @@ def test_decode_real_prompt_ids(real):
     assert ids == tok.chat([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
                             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again"}])
     assert decode.prompt_ids(tok, DecodeConfig(template="raw"), ["Hi"], []) == tok.encode("Hi")
-
-
-def test_decode_real_cli_subprocess_error_is_one_line(real):
-    too_many = str(real[0].args.max_seq_len - 20)
-    r = script("decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", too_many)
-    assert r.returncode != 0 and r.stdout == ""
-    assert r.stderr.strip().startswith("error: prompt of") and len(r.stderr.strip().splitlines()) == 1
 
 
 # -----------------------------------------------------------------------------
@@ -2796,12 +2784,6 @@ def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
         assert {k[0] for k in target.decode_static} == {200}  # --max-len: one cache size
     with pytest.raises(BeagleError, match="longer than the context"):
         decode.run(target, draft, list(range(190)), cfg, set(), mode="ar")
-
-
-def test_decode_draft_vocab_larger_top_k_is_one_line(tmp_path):
-    r = script("decode.py", "--prompt", "hi", "--draft-vocab", "5", "--top-k", "10", "--device", "cpu")
-    assert r.returncode != 0 and r.stdout == ""
-    assert r.stderr.strip() == "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)"
 
 
 def test_decode_slow_compiled_step_equals_eager(capsys):
@@ -2933,7 +2915,7 @@ GRAPH_SETTINGS = [("chain", 1, 0, 0), ("chain", 4, 0, 0), ("tree", 1, 3, 3), ("t
 
 
 def test_graph_static_equals_dynamic_tiny(tiny):
-    target, prompts, random_draft, trained_draft = tiny
+    target, prompts, _, draft = tiny  # (the trained draft: both rejections and deep acceptances)
     target.__dict__.pop("decode_static", None)  # (the shared target: only this test's steps counted below)
     accepted = []
     for prompt in prompts:
@@ -2945,10 +2927,9 @@ def test_graph_static_equals_dynamic_tiny(tiny):
                 runs[graph] = [generate_ar(target, prompt, cfg, set(), torch.Generator().manual_seed(1)).tokens]
                 for mode, depth, top_k, tree_tokens in GRAPH_SETTINGS:
                     c = dataclasses.replace(cfg, mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens)
-                    for draft in (random_draft, trained_draft):
-                        r = generate_spec(target, draft, prompt, c, set(), torch.Generator().manual_seed(1))
-                        runs[graph].append((r.tokens, r.accepted_lengths))
-                        accepted += r.accepted_lengths
+                    r = generate_spec(target, draft, prompt, c, set(), torch.Generator().manual_seed(1))
+                    runs[graph].append((r.tokens, r.accepted_lengths))
+                    accepted += r.accepted_lengths
             assert runs[True] == runs[False], (prompt, temperature)
             if temperature == 0:  # and speculative greedy still equals plain greedy
                 assert all(tokens == runs[True][0] for tokens, _ in runs[True][1:])
@@ -2957,7 +2938,7 @@ def test_graph_static_equals_dynamic_tiny(tiny):
     # whatever the prompt; --cuda-graph changes nothing on the CPU
     store = target.decode_static
     assert {key[0] for key in store} == {target.args.max_seq_len}
-    assert len(store) == 2 + 2 * 2 * len(GRAPH_SETTINGS)
+    assert len(store) == 2 + 2 * len(GRAPH_SETTINGS)
 
 
 def graph_calls(monkeypatch, obj, name):
@@ -3150,12 +3131,12 @@ def test_graph_real_static_equals_dynamic(real, tmp_path, monkeypatch, capsys):
     for temperature in (0.0, 0.7):
         runs = {}
         for graph in (False, True):
-            cfg = DecodeConfig(max_new_tokens=24, temperature=temperature, cuda_graph=graph)
+            cfg = DecodeConfig(max_new_tokens=16, temperature=temperature, cuda_graph=graph)
             runs[graph] = [generate_ar(target, ids, cfg, stop, torch.Generator().manual_seed(2)).tokens]
             if temperature == 0:
                 cfg = dataclasses.replace(cfg, mode="tree", depth=2, top_k=2, tree_tokens=3)
                 runs[graph].append(generate_spec(target, draft, ids, cfg, stop).tokens)
-        assert runs[True] == runs[False] and len(runs[True][0]) == 24
+        assert runs[True] == runs[False] and len(runs[True][0]) == 16
         if temperature == 0:
             want = runs[True][0]
             assert runs[True][1] == want  # speculative greedy == plain greedy on the static path
@@ -3296,7 +3277,11 @@ def test_misuse_real_entry_points(misuse_dir):
     cases = [([b"decode.py", b"--prompt", "caf\xe9".encode("latin-1")], "--prompt must be non-blank UTF-8 text"),
              (["decode.py", "--prompt", "hi", "--device", "foo"], "--device must be auto, cpu, cuda or cuda:N"),
              (["data.py", "--batch-size", "0"], "--batch-size must be >= 1"),
-             (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory")]
+             (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
+             (["beagle.py", "--dtpye", "bf16"], "error: unknown option '--dtpye' (--help lists the options)"),
+             (["decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", "100000"], "error: prompt of"),
+             (["decode.py", "--prompt", "hi", "--draft-vocab", "5", "--top-k", "10", "--device", "cpu"],
+              "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, HERE / os.fsdecode(argv[0]), *argv[1:]], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv, _ in cases]
