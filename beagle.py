@@ -90,6 +90,7 @@ class DraftArgs:
 
 
 class Beagle(nn.Module):
+    kind = "beagle"  # what a checkpoint's "draft" metadata calls it (DRAFTS)
     vocab = None  # (V,) LongTensor: the target's tokens ranked by frequency in the training data (VOCAB), or None
     head = None  # what the draft proposes from: None = every token, or (ids (N,), their LM-head rows (N, dim))
 
@@ -191,6 +192,7 @@ class Beagle(nn.Module):
 class Eagle2(Beagle):
     """EAGLE-2's draft (module docstring): Beagle's layer with its two input norms removed, keys and values from
     the layer's own inputs, and an FC that fuses each token's embedding with the previous position's state."""
+    kind = "eagle2"
 
     def __init__(self, args):
         super().__init__(args)
@@ -222,7 +224,7 @@ class Eagle2(Beagle):
         return self.attend(x, positions, cache.k, cache.v, ((mask & (slot > 0)) | own)[None, None])
 
 
-DRAFTS = {"beagle": Beagle, "eagle2": Eagle2}  # a checkpoint's "draft" metadata -> its class
+DRAFTS = {cls.kind: cls for cls in (Beagle, Eagle2)}  # a checkpoint's "draft" metadata -> its class
 
 # -----------------------------------------------------------------------------
 # masks (True = may attend). One sequence is cut into windows of `window` positions; the first full window
@@ -289,8 +291,7 @@ def check_fingerprint(saved, target, rtol=5e-3):
 
 def save_draft(path, draft, target, extra=None):
     """Atomic: write a temp file next to `path`, then os.replace, so a crash never leaves half a checkpoint."""
-    kind = next(name for name, cls in DRAFTS.items() if type(draft) is cls)
-    meta = {"format": FORMAT, "draft": kind, "draft_args": json.dumps(asdict(draft.args)),
+    meta = {"format": FORMAT, "draft": draft.kind, "draft_args": json.dumps(asdict(draft.args)),
             "target": json.dumps(target_fingerprint(target)), "extra": json.dumps(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
     if getattr(draft, "vocab", None) is not None:
@@ -335,9 +336,10 @@ def load_draft(path, target, device="cpu", dtype=torch.float32):
     except Exception as e:
         raise BeagleError(f"{path}: unreadable draft metadata: {e}") from None
     check_fingerprint(saved, target)
-    if meta.get("draft", "beagle") not in DRAFTS:  # (drafts saved before EAGLE-2 came have no "draft": Beagle's)
-        raise BeagleError(f"{path}: unknown draft kind {meta['draft']!r} (known: {', '.join(DRAFTS)})")
-    draft = DRAFTS[meta.get("draft", "beagle")](args)
+    kind = meta.get("draft", "beagle")  # (drafts saved before EAGLE-2 came have no "draft": Beagle's)
+    if kind not in DRAFTS:
+        raise BeagleError(f"{path}: unknown draft kind {kind!r} (known: {', '.join(DRAFTS)})")
+    draft = DRAFTS[kind](args)
     vocab = tensors.pop("vocab", None)
     if vocab is not None and vocab.shape != (args.vocab_size,):
         raise BeagleError(f"{path}: its token ranking has shape {tuple(vocab.shape)}, not ({args.vocab_size},)")

@@ -392,8 +392,8 @@ def iterate(target, draft, cache, dcache, cfg, n, root, *u):
         path, m, bonus = accept_greedy(logits[0], tokens, parent, dep, anc, cfg.depth)
     else:
         path, m, bonus = accept_sampled(probs_from_logits(logits[0], cfg), tokens, parent, cfg.depth, cfg.top_k, *u)
-    # commit: the target K/V of the path's nodes move to slots n, n+1, ... (the root is there already), the draft K/V
-    # of their true states h go to the same slots (a padded path writes junk past the new prefix: never read)
+    # commit: the target K/V of the path's nodes move to slots n, n+1, ... (the root is there already), and the draft
+    # commits the path's true states h (a padded path writes junk past the new prefix: never read)
     cache.move(n + path[1:], n + 1)
     draft.commit(dcache, n, h[:, path], target.tok_embeddings(tokens[path[1:]][None]))
     return torch.cat([m, tokens[path[1:]], bonus]), n + m + 1, bonus

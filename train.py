@@ -475,8 +475,8 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
         st = torch.load(state_path, map_location=device, weights_only=True)
         if json.loads(meta["extra"]).get("step") != st["step"]:  # a crash between the two atomic writes
             raise BeagleError(f"{cfg.out}: draft.safetensors and state.pt are from different steps")
-        changed = [k for k in ("draft", "stage", "window", "sim_steps", "batch_size", "batch_tokens", "seed", "noise",
-                               "vloss_weight") if st["config"].get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
+        kept = ("draft", "stage", "window", "sim_steps", "batch_size", "batch_tokens", "seed", "noise", "vloss_weight")
+        changed = [k for k in kept if st["config"].get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
         if changed:  # these change what the remaining steps compute: not a continuation any more
             raise BeagleError(f"--resume with a different --{changed[0].replace('_', '-')} than the run in {cfg.out}")
         tensors.pop("vocab", None)  # the token ranking: recomputed from the data above
