@@ -47,10 +47,10 @@ The draft interface: what train.py and decode.py call, so a third draft implemen
   are final; emb_next (1, S-1, dim) are the embeddings of the tokens at start+1..start+S-1. Writes the cache.
 - propose(cache, start, positions, emb, parent, mask): decoding, R tree nodes query at once. emb (1, R, dim) their
   tokens' embeddings at positions (R,), parent (1, R, dim) the draft state of each node's parent (None: the
-  parent is the last committed token, whose true state the cache knows), mask (R|1, L) the cache slots of the
-  prefix and of the node's ancestors. The R queries own scratch slots start..start+R-1, which a later commit
-  overwrites. -> hat_h (1, R, dim).
-- top(target, hat, k) and set_vocab: the head (shared, below). The cache (decode.DraftCache) is a static key and
+  parent is the last committed token, whose true state the cache knows), mask (R|1, W) which of the first W
+  cache slots (W <= L: what the step attends over) each node sees, the prefix and its ancestors. The R queries own
+  scratch slots start..start+R-1 (< W), which a later commit overwrites. -> hat_h (1, R, dim).
+- top(target, hat, k) and set_vocab: the head (shared, below). The cache (DraftCache) is a static key and
   value buffer per slot plus `last`, the newest true state: Beagle's slot p holds the K/V of the state at p,
   EAGLE-2's those of its fused input x_p.
 """
@@ -148,7 +148,8 @@ class Beagle(nn.Module):
         cache.write(start, *self.kv(h, start + torch.arange(h.shape[1], device=h.device)))
 
     def propose(self, cache, start, positions, emb, parent, mask):
-        hat = self.attend(emb, positions, cache.k, cache.v, mask[None, None])
+        W = mask.shape[-1]  # the slots the queries may see lie in the first W
+        hat = self.attend(emb, positions, cache.k[:, :, :W], cache.v[:, :, :W], mask[None, None])
         cache.write(start, *self.kv(hat, positions))  # children will see these states as keys
         return hat
 
@@ -219,12 +220,32 @@ class Eagle2(Beagle):
     def propose(self, cache, start, positions, emb, parent, mask):
         x = self.fuse(emb, cache.last.expand_as(emb) if parent is None else parent)
         cache.write(start, *self.kv(x, positions))  # a query sees its own input: write it first
-        slot = torch.arange(cache.k.shape[2], device=x.device)
-        own = slot[None, :] == (start + torch.arange(x.shape[1], device=x.device))[:, None]  # (R, L)
-        return self.attend(x, positions, cache.k, cache.v, ((mask & (slot > 0)) | own)[None, None])
+        W = mask.shape[-1]  # the slots the queries may see lie in the first W
+        slot = torch.arange(W, device=x.device)
+        own = slot[None, :] == (start + torch.arange(x.shape[1], device=x.device))[:, None]  # (R, W)
+        return self.attend(x, positions, cache.k[:, :, :W], cache.v[:, :, :W], ((mask & (slot > 0)) | own)[None, None])
 
 
 DRAFTS = {cls.kind: cls for cls in (Beagle, Eagle2)}  # a checkpoint's "draft" metadata -> its class
+
+
+class DraftCache:
+    """A draft's decoding cache (the interface above): static K/V buffers (1, Hkv, L, D) and `last` (1, 1, dim), the
+    true state of the newest committed token (what an EAGLE-2 root query reads). Slots 0..n-1 hold the K/V of the
+    committed prefix, made from TRUE target states; while drafting, the queries' own K/V go to the scratch slots
+    n, n+1, ..., which the next iteration's commit overwrites (so drafts are discarded for free)."""
+
+    def __init__(self, draft, max_len):
+        w = next(draft.parameters())
+        self.k = w.new_zeros(1, draft.n_kv_heads, max_len, draft.head_dim)
+        self.v = torch.zeros_like(self.k)
+        self.last = w.new_zeros(1, 1, draft.args.dim)
+
+    def write(self, start, k, v):  # k, v (1, Hkv, S, D) -> slots start .. start+S-1 (start: int or (1,) tensor)
+        slots = start + torch.arange(k.shape[2], device=k.device)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+
 
 # -----------------------------------------------------------------------------
 # masks (True = may attend). One sequence is cut into windows of `window` positions; the first full window

@@ -12,9 +12,11 @@ timed answer (the caches have one size, so no prompt makes a new one), and a tim
 are on the device and ends after a device synchronisation. Beside tokens/s and tau, the report gives the share of
 answers caught in a repetition loop (loops()), and tau without them: a loop is easy to draft, so it inflates tau.
 """
+import dataclasses
 import json
 import platform
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ import torch
 import data
 import decode
 import common
+import convert
 from common import BeagleError
 
 LOOP_TAIL, LOOP_PERIOD = 64, 32  # loops(): the tail of an answer that is checked, the longest period looked for
@@ -91,6 +94,60 @@ def bench_report(records, settings, depth):
     return table, "\n".join(md) + "\n"
 
 
+# -----------------------------------------------------------------------------
+# the harness decode.py answers with too: a conversation turn by turn, the warm-up before timings, a summary line
+
+def converse(target, draft, tokenizer, cfg, turns, modes, stop_ids, stream=False):
+    """Yield (turn index, {mode: Result}) turn by turn. Each mode answers with its own previous answers in the
+    conversation (FastChat's MT-bench protocol); with stream, the first mode's answer is printed as it grows."""
+    answers = {mode: [] for mode in modes}
+    for i, turn in enumerate(turns):
+        results = {}
+        for mode in modes:
+            ids = tokenizer.conversation(turns[:i + 1], answers[mode], cfg.system, cfg.template == "raw")
+            decode.check_length(target, dataclasses.replace(cfg, mode=mode), len(ids), mode != "ar")  # before any print
+            show = stream and mode == modes[0]
+            if show:
+                print(f"\n>>> {turn}\n")
+            streamer = convert.Streamer(tokenizer, stop_ids) if show else None
+            results[mode] = decode.run(target, draft, ids, cfg, stop_ids, streamer, mode)
+            answers[mode].append(decode.answer_text(tokenizer, results[mode].tokens, stop_ids))
+        yield i, results
+
+
+def warm_up(target, draft, prompt, cfg, modes):
+    """Every step a timed answer may replay, run once untimed, so that capture, compile and first-call costs stay out
+    of timings: a short answer per mode with no stop token (its prefill and first steps), then, where steps are
+    captured or compiled, the step of every width (steps depend on the setting and the width, not on the prompt;
+    what they write lands in slots that an answer rewrites before reading)."""
+    dev = target.output.weight.device
+    for mode in modes:
+        c = decode.spec_config(dataclasses.replace(cfg, mode=mode, max_new_tokens=min(8, cfg.max_new_tokens)))
+        decode.run(target, draft, prompt, c, set(), mode=mode)
+        if not (cfg.compile or cfg.cuda_graph):  # (eager: nothing to make ahead)
+            continue
+        if mode == "ar":
+            data.warm(target, 1, decode.cache_slots(target, cfg), cfg.temperature, cfg.top_p, cfg.top_k_sample,
+                      cfg.cuda_graph, cfg.compile_mode if cfg.compile else None)
+            continue
+        _, _, extra, steps = decode.spec_steps(target, draft, c, len(prompt))
+        gen = torch.Generator(device=dev)
+        for W, (step, ar) in steps.items():
+            step(ar, torch.tensor([W - extra], device=dev), torch.tensor([prompt[-1]], device=dev),
+                 *decode.noise(gen, c, c.depth * c.top_k + 1, dev))
+
+
+def summary(r):
+    line = f"{len(r.tokens)} new tokens in {r.seconds:.2f} s: {len(r.tokens) / r.seconds:.1f} tokens/s"
+    if r.accepted_lengths:
+        hist = " ".join(f"{m}:{c}" for m, c in sorted(Counter(r.accepted_lengths).items()))
+        line += f", tau {r.tau:.2f} over {r.target_forwards} target forwards, accepted lengths {hist}"
+    return line
+
+
+# -----------------------------------------------------------------------------
+# the benchmark
+
 def bench(cfg):
     """Plain and speculative decoding interleaved prompt by prompt; per-category and overall numbers."""
     if cfg.mode == "ar":
@@ -98,14 +155,15 @@ def bench(cfg):
     # the output directory and its two files: checked before any work, not after the first question
     out = common.check_output(cfg.bench_out, "--bench-out", directory=True)
     files = [common.check_output(out / name, "--bench-out") for name in ("bench.json", "bench.md")]
-    convs = decode.read_jsonl_or_lines(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
+    convs = common.read_prompt_file(mtbench_path() if cfg.bench == "mtbench" else cfg.bench)
     picked = spread(list(enumerate(convs)), cfg.bench_limit)  # (index in the file, conversation)
     convs = [c for _, c in picked]
     target, tokenizer, draft = decode.load(cfg)
     if draft is None:
         raise BeagleError("--bench needs a draft (--draft PATH)")
     stop = set(tokenizer.stop_ids)
-    decode.warm_up(target, draft, decode.prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, ("ar", cfg.mode))
+    warm_up(target, draft, tokenizer.conversation(convs[0][0][:1], [], cfg.system, cfg.template == "raw"), cfg,
+            ("ar", cfg.mode))
     records = []
     settings = dict(bench=cfg.bench, questions=len(convs), mode=cfg.mode, depth=cfg.depth,
                     top_k=1 if cfg.mode == "chain" else cfg.top_k,
@@ -113,12 +171,12 @@ def bench(cfg):
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                     top_k_sample=cfg.top_k_sample, seed=cfg.seed, cuda_graph=cfg.cuda_graph, compile=cfg.compile,
                     compile_mode=cfg.compile_mode if cfg.compile else None, draft_vocab=cfg.draft_vocab,
-                    max_len=decode.check_length(target, cfg, 1, True), loop_tail=LOOP_TAIL, loop_period=LOOP_PERIOD,
+                    max_len=decode.check_length(target, cfg, 1, True)[0], loop_tail=LOOP_TAIL, loop_period=LOOP_PERIOD,
                     target=cfg.target or "default (SmolLM2-135M-Instruct)",
                     draft=str(decode.SHIPPED.get(cfg.draft, cfg.draft or decode.DEFAULT_DRAFT)), device=cfg.device,
                     dtype=cfg.dtype, hardware=hardware(cfg.device), batch_size=1, torch=torch.__version__)
     for q, (turns, category) in enumerate(convs):
-        for i, res in decode.converse(target, draft, tokenizer, cfg, turns, ("ar", cfg.mode), stop):  # interleaved
+        for i, res in converse(target, draft, tokenizer, cfg, turns, ("ar", cfg.mode), stop):  # interleaved
             b, s = res["ar"], res[cfg.mode]
             records.append(dict(question=picked[q][0], category=category, turn=i + 1, plain_tokens=len(b.tokens),
                                 plain_seconds=b.seconds, tokens=len(s.tokens), seconds=s.seconds,

@@ -22,7 +22,8 @@ import common
 import convert
 from bench import hardware
 from common import BeagleError
-from decode import CPU_DRAFT_VOCAB, DecodeConfig, DraftCache, cache_slots, iterate, tree_mask, tree_sizes
+from beagle import DraftCache
+from decode import CPU_DRAFT_VOCAB, WIDTH, DecodeConfig, cache_slots, iterate, tree_mask, tree_sizes
 from llama import KVCache
 
 ACCEPT_1, ACCEPT_2, ACCEPT_TAIL, DECAY = 0.42, 0.10, 0.6, 0.95  # the acceptance model (expected_tau)
@@ -94,12 +95,14 @@ def median_ms(fn, reps=5):
 def measure_costs(target, draft, max_len):
     """This CPU's costs (ms, medians of 5): a target forward of 1..8 tokens; a draft step (queries, the head's top 2,
     their K/V) of 1..8 rows, from the 4096-token subset and from all tokens; what else a real 2 / 2 / 3 iteration
-    costs. Caches of max_len slots: every step spans all of them, so the prefix length does not matter."""
+    costs. Caches of max_len slots, a prefix of a quarter of them: every step attends over the width decoding would
+    use there (decode.WIDTH), so the costs are those of a typical answer's middle."""
     V, n, weight = target.args.vocab_size, torch.tensor([max_len // 4]), target.output.weight
+    ar = torch.arange(min(max_len, -(-(max_len // 4 + 16) // WIDTH) * WIDTH))  # (16: the largest CPU tree's slots)
     cache, dcache, head = KVCache(target.args, 1, max_len, dtype=weight.dtype), DraftCache(draft, max_len), draft.head
     tokens, rows = torch.arange(1, 9)[None], n + torch.arange(8)
-    prefix = (torch.arange(max_len) < n).expand(8, -1)  # (8, L): up to 8 queries see the prefix
-    causal = lambda T: tree_mask(torch.ones(T, T, dtype=torch.bool).tril(), n, max_len)
+    prefix = (ar < n).expand(8, -1)  # (8, W): up to 8 queries see the prefix
+    causal = lambda T: tree_mask(torch.ones(T, T, dtype=torch.bool).tril(), n, ar)
     costs = dict(forward_ms=[median_ms(lambda: target(tokens[:, :T], rows[:T], cache, causal(T), slots=rows[:T]))
                              for T in range(1, 9)], draft_ms={}, overhead_ms=0.0)
 
@@ -111,7 +114,7 @@ def measure_costs(target, draft, max_len):
         draft.head = None if vocab == V else (torch.arange(vocab), weight[:vocab].contiguous())
         costs["draft_ms"][str(vocab)] = [median_ms(lambda: draft_step(R)) for R in range(1, 9)]
     ref = DecodeConfig(depth=2, top_k=2, tree_tokens=3)  # (with the subset, the loop's last head)
-    real = median_ms(lambda: iterate(target, draft, cache, dcache, ref, n, tokens[0, :1]))
+    real = median_ms(lambda: iterate(target, draft, cache, dcache, ref, ar, n, tokens[0, :1]))
     draft.head = head
     costs["overhead_ms"] = round(max(0.0, real - iteration_ms(costs, 2, 2, 3, vocab)), 2)
     return costs

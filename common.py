@@ -6,6 +6,7 @@ and output paths (checked before the work, written atomically).
     device, dtype = device_and_dtype(cfg.device, cfg.dtype)  # auto: cuda when there is one, bf16 there, else fp32
     check_output(cfg.out, "--out")                     # a wrong kind of path: one line before the work
     write_atomic(path, lambda tmp: tmp.write_text(text))  # never half a file at path
+    convs = read_prompt_file("prompts.jsonl")         # [(user turns, category)], bad lines named one by one
 """
 import argparse
 import ast
@@ -114,6 +115,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def check_at_least(cfg, lows):
+    """Integer options' lower bounds, {field: low, or (low, what the lowest values mean)}: one line naming the
+    option and what it allows, before any work."""
+    for name, low in lows.items():
+        low, note = low if isinstance(low, tuple) else (low, "")
+        if getattr(cfg, name) < low:
+            raise BeagleError(f"--{name.replace('_', '-')} must be >= {low}{note}, got {getattr(cfg, name)}")
+
+
 def device_and_dtype(device="auto", dtype="auto"):
     """The scripts' --device / --dtype: auto = cuda when there is one; bf16 on a GPU, fp32 on the CPU. The devices
     are the ones the code is written for (auto, cpu, cuda, cuda:N), checked here: torch's own error for a wrong one
@@ -179,3 +189,65 @@ def write_atomic(path, write):
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# -----------------------------------------------------------------------------
+# prompt files (decode.py --prompt-file, --bench)
+
+def is_text(s):
+    """A non-blank string that is valid Unicode: no lone surrogates, which is how Python passes on command-line bytes
+    that are not UTF-8 (and how JSON can spell them), and which the tokenizer cannot encode."""
+    try:
+        return isinstance(s, str) and bool(s.strip()) and bool(s.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+
+
+def short(x, n=40):  # a value as an error message quotes it
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def read_prompt_file(path):
+    """A prompt file -> [(turns, category)]: JSONL ({"prompt": str} or {"turns": [str, ...]}, maybe a "category",
+    per line) when its first non-blank line opens a JSON object, else plain text, one prompt per line. Blank lines
+    are skipped; anything else that is not a prompt is an error naming the file and the line (numbered as in an
+    editor, blank lines counted)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise BeagleError(f"cannot read prompts: {e}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # (-sig: a byte-order mark, as some editors write, is not part of a prompt)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise BeagleError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    # split at "\n" only: splitlines() would also cut at U+2028 or \x85 inside a prompt
+    lines = [(i, line.strip()) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not lines:
+        raise BeagleError(f"{path}: no prompts (the file is {'empty' if not text else 'blank lines only'})")
+    if not lines[0][1].startswith("{"):
+        return [([line], "prompt") for _, line in lines]  # plain text: one prompt per line
+    convs = []
+    for i, line in lines:
+        where = f"{path}:{i}"
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise BeagleError(f"{where}: not JSON ({e.msg}); the first line is a JSON object, so every line must "
+                              "be one") from None
+        if not isinstance(row, dict) or ("prompt" in row) == ("turns" in row):
+            raise BeagleError(f'{where}: expected a JSON object with "prompt" (a string) or "turns" (a list of '
+                              f'strings), got {short(row)}')
+        turns = [row["prompt"]] if "prompt" in row else row["turns"]
+        if "prompt" in row and not is_text(row["prompt"]):
+            raise BeagleError(f'{where}: "prompt" must be a non-blank string, got {short(row["prompt"])}')
+        if not isinstance(turns, list) or not turns:
+            raise BeagleError(f'{where}: "turns" must be a non-empty list of strings, got {short(turns)}')
+        bad = next((j for j, turn in enumerate(turns, 1) if not is_text(turn)), None)
+        if bad is not None:
+            raise BeagleError(f'{where}: turn {bad} must be a non-blank string, got {short(turns[bad - 1])}')
+        if not isinstance(row.get("category", ""), str):
+            raise BeagleError(f'{where}: "category" must be a string, got {short(row["category"])}')
+        convs.append((turns, row.get("category", "prompt")))
+    return convs

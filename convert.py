@@ -158,6 +158,36 @@ class Tokenizer:
         return self.encode(self.render(messages, add_generation_prompt))
 
 
+    def conversation(self, turns, answers, system=None, raw=False):
+        """Token ids of a conversation so far: the user turns with the previous answers, ready for the next answer
+        (raw: no template, the turns and answers joined by newlines)."""
+        if raw:
+            return self.encode("\n".join(x for pair in zip(turns, answers + [""]) for x in pair if x))
+        messages = [{"role": "system", "content": system}] if system else []
+        for i, turn in enumerate(turns):
+            messages.append({"role": "user", "content": turn})
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": answers[i]})
+        return self.chat(messages)
+
+
+class Streamer:
+    """Prints an answer as it grows. Pieces of a multi-byte character decode to U+FFFD until complete, so hold
+    the text back while it ends with one; decode from the last newline so the work stays per line."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self.tokenizer, self.stop_ids, self.start, self.printed = tokenizer, stop_ids, 0, 0
+
+    def __call__(self, tokens):
+        text = self.tokenizer.decode([t for t in tokens[self.start:] if t not in self.stop_ids])
+        if text.endswith("\ufffd"):
+            return
+        print(text[self.printed:], end="", flush=True)
+        self.printed = len(text)
+        if text.endswith("\n"):
+            self.start, self.printed = len(tokens), 0
+
+
 # -----------------------------------------------------------------------------
 # GGUF (llama.cpp) -> HF-format directory: what the default target (byte-level BPE, SmolLM2's pre-tokenizer) and
 # Llama-2-style GGUFs (sentencepiece BPE, Llama-3.1's rope_freqs) need, in the quantization types gguf-py reads

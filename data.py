@@ -21,6 +21,7 @@ Re-running the generator with the same --out continues the file up to --n, with 
 run would have written; under torchrun each rank makes every WORLD_SIZE-th batch and rank 0 writes the file. Conversations whose first user turn
 is an MT-bench question are dropped everywhere (loading and generation): MT-bench is our evaluation set.
 """
+import contextlib
 import glob
 import importlib.util
 import itertools
@@ -404,13 +405,14 @@ CHECK_EVERY = 8  # steps between host reads of the unfinished-row count (all don
 # read costs up to CHECK_EVERY - 1 steps of rows that have finished (once per call, and once per halving)
 
 
-def _engine(model, B, S, setting, on, parent=None):
+def _engine(model, B, S, setting, on, parent=None, compile=None):
     """The static buffers and steps for (B rows, S slots, sampling setting), kept on the model across calls: a graph
     replays on the tensors it was captured with, and capture (3 eager steps) is paid once per width, not per call.
     The cache is shared by the settings of one (B, S); parent: the bigger engine a shrinking batch comes from, whose
-    cache's first B rows become this one's (no new cache memory: the batches run one at a time)."""
+    cache's first B rows become this one's (no new cache memory: the batches run one at a time). compile: a
+    torch.compile mode for the step (one program for every width, llama.Graphed), or None."""
     store = model.__dict__.setdefault("generate_static", {})
-    if (B, S, setting) not in store:
+    if (B, S, setting, compile) not in store:
         device, dtype = model.output.weight.device, model.output.weight.dtype
         if (B, S) not in store:
             cache = parent["cache"].rows(0, B) if parent else llama.KVCache(model.args, B, S, device, dtype)
@@ -426,10 +428,9 @@ def _engine(model, B, S, setting, on, parent=None):
             store["pool"] = torch.cuda.graph_pool_handle()
         bufs, temperature, top_p, top_k = store[B, S], *setting
 
-        def step(pos, W):  # pos (1,): the slot of the token this step reads; it samples new token t = pos - L + 1
-            t = pos - bufs["base"] + 1  # (1,)
+        def step(pos, ar):  # pos (1,): the slot of the token this step reads; it samples new token t = pos - L + 1
+            t = pos - bufs["base"] + 1  # (1,)                 ar: arange(W), the width this step attends over
             tok = bufs["out"].index_select(1, t - 1)  # (B, 1): the previous new token
-            ar = bufs["slots"][:W]
             mask = (ar >= bufs["start"][:, None]) & (ar <= pos)  # (B, W): row b's real keys so far
             logits, _ = model(tok, pos, bufs["cache"], mask[:, None, None])
             nxt = sample(logits[:, -1], temperature, top_p, top_k, u=bufs["u"].index_select(0, t)[0])  # (B,)
@@ -437,14 +438,33 @@ def _engine(model, B, S, setting, on, parent=None):
             bufs["done"] |= bufs["is_stop"][nxt]
             return nxt
 
-        store[B, S, setting] = {W: llama.Graphed(lambda pos, W=W: step(pos, W), on, store.get("pool"))
-                                for W in range(WIDTH_STEP, S + 1, WIDTH_STEP)}
-    return store[B, S], store[B, S, setting]
+        store[B, S, setting, compile] = {
+            W: (llama.Graphed(step, on, store.get("pool"), compile is not None, compile, width=1), bufs["slots"][:W])
+            for W in range(WIDTH_STEP, S + 1, WIDTH_STEP)}
+    return store[B, S], store[B, S, setting, compile]
+
+
+def _shape(model, B, S, temperature, top_p, top_k, graph):  # -> the engine's (B, slots, setting, graphed)
+    S = -(-S // (2 * WIDTH_STEP)) * 2 * WIDTH_STEP
+    setting = (0.0, 1.0, 0) if temperature == 0 else (float(temperature), float(top_p), int(top_k))
+    device = model.output.weight.device
+    return B, S, setting, device.type == "cuda" if graph is None else bool(graph) and device.type == "cuda"
+
+
+@torch.inference_mode()
+def warm(model, batch, cache_len, temperature=1.0, top_p=1.0, top_k=0, graph=None, compile=None):
+    """Runs every width's step of the engine that generate(..., batch=batch, cache_len=cache_len) uses once, so
+    that its capture (and compile) happens now and not inside a later, timed call (for prompt + max_new <=
+    cache_len). The steps write slots and columns that a call rewrites before it reads them."""
+    bufs, steps = _engine(model, *_shape(model, batch, cache_len, temperature, top_p, top_k, graph), compile=compile)
+    bufs["base"].zero_()
+    for W, (step, ar) in steps.items():
+        step(torch.full_like(bufs["base"], W - 2), ar)
 
 
 @torch.inference_mode()
 def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_k=0, generator=None, on_tokens=None,
-             batch=None, cache_len=0, graph=None, stats=None, shrink=True):
+             batch=None, cache_len=0, graph=None, stats=None, shrink=True, compile=None):
     """Samples a continuation of every prompt (lists of ids) until a stop token or max_new tokens. Returns
     [(new ids without the stop token, stopped)]. batch: rows per engine batch (default: all prompts in one); prompts
     are cut into batches of that size and the last one padded with dummy rows, so that every call with the same batch
@@ -452,7 +472,8 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     of 2 * WIDTH_STEP, and at least longest prompt + max_new): callers with prompts of several lengths pass one size.
     graph: capture the steps in CUDA graphs (default: on a GPU). on_tokens(new ids so far, a stop token included):
     called after every token, batch 1 only (it reads each token back). stats: a dict that gets "row_steps" (rows x
-    steps computed, dummy rows included) and "tokens" (new tokens kept, stop tokens counted) added."""
+    steps computed, dummy rows included) and "tokens" (new tokens kept, stop tokens counted) added. compile: a
+    torch.compile mode for the steps, or None."""
     if not prompts or min(len(p) for p in prompts) == 0:
         raise BeagleError("generate needs at least one prompt, and no empty prompt")
     if max_new < 1:
@@ -463,15 +484,13 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     if len(prompts) > B:  # one engine batch at a time, in order (the generator's draws follow the same order)
         return [r for i in range(0, len(prompts), B) for r in generate(
             model, prompts[i:i + B], max_new, stop_ids, temperature, top_p, top_k, generator, on_tokens, B,
-            cache_len, graph, stats, shrink)]
+            cache_len, graph, stats, shrink, compile)]
     if on_tokens is not None and B != 1:
         raise BeagleError("on_tokens (streaming) needs batch 1")
     device = model.output.weight.device
-    on = device.type == "cuda" if graph is None else bool(graph) and device.type == "cuda"
     L = max(len(p) for p in prompts)
-    S = -(-max(cache_len, L + max_new) // (2 * WIDTH_STEP)) * 2 * WIDTH_STEP
-    setting = (0.0, 1.0, 0) if temperature == 0 else (float(temperature), float(top_p), int(top_k))
-    bufs, steps = _engine(model, B, S, setting, on)
+    B, S, setting, on = _shape(model, B, max(cache_len, L + max_new), temperature, top_p, top_k, graph)
+    bufs, steps = _engine(model, B, S, setting, on, compile=compile)
     rows = list(prompts) + [prompts[0]] * (B - len(prompts))  # dummy rows: their outputs are dropped
     tokens = torch.zeros(B, L, dtype=torch.long)
     start = torch.tensor([L - len(p) for p in rows])
@@ -491,7 +510,9 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     for a in range(0, B, rows_per):  # the prefill in groups of rows, each into its rows of the cache (a view)
         part = bufs["cache"].rows(a, a + rows_per)
         mask = prefill_mask(live[a:a + rows_per])[:, None]  # (rows, 1, L, L)
-        logits.append(model(tokens[a:a + rows_per], bufs["slots"][:L], part, mask, last_only=True)[0][:, -1])
+        # (batch 1 is decoding, where every prompt has a new length: llama.any_length; a batch pays it once)
+        with llama.any_length() if B == 1 else contextlib.nullcontext():
+            logits.append(model(tokens[a:a + rows_per], bufs["slots"][:L], part, mask, last_only=True)[0][:, -1])
     first = sample(torch.cat(logits), *setting, u=bufs["u"][0])
     bufs["out"][:, 0] = first
     bufs["done"] |= bufs["is_stop"][first]
@@ -517,7 +538,7 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
                 for r, row in zip(gone.tolist(), bufs["out"].index_select(0, gone)[:, :t + 1].tolist()):
                     finished[rows_of[r]] = row
                 keep = keep[:B2]
-                small, steps = _engine(model, B2, S, setting, on, parent=bufs)
+                small, steps = _engine(model, B2, S, setting, on, parent=bufs, compile=compile)
                 for layer in range(model.args.n_layers):  # gather first, then copy: overlapping rows are safe
                     small["cache"].kv[layer].copy_(bufs["cache"].kv[layer].index_select(0, keep))
                 for name in ("start", "done"):
@@ -527,7 +548,8 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
                 small["base"].copy_(bufs["base"])
                 small["is_stop"].copy_(bufs["is_stop"])
                 rows_of, bufs, B = [rows_of[r] for r in keep.tolist()], small, B2
-        steps[-(-(L + t + 1) // WIDTH_STEP) * WIDTH_STEP](pos)  # the width that holds slots 0 .. L + t
+        step, ar = steps[-(-(L + t + 1) // WIDTH_STEP) * WIDTH_STEP]  # the width that holds slots 0 .. L + t
+        step(pos, ar)
         pos += 1
         t += 1
         row_steps += B
@@ -580,9 +602,7 @@ class GenConfig:
 
 def check_config(cfg):
     """Every option's range and --out's kind, before the target is loaded: one line naming the option."""
-    for name in ("n", "batch_size", "turns", "max_user_tokens", "max_reply_tokens"):
-        if getattr(cfg, name) < 1:
-            raise BeagleError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    common.check_at_least(cfg, dict.fromkeys(("n", "batch_size", "turns", "max_user_tokens", "max_reply_tokens"), 1))
     for name in ("user_temperature", "reply_temperature"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
             raise BeagleError(f"--{name.replace('_', '-')} must be a finite number >= 0 (0: greedy), "

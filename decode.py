@@ -7,9 +7,7 @@ Plain and speculative decoding with a Beagle (or EAGLE-2) draft, batch size 1.
     python decode.py --prompt "Hi" --compare                                   # + plain decoding, speedup, identical?
     python decode.py --prompt "Hi" --temperature 0.7 --top-p 0.9 --seed 1      # lossless speculative sampling
     python decode.py --bench mtbench --bench-limit 10 --bench-out runs/bench   # MT-bench, plain vs speculative
-    python decode.py --prompt "Hi" --device cuda --cuda-graph false            # GPU without CUDA graphs (eager)
     python decode.py --prompt "Hi" --device cuda --compile true                # torch.compile each step, then capture
-    python decode.py --prompt "Hi" --draft-vocab 0                             # the draft proposes from all tokens
     python decode.py --prompt "Hi" --compare --draft eagle2                    # the EAGLE-2 baseline's draft
 
 One speculative iteration. The committed prefix t_0..t_{n-1} has true target states h_0..h_{n-1}, whose draft
@@ -24,43 +22,42 @@ keys/values sit in the draft cache. The bonus token t_n (the target's own choice
      exactly the target's distribution) plus one bonus token from the target; move the path's K/V into place;
      write the path's true states into the draft cache. --mode chain: the same tree with top-k 1.
 
-One static path on every device: both caches have one size (--max-len slots) whatever the prompt, the prefix
-length n lives on the device, every attention and mask spans the whole cache (slots past the prefix are masked
-out: rejected tokens need no undo), and random numbers are drawn before a step and passed in. So a step (a plain
-token, or a whole iteration) is a fixed sequence of kernels that reads nothing back to the host; its result (the
-accepted tokens) is read once after it. On a GPU a step is captured once as a CUDA graph (llama.Graphed, maybe
-torch.compile'd first) and replayed; on the CPU the same step runs eagerly.
-
-The CPU's tree shape and draft vocabulary fit the machine: calibrate.py times it once and chooses them (plain
-decoding where no tree is predicted to pay).
+One static path on every device: the caches have one size (--max-len slots) whatever the prompt, the prefix
+length n lives on the device, slots past the prefix are masked out (rejected tokens need no undo), and random
+numbers are drawn before a step and passed in. A step (a plain token: data.py's engine at batch 1; or a whole
+iteration) is a fixed sequence of kernels that reads nothing back to the host; its result is read once after it.
+It attends over the first W slots, the prefix and one tree rounded up to a multiple of WIDTH, so it reads few
+dead slots: one step per width, captured once as a CUDA graph on a GPU (llama.Graphed, maybe torch.compile'd
+first, one program for all widths) and replayed; on the CPU the same steps run eagerly. The CPU's tree shape and
+draft vocabulary fit the machine: calibrate.py times it once and chooses them.
 """
 import dataclasses
 import json
 import math
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import beagle
-import data
 import common
 import convert
-from common import DTYPES, BeagleError
+import data
+import llama
+from beagle import DraftCache
+from common import DTYPES, BeagleError, is_text, short
 from llama import Graphed, KVCache
 
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
 SHIPPED = {"beagle": DEFAULT_DRAFT, "eagle2": DEFAULT_DRAFT.with_name("smollm2-135m-instruct-eagle2.safetensors")}
 # (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting, one iteration = one graph.
 GPU_TREE = (5, 10, 60)
-# CPU: chosen per machine from its measured costs (calibrate.py). CPU_TREE is the shape for one 2-core machine whose
-# forward of 1 to 4 tokens costs about the same (README "Results"), kept where nothing is measured (train.py's tau).
+# CPU: chosen per machine (calibrate.py); CPU_TREE where nothing is measured (train.py's tau; results/README.md)
 CPU_TREE = (2, 2, 3)
 CPU_DRAFT_VOCAB = 4096  # the subset the CPU may take (beagle.py, VOCAB); GPU: the whole vocabulary (its head is cheap)
-MAX_LEN = {"cuda": 2048, "cpu": 1024}  # default cache slots: every step attends over all of them
+MAX_LEN = {"cuda": 2048, "cpu": 1024}  # default cache slots (a step attends over the live ones: WIDTH)
 
 
 @dataclass
@@ -156,15 +153,17 @@ def finish(out, new, stop_ids, max_new_tokens):
     return False
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+def sync(device):  # (a timing ends after the device's work)
+    torch.cuda.synchronize(device) if torch.device(device).type == "cuda" else None
 
 
 # -----------------------------------------------------------------------------
-# static steps: made once per cache size and setting, kept on the target (like gpt-fast's setup_caches), because
-# a graph replays on the tensors it was captured with. Stale slots of earlier answers are masked out or rewritten
-# before anything reads them.
+# static steps: made once per cache size and setting, kept on the target (like gpt-fast's setup_caches): a graph
+# replays on the tensors it was captured with. A step attends over the first W slots (module docstring: WIDTH);
+# stale slots of earlier answers are masked out or rewritten before anything reads them.
+
+WIDTH = data.WIDTH_STEP
+
 
 def tree_sizes(depth, top_k, tree_tokens):
     """-> (pool, queries, kept): nodes proposed, nodes that query the draft, nodes verified (root excluded)."""
@@ -177,8 +176,8 @@ def cache_slots(target, cfg):  # L, the cache slots of every answer: --max-len o
 
 
 def check_length(target, cfg, n_prompt, spec):
-    """-> L, the cache slots of every answer (cache_slots), after checking that the prompt, its answer and one tree
-    fit."""
+    """-> (L, extra): the cache slots of every answer (cache_slots) and the slots a tree takes past its prefix,
+    after checking that the prompt, its answer and one tree fit."""
     L = cache_slots(target, cfg)
     k, keep = (1, cfg.depth) if cfg.mode == "chain" else (cfg.top_k, cfg.tree_tokens)
     _, Q, N = tree_sizes(cfg.depth, k, keep) if spec else (0, 0, -1)
@@ -188,93 +187,75 @@ def check_length(target, cfg, n_prompt, spec):
     if n_prompt + cfg.max_new_tokens + extra > L:
         raise BeagleError(f"prompt of {n_prompt} tokens is longer than the context allows ({L} cache slots "
                           f"(--max-len) - --max-new-tokens {cfg.max_new_tokens} - {extra} for a tree)")
-    return L
+    return L, extra
 
 
-def static_step(target, draft, cfg, n_prompt):
-    """-> (cache, draft cache or None, step) over caches of L slots (check_length). Plain: step(tok (1,), pos (1,),
-    *u) -> (next token, pos + 1); speculative: step(n (1,), root (1,), *u) = iterate(...)."""
+def spec_steps(target, draft, cfg, n_prompt):
+    """-> (cache, draft cache, extra, steps): steps[W] = (step, arange(W)); step(arange(W), n (1,), root (1,), *u)
+    = iterate(...) over the first W slots of caches of L slots (check_length), for a prefix n <= W - extra."""
     dev, dtype = target.output.weight.device, target.output.weight.dtype
-    L = check_length(target, cfg, n_prompt, draft is not None)
-    if draft is not None:
-        draft.check_top_k(cfg.top_k)
+    L, extra = check_length(target, cfg, n_prompt, True)
+    draft.check_top_k(cfg.top_k)
     setting = (cfg.temperature, cfg.top_p, cfg.top_k_sample) if cfg.temperature else 0
-    tree = (draft, draft.head, cfg.depth, cfg.top_k, cfg.tree_tokens) if draft is not None else None
     on = bool(cfg.cuda_graph) and dev.type == "cuda"
+    mode = cfg.compile_mode if cfg.compile else None
     # the head is part of the key: a graph captured with one head would keep reading that head's weights
-    key = (L, tree, setting, on, cfg.compile_mode if cfg.compile else None)
+    key = (L, draft, draft.head, cfg.depth, cfg.top_k, cfg.tree_tokens, setting, on, mode)
     store = target.__dict__.setdefault("decode_static", {})  # the key keeps the draft (and its head) alive
     if key not in store:
         if on and "pool" not in store:
             store["pool"] = torch.cuda.graph_pool_handle()
-        cache, dcache = KVCache(target.args, 1, L, dev, dtype), None if draft is None else DraftCache(draft, L)
-        fn = ((lambda tok, pos, *u: (pick(target(tok.view(1, 1), pos, cache)[0][0, -1:], cfg, *u), pos + 1))
-              if draft is None else (lambda n, root, *u: iterate(target, draft, cache, dcache, cfg, n, root, *u)))
-        store[key] = cache, dcache, Graphed(fn, on, store.get("pool"), bool(cfg.compile), cfg.compile_mode)
+        cache, dcache = KVCache(target.args, 1, L, dev, dtype), DraftCache(draft, L)
+        fn = lambda ar, n, root, *u: iterate(target, draft, cache, dcache, cfg, ar, n, root, *u)
+        steps = {W: (Graphed(fn, on, store.get("pool"), mode is not None, mode, width=0), torch.arange(W, device=dev))
+                 for W in sorted({min(w, L) for w in range(WIDTH, L + WIDTH, WIDTH)}) if W > extra}
+        store[key] = cache, dcache, extra, steps
     return store[key]
 
 
-# -----------------------------------------------------------------------------
-# plain decoding: prefill, then one static step per token
+def width(steps, n, extra):  # the narrowest step whose width holds the prefix n and one tree
+    return steps[min(W for W in steps if W >= n + extra)]
 
-@torch.no_grad()
+
+# -----------------------------------------------------------------------------
+# plain decoding: data.py's batched engine at batch 1 (prefill, then one captured step per token and width)
+
 def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     dev = target.output.weight.device
-    n = len(prompt)
-    cache, _, step = static_step(target, None, cfg, n)
-    sync(dev)
-    t0 = time.perf_counter()
-    logits, _ = target(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), cache,
-                       torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
-    tok, pos = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
+    L, _ = check_length(target, cfg, len(prompt), False)
     out = []
-    while True:
-        done = finish(out, tok.tolist(), stop_ids, cfg.max_new_tokens)  # the one read back per step
+
+    def show(tokens):  # the engine streams the new tokens at batch 1 (a stop token included): one read per token
+        out[:] = tokens
         if on_tokens:
             on_tokens(out)
-        if done:
-            break
-        tok, pos = step(tok, pos, *noise(gen, cfg, 1, dev))
+
+    sync(dev)
+    t0 = time.perf_counter()
+    data.generate(target, [prompt], cfg.max_new_tokens, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k_sample,
+                  gen, show, 1, L, cfg.cuda_graph, compile=cfg.compile_mode if cfg.compile else None)
     sync(dev)
     return Result(out, time.perf_counter() - t0, len(out), [])  # one target forward per token
 
 
 # -----------------------------------------------------------------------------
 # speculative decoding. n, the prefix length, is a (1,) tensor on the device (indexing with a 0-d tensor would read
-# it back to the host); every mask spans the L cache slots.
+# it back to the host); every mask spans the W cache slots of the step, ar = arange(W).
 
-class DraftCache:
-    """Static K/V buffers of the draft, (1, Hkv, L, D), and `last` (1, 1, dim), the true state of the newest
-    committed token (what an EAGLE-2 root query reads). Slots 0..n-1 hold the K/V that the TRUE target states of
-    the committed prefix give (beagle.py: the draft interface); while drafting, the queries' own K/V go to the
-    scratch slots n, n+1, ..., which the next iteration's commit overwrites (so drafts are discarded for free)."""
-
-    def __init__(self, draft, max_len):
-        w = next(draft.parameters())
-        self.k = w.new_zeros(1, draft.n_kv_heads, max_len, draft.head_dim)
-        self.v = torch.zeros_like(self.k)
-        self.last = w.new_zeros(1, 1, draft.args.dim)
-
-    def write(self, start, k, v):  # k, v (1, Hkv, S, D) -> slots start .. start+S-1 (start: int or (1,) tensor)
-        slots = start + torch.arange(k.shape[2], device=k.device)
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-
-
-def tree_mask(block, n, width):
-    """block (R, C) bool, who sees whom among the C slots n..n+C-1 -> (R, width) bool over the cache slots: the
-    prefix (slots < n) visible to every row, block on slots n..n+C-1, nothing beyond. Built on the device."""
+def tree_mask(block, n, ar):
+    """block (R, C) bool, who sees whom among the C slots n..n+C-1 -> (R, W) bool over the cache slots ar =
+    arange(W): the prefix (slots < n) visible to every row, block on slots n..n+C-1, nothing beyond."""
     C = block.shape[1]
-    cols = torch.arange(width, device=block.device) - n  # (width,) slot - n
+    cols = ar - n  # (W,) slot - n
     return (cols < 0) | (block[:, cols.clamp(0, C - 1)] & (cols >= 0) & (cols < C))
 
 
 @torch.no_grad()
-def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
-    """EAGLE-2 dynamic tree from the bonus token `root` ((1,), position n) over the n true draft keys. Returns the
-    tree as flat tensors over T = kept + 1 nodes, node 0 the root, parents before children:
-    tokens (T,), parent (T,) (the root is its own parent), depth (T,), anc (T, T) bool ancestor-or-self."""
-    dev, L, k = dcache.k.device, dcache.k.shape[2], top_k
+def draft_tree(target, draft, dcache, ar, n, root, depth, top_k, tree_tokens):
+    """EAGLE-2 dynamic tree from the bonus token `root` ((1,), position n) over the n true draft keys, in the first
+    W slots of the draft cache. Returns the tree as flat tensors over T = kept + 1 nodes, node 0 the root, parents
+    before children: tokens (T,), parent (T,) (the root its own), depth (T,), anc (T, T) bool ancestor-or-self."""
+    dev, k = dcache.k.device, top_k
     P, Q, N = tree_sizes(depth, k, tree_tokens)
     # the pool of proposed nodes, in creation order: token, pool index of the parent (P = the root), depth, and the
     # cumulative draft log-prob
@@ -285,8 +266,7 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
     qanc = torch.eye(Q, dtype=torch.bool, device=dev)  # query 0 (the root) is its own only ancestor
 
     # step 1: the root queries the true keys only (its parent: the newest committed token)
-    hat = draft.propose(dcache, n, n, target.tok_embeddings(root.view(1, 1)), None,
-                        (torch.arange(L, device=dev) < n)[None])  # (1, 1, dim)
+    hat = draft.propose(dcache, n, n, target.tok_embeddings(root.view(1, 1)), None, (ar < n)[None])  # (1, 1, dim)
     values, indices = draft.top(target, hat[0], k)  # (1, k)
     tok[:k], score[:k] = indices[0], values[0]
     parent[:k].fill_(P), dep[:k].fill_(1)
@@ -300,7 +280,7 @@ def draft_tree(target, draft, dcache, n, root, depth, top_k, tree_tokens):
         qi = torch.arange(nq, nq + k, device=dev)
         qanc[qi] |= qanc[front_q]  # rows qi are still identity rows: self + the parent's ancestors
         hat = draft.propose(dcache, n + nq, (n + s - 1).expand(k), target.tok_embeddings(tok[front][None]),
-                            hat[:, front_q - prev], tree_mask(qanc[front_q, :nq], n, L))  # (1, k, dim)
+                            hat[:, front_q - prev], tree_mask(qanc[front_q, :nq], n, ar))  # (1, k, dim)
         values, indices = draft.top(target, hat[0], k)  # (k, k) children of each frontier node
         cum = (score[front, None] + values).flatten()  # (k*k,)
         lo = k + (s - 2) * k * k
@@ -379,15 +359,16 @@ def accept_sampled(p, tokens, parent, max_depth, top_k, u):
 
 
 @torch.no_grad()
-def iterate(target, draft, cache, dcache, cfg, n, root, *u):
+def iterate(target, draft, cache, dcache, cfg, ar, n, root, *u):
     """One iteration after a committed prefix of n tokens ((1,)) whose true states are in both caches; root = the
-    bonus token (1,) at position n; u: the uniforms of accept_sampled (temperature > 0). Draft a tree, verify root +
+    bonus token (1,) at position n; ar = arange(W), the cache slots every attention spans; u: the uniforms of
+    accept_sampled (temperature > 0). Draft a tree, verify root +
     nodes in ONE target forward (node i in slot n+i at position n+depth_i, seeing the prefix, its ancestors and
     itself), accept, commit. -> (found, n + m + 1, next root): found (depth+2,) = [m, the path's m draft tokens
     (then padding), the bonus token]."""
-    tokens, parent, dep, anc = draft_tree(target, draft, dcache, n, root, cfg.depth, cfg.top_k, cfg.tree_tokens)
+    tokens, parent, dep, anc = draft_tree(target, draft, dcache, ar, n, root, cfg.depth, cfg.top_k, cfg.tree_tokens)
     slots = n + torch.arange(tokens.shape[0], device=tokens.device)
-    logits, h = target(tokens[None], n + dep, cache, tree_mask(anc, n, cache.max_len), slots=slots)
+    logits, h = target(tokens[None], n + dep, cache, tree_mask(anc, n, ar), slots=slots)
     if cfg.temperature == 0:
         path, m, bonus = accept_greedy(logits[0], tokens, parent, dep, anc, cfg.depth)
     else:
@@ -399,21 +380,24 @@ def iterate(target, draft, cache, dcache, cfg, n, root, *u):
     return torch.cat([m, tokens[path[1:]], bonus]), n + m + 1, bonus
 
 
+def spec_config(cfg):  # a chain is the tree with one child per node
+    return dataclasses.replace(cfg, top_k=1, tree_tokens=cfg.depth) if cfg.mode == "chain" else cfg
+
+
 @torch.no_grad()
 def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     """Speculative decoding; cfg.mode chain | tree, cfg.depth / top_k / tree_tokens already resolved."""
-    dev = target.output.weight.device
-    if cfg.mode == "chain":  # a chain is the tree with one child per node
-        cfg = dataclasses.replace(cfg, top_k=1, tree_tokens=cfg.depth)
-    n = len(prompt)
-    cache, dcache, step = static_step(target, draft, cfg, n)
+    dev, cfg = target.output.weight.device, spec_config(cfg)
+    n = len(prompt)  # the prefix length, on the host too: it picks each iteration's width
+    cache, dcache, extra, steps = spec_steps(target, draft, cfg, n)
     sync(dev)
     t0 = time.perf_counter()
     pos = torch.arange(n, device=dev)
     ids = torch.tensor([prompt], device=dev)
-    logits, h = target(ids, pos, cache, torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
+    with llama.any_length():
+        logits, h = target(ids, pos, cache, torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
     draft.commit(dcache, 0, h, target.tok_embeddings(ids[:, 1:]))
-    root, n = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
+    root, n_dev = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
     out, accepted, new = [], [], root.tolist()
     while True:
         done = finish(out, new, stop_ids, cfg.max_new_tokens)
@@ -421,94 +405,17 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
             on_tokens(out)
         if done:
             break
-        found, n, root = step(n, root, *noise(gen, cfg, cfg.depth * cfg.top_k + 1, dev))
+        step, ar = width(steps, n, extra)
+        found, n_dev, root = step(ar, n_dev, root, *noise(gen, cfg, cfg.depth * cfg.top_k + 1, dev))
         m, *found = found.tolist()  # the one read back per iteration
         accepted.append(m)
-        new = found[:m] + found[-1:]
+        new, n = found[:m] + found[-1:], n + m + 1
     sync(dev)
     return Result(out, time.perf_counter() - t0, 1 + len(accepted), accepted)
 
 
 # -----------------------------------------------------------------------------
-# prompts, loading, streaming
-
-def read_prompts(cfg):
-    """-> list of (turns, category): a conversation's user turns (the answers are carried from turn to turn)."""
-    if (cfg.prompt is None) == (cfg.prompt_file is None):
-        raise BeagleError("give one of --prompt, --prompt-file or --bench")
-    return [([cfg.prompt], "prompt")] if cfg.prompt is not None else read_jsonl_or_lines(cfg.prompt_file)
-
-
-def is_text(s):
-    """A non-blank string that is valid Unicode: no lone surrogates, which is how Python passes on command-line bytes
-    that are not UTF-8 (and how JSON can spell them), and which the tokenizer cannot encode."""
-    try:
-        return isinstance(s, str) and bool(s.strip()) and bool(s.encode("utf-8"))
-    except UnicodeEncodeError:
-        return False
-
-
-def short(x, n=40):  # a value as an error message quotes it
-    r = repr(x)
-    return r if len(r) <= n else r[:n] + "..."
-
-
-def read_jsonl_or_lines(path):
-    """A prompt file -> [(turns, category)]: JSONL ({"prompt": str} or {"turns": [str, ...]}, maybe a "category",
-    per line) when its first non-blank line opens a JSON object, else plain text, one prompt per line. Blank lines
-    are skipped; anything else that is not a prompt is an error naming the file and the line (numbered as in an
-    editor, blank lines counted)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise BeagleError(f"cannot read prompts: {e}") from None
-    try:
-        text = raw.decode("utf-8-sig")  # (-sig: a byte-order mark, as some editors write, is not part of a prompt)
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise BeagleError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
-    # split at "\n" only: splitlines() would also cut at U+2028 or \x85 inside a prompt
-    lines = [(i, line.strip()) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
-    if not lines:
-        raise BeagleError(f"{path}: no prompts (the file is {'empty' if not text else 'blank lines only'})")
-    if not lines[0][1].startswith("{"):
-        return [([line], "prompt") for _, line in lines]  # plain text: one prompt per line
-    convs = []
-    for i, line in lines:
-        where = f"{path}:{i}"
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise BeagleError(f"{where}: not JSON ({e.msg}); the first line is a JSON object, so every line must "
-                              "be one") from None
-        if not isinstance(row, dict) or ("prompt" in row) == ("turns" in row):
-            raise BeagleError(f'{where}: expected a JSON object with "prompt" (a string) or "turns" (a list of '
-                              f'strings), got {short(row)}')
-        turns = [row["prompt"]] if "prompt" in row else row["turns"]
-        if "prompt" in row and not is_text(row["prompt"]):
-            raise BeagleError(f'{where}: "prompt" must be a non-blank string, got {short(row["prompt"])}')
-        if not isinstance(turns, list) or not turns:
-            raise BeagleError(f'{where}: "turns" must be a non-empty list of strings, got {short(turns)}')
-        bad = next((j for j, turn in enumerate(turns, 1) if not is_text(turn)), None)
-        if bad is not None:
-            raise BeagleError(f'{where}: turn {bad} must be a non-blank string, got {short(turns[bad - 1])}')
-        if not isinstance(row.get("category", ""), str):
-            raise BeagleError(f'{where}: "category" must be a string, got {short(row["category"])}')
-        convs.append((turns, row.get("category", "prompt")))
-    return convs
-
-
-def prompt_ids(tokenizer, cfg, turns, answers):
-    """Token ids of the conversation so far: user turns with the previous answers, ready for the next answer."""
-    if cfg.template == "raw":
-        return tokenizer.encode("\n".join(x for pair in zip(turns, answers + [""]) for x in pair if x))
-    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    for i, turn in enumerate(turns):
-        messages.append({"role": "user", "content": turn})
-        if i < len(answers):
-            messages.append({"role": "assistant", "content": answers[i]})
-    return tokenizer.chat(messages)
-
+# options and loading
 
 MODES = ("ar", "chain", "tree")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -524,9 +431,7 @@ def check_config(cfg):
     not a traceback from deep inside torch (or, worse, silently random tokens at --temperature inf)."""
     if cfg.mode not in MODES:
         raise BeagleError(f"--mode must be one of {' | '.join(MODES)} (got {cfg.mode!r})")
-    for name, (low, note) in AT_LEAST.items():
-        if getattr(cfg, name) < low:
-            raise BeagleError(f"--{name.replace('_', '-')} must be >= {low}{note}, got {getattr(cfg, name)}")
+    common.check_at_least(cfg, AT_LEAST)
     if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
         raise BeagleError(f"--temperature must be a finite number >= 0 (0: greedy), got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
@@ -584,23 +489,6 @@ def load(cfg):
     return target, tokenizer, draft
 
 
-class Streamer:
-    """Prints an answer as it grows. Pieces of a multi-byte character decode to U+FFFD until complete, so hold
-    the text back while it ends with one; decode from the last newline so the work stays per line."""
-
-    def __init__(self, tokenizer, stop_ids):
-        self.tokenizer, self.stop_ids, self.start, self.printed = tokenizer, stop_ids, 0, 0
-
-    def __call__(self, tokens):
-        text = self.tokenizer.decode([t for t in tokens[self.start:] if t not in self.stop_ids])
-        if text.endswith("\ufffd"):
-            return
-        print(text[self.printed:], end="", flush=True)
-        self.printed = len(text)
-        if text.endswith("\n"):
-            self.start, self.printed = len(tokens), 0
-
-
 def answer_text(tokenizer, tokens, stop_ids):
     return tokenizer.decode([t for t in tokens if t not in stop_ids])
 
@@ -614,70 +502,40 @@ def run(target, draft, prompt, cfg, stop_ids, on_tokens=None, mode=None):
     return generate_spec(target, draft, prompt, dataclasses.replace(cfg, mode=mode), stop_ids, gen, on_tokens)
 
 
-def converse(target, draft, tokenizer, cfg, turns, modes, stop_ids, stream=False):
-    """Yield (turn index, {mode: Result}) turn by turn. Each mode answers with its own previous answers in the
-    conversation (FastChat's MT-bench protocol); with stream, the first mode's answer is printed as it grows."""
-    answers = {mode: [] for mode in modes}
-    for i, turn in enumerate(turns):
-        results = {}
-        for mode in modes:
-            ids = prompt_ids(tokenizer, cfg, turns[:i + 1], answers[mode])
-            check_length(target, dataclasses.replace(cfg, mode=mode), len(ids), mode != "ar")  # before any print
-            show = stream and mode == modes[0]
-            if show:
-                print(f"\n>>> {turn}\n")
-            streamer = Streamer(tokenizer, stop_ids) if show else None
-            results[mode] = run(target, draft, ids, cfg, stop_ids, streamer, mode)
-            answers[mode].append(answer_text(tokenizer, results[mode].tokens, stop_ids))
-        yield i, results
-
-
-def warm_up(target, draft, prompt, cfg, modes):
-    """A short untimed answer per mode, with no stop token so that it runs every step a timed answer replays (the
-    steps depend on the setting, not on the prompt): capture, compile and first-call costs stay out of timings."""
-    for mode in modes:
-        run(target, draft, prompt, dataclasses.replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens)), set(),
-            mode=mode)
-
-
-def summary(r):
-    line = f"{len(r.tokens)} new tokens in {r.seconds:.2f} s: {len(r.tokens) / r.seconds:.1f} tokens/s"
-    if r.accepted_lengths:
-        hist = " ".join(f"{m}:{c}" for m, c in sorted(Counter(r.accepted_lengths).items()))
-        line += f", tau {r.tau:.2f} over {r.target_forwards} target forwards, accepted lengths {hist}"
-    return line
-
-
 # -----------------------------------------------------------------------------
 # the command line: answer prompts, or benchmark plain vs speculative decoding
 
 def main(cfg):
+    import bench  # the harness: conversations, warm-up, the benchmark (bench.py imports this file)
     resolve(cfg)
     if cfg.bench:
-        import bench  # (bench.py imports this file)
         return bench.bench(cfg)
-    convs = read_prompts(cfg)
+    if (cfg.prompt is None) == (cfg.prompt_file is None):
+        raise BeagleError("give one of --prompt, --prompt-file or --bench")
+    # [(user turns, category)]: each answer is carried into the next turn
+    convs = [([cfg.prompt], "prompt")] if cfg.prompt is not None else common.read_prompt_file(cfg.prompt_file)
     target, tokenizer, draft = load(cfg)
     stop = set(tokenizer.stop_ids)
     modes = (cfg.mode, "ar") if cfg.compare and cfg.mode != "ar" else (cfg.mode,)
     if len(modes) > 1 or cfg.cuda_graph or cfg.compile:  # capture and compile out of the timings
-        warm_up(target, draft, prompt_ids(tokenizer, cfg, convs[0][0][:1], []), cfg, modes)
+        bench.warm_up(target, draft, tokenizer.conversation(convs[0][0][:1], [], cfg.system, cfg.template == "raw"),
+                      cfg, modes)
     for turns, _ in convs:
-        for i, res in converse(target, draft, tokenizer, cfg, turns, modes, stop, stream=not cfg.json):
+        for i, res in bench.converse(target, draft, tokenizer, cfg, turns, modes, stop, stream=not cfg.json):
             r = res[cfg.mode]
             row = dict(prompt=turns[i], turn=i + 1, tokens=r.tokens, text=answer_text(tokenizer, r.tokens, stop),
                        new_tokens=len(r.tokens), seconds=round(r.seconds, 4), mode=cfg.mode,
                        tokens_per_s=round(len(r.tokens) / r.seconds, 2), tau=round(r.tau, 3),
                        target_forwards=r.target_forwards, accepted_lengths=r.accepted_lengths)
             if not cfg.json:
-                print(f"\n[{cfg.mode}] {summary(r)}")
+                print(f"\n[{cfg.mode}] {bench.summary(r)}")
             if len(modes) > 1:  # --compare: plain decoding on the same conversation
                 b = res["ar"]
                 speedup = (len(r.tokens) / r.seconds) / (len(b.tokens) / b.seconds)
                 row.update(plain_seconds=round(b.seconds, 4), plain_tokens=len(b.tokens), speedup=round(speedup, 3),
                            identical=b.tokens == r.tokens)
                 if not cfg.json:
-                    print(f"[ar] {summary(b)}; speedup {speedup:.2f}x; identical to plain decoding: "
+                    print(f"[ar] {bench.summary(b)}; speedup {speedup:.2f}x; identical to plain decoding: "
                           f"{'yes' if b.tokens == r.tokens else 'no'}" + (" (sampling)" if cfg.temperature else ""))
             if cfg.json:
                 print(json.dumps(row), flush=True)

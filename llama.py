@@ -118,6 +118,14 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def any_length():
+    """A context for eager forwards of any length (prefills): SDPA without cuDNN's backend, which pays a first-call
+    cost at every new shape (0.1 to 0.9 s per new prompt length on an H100, results/README.md), so that a prompt of
+    a new length costs what its arithmetic does. Captured steps have one shape per width: they keep it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def attention(q, k, v, mask):
     """SDPA of q (B, H, T, D) over k, v (B, Hkv, S, D) with an explicit mask (B|1, 1, T, S), for grouped-query
     attention (g = H / Hkv query heads share a kv head) without copying K/V g times. On CUDA, SDPA takes the
@@ -257,28 +265,37 @@ class Graphed:
     eagerly. on=True: the first call warms fn up and captures it in a CUDA graph; each call copies its inputs into
     the static buffers the graph reads, replays it and returns the static outputs, which the next replay (of any
     graph sharing the pool) overwrites: read them before the next call. The warm-up repeats fn's cache writes with
-    the same inputs: harmless. A mode with CUDA graphs of its own (reduce-overhead) cannot be captured again."""
+    the same inputs: harmless. A mode with CUDA graphs of its own (reduce-overhead) cannot be captured again.
+    width: the index of an input that is the same tensor at every call, arange(W) for a step that attends over the
+    first W cache slots. It is never copied, and torch.compile is asked to keep its length symbolic: the Graphed
+    steps of one fn at every width then share one compiled program (and each has its own graph), unless a kernel
+    needs the width fixed, in which case each width compiles its own (the same numbers, a longer warm-up)."""
 
-    def __init__(self, fn, on, pool=None, compile=False, mode="max-autotune-no-cudagraphs"):
-        self.fn = torch.compile(fn, mode=mode, dynamic=False) if compile else fn
+    def __init__(self, fn, on, pool=None, compile=False, mode="max-autotune-no-cudagraphs", width=None):
+        self.fn = torch.compile(fn, mode=mode, dynamic=None if width is not None else False) if compile else fn
         self.on, self.pool, self.graph, self.mode, self.compile_s = on, pool, None, mode if compile else None, None
+        self.width = width
 
     def run(self, *inputs):  # self.fn, timing the first call when that call compiles it
         if self.mode is None or self.compile_s is not None:
             return self.fn(*inputs)
+        if self.width is not None:  # (maybe: where a kernel needs the width fixed, it recompiles per width instead)
+            torch._dynamo.maybe_mark_dynamic(inputs[self.width], 0)
         t0 = time.perf_counter()
         out = self.fn(*inputs)
         if self.on:
             torch.cuda.synchronize()
         self.compile_s = time.perf_counter() - t0
-        print(f"torch.compile (mode {self.mode}): first call {self.compile_s:.1f} s", file=sys.stderr, flush=True)
+        if self.compile_s > 1:  # (a width after the first finds the program compiled)
+            print(f"torch.compile (mode {self.mode}): first call {self.compile_s:.1f} s", file=sys.stderr, flush=True)
         return out
 
     def __call__(self, *inputs):
         if not self.on:
             return self.run(*inputs)
         if self.graph is None:
-            self.inputs = [x.clone() for x in inputs]  # static input buffers: the graph reads these addresses
+            # static input buffers: the graph reads these addresses
+            self.inputs = [x if i == self.width else x.clone() for i, x in enumerate(inputs)]
             side = torch.cuda.Stream()  # warm up off the current stream (what torch.cuda.graph expects), so lazy
             side.wait_stream(torch.cuda.current_stream())  # inits (cuBLAS workspaces, ...) are not captured
             with torch.cuda.stream(side):
@@ -290,8 +307,9 @@ class Graphed:
             # share one memory pool for their intermediates instead of holding one each
             with torch.cuda.graph(self.graph, pool=self.pool):
                 self.outputs = self.fn(*self.inputs)
-        for buf, x in zip(self.inputs, inputs):
-            buf.copy_(x)
+        for i, (buf, x) in enumerate(zip(self.inputs, inputs)):
+            if i != self.width:
+                buf.copy_(x)
         self.graph.replay()
         return self.outputs
 

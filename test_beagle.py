@@ -43,7 +43,8 @@ import decode
 import llama
 import train
 from beagle import Beagle, DraftArgs, block_mask, load_draft, save_draft, simulation_mask, window_positions
-from decode import DecodeConfig, DraftCache, generate_ar, generate_spec
+from beagle import DraftCache
+from decode import DecodeConfig, generate_ar, generate_spec
 from common import BeagleError
 from llama import Graphed, KVCache, ModelArgs, Transformer
 
@@ -2063,10 +2064,10 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
         assert data.generate(model, prompts, 40, stop, temperature=0.0, batch=batch, cache_len=100) == want
     store = model.generate_static
     assert (2, 112) in store and (8, 112) in store  # cache_len 100 (> 30 + 40) rounded up to 2 * WIDTH_STEP
-    steps = store[2, 112, (0.0, 1.0, 0)]
+    steps = store[2, 112, (0.0, 1.0, 0), None]
     before = {w: id(s) for w, s in steps.items()}
     assert data.generate(model, prompts[::-1], 40, stop, temperature=0.0, batch=2, cache_len=100) == want[::-1]
-    assert {w: id(s) for w, s in store[2, 112, (0.0, 1.0, 0)].items()} == before  # no new engine: reused
+    assert {w: id(s) for w, s in store[2, 112, (0.0, 1.0, 0), None].items()} == before  # no new engine: reused
     # one token, and a cap of 1 (the prefill's token only)
     assert data.generate(model, prompts[:1], 1, set(), temperature=0.0) == [(free[0][0][:1], False)]
     with pytest.raises(BeagleError, match="empty prompt"):
@@ -2218,7 +2219,7 @@ def test_selfgen_engine_cuda_graphs_replay_the_eager_steps(monkeypatch):
                                      torch.Generator(device="cuda").manual_seed(seed), batch=32, cache_len=64,
                                      graph=graph)
                        for temperature in (0.0, 0.8) for seed in (0, 1, 0)]
-        steps = [s for k, v in model.generate_static.items() if len(k) == 3 for s in v.values()]
+        steps = [s for k, v in model.generate_static.items() if k != "pool" and len(k) == 4 for s, _ in v.values()]
         assert any(s.graph is not None for s in steps) == graph
     assert runs[True] == runs[False] and runs[True][3] == runs[True][5] != runs[True][4]
 
@@ -2363,7 +2364,7 @@ def test_decode_draft_tree_equals_reference(tiny, depth, top_k, keep):
         dcache = DraftCache(draft, n + 100)
         dcache.write(0, *draft.kv(h[:, :n], torch.arange(n)))
         dcache.write(n, torch.randn_like(dcache.k[:, :, :50]), torch.randn_like(dcache.v[:, :, :50]))  # stale junk
-        tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, torch.tensor([n]), x[0, n:n + 1], depth,
+        tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, torch.arange(dcache.k.shape[2]), torch.tensor([n]), x[0, n:n + 1], depth,
                                                      top_k, keep)
         want = decode_ref_tree(target, draft, h, n, x[0, n].item(), depth, top_k, keep)
     assert (tokens.tolist(), parent.tolist(), dep.tolist()) == want
@@ -2390,11 +2391,11 @@ def test_decode_tree_selection_keeps_parents_on_ties():
         dcache = DraftCache(draft, 64)
         dcache.write(0, *draft.kv(torch.randn(1, 4, 64), torch.arange(4)))
         for keep in (1, 5, 9, 20):
-            tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, torch.tensor([4]), torch.tensor([2]), 3,
+            tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, torch.arange(dcache.k.shape[2]), torch.tensor([4]), torch.tensor([2]), 3,
                                                          3, keep)
             assert all(p < i for i, p in enumerate(parent.tolist()) if i)  # parents kept and listed first
             assert dep.tolist() == sorted(dep.tolist())  # uniform: shallower nodes always score higher
-            again = decode.draft_tree(target, draft, dcache, torch.tensor([4]), torch.tensor([2]), 3, 3, keep)
+            again = decode.draft_tree(target, draft, dcache, torch.arange(dcache.k.shape[2]), torch.tensor([4]), torch.tensor([2]), 3, 3, keep)
             assert torch.equal(tokens, again[0]) and torch.equal(parent, again[1])
 
 
@@ -2420,7 +2421,7 @@ def test_decode_verification_logits_and_kv_compaction(tiny, monkeypatch):
         root = logits[0, -1].argmax()
         moved = 0
         for _ in range(8):
-            found, _, _ = decode.iterate(target, draft, cache, dcache, cfg, torch.tensor([n]), root.view(1))
+            found, _, _ = decode.iterate(target, draft, cache, dcache, cfg, torch.arange(cache.max_len), torch.tensor([n]), root.view(1))
             m, *found = found.tolist()
             new = found[:m] + found[-1:]
             tokens, positions, mask, vlogits = calls[-1]
@@ -2644,7 +2645,7 @@ def test_decode_real_cli(real, tmp_path, monkeypatch, capsys):
 
 
 def test_decode_mtbench_questions():
-    convs = decode.read_jsonl_or_lines(bench.mtbench_path())
+    convs = common.read_prompt_file(bench.mtbench_path())
     assert len(convs) == 80 and all(len(turns) == 2 for turns, _ in convs)
     assert len({category for _, category in convs}) == 8
     for limit in (8, 20):  # --bench-limit: a subset with every category, equally often
@@ -2654,13 +2655,13 @@ def test_decode_mtbench_questions():
 
 def test_decode_prompt_file_formats(tmp_path):
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond {not json}\n")
-    assert decode.read_prompts(DecodeConfig(prompt_file=str(tmp_path / "p.txt"))) == [
+    assert common.read_prompt_file(str(tmp_path / "p.txt")) == [
         (["first prompt"], "prompt"), (["second {not json}"], "prompt")]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(BeagleError, match="bad.jsonl:2"):
-        decode.read_prompts(DecodeConfig(prompt_file=str(tmp_path / "bad.jsonl")))
+        common.read_prompt_file(str(tmp_path / "bad.jsonl"))
     with pytest.raises(BeagleError, match="cannot read"):
-        decode.read_prompts(DecodeConfig(prompt_file=str(tmp_path / "missing.jsonl")))
+        common.read_prompt_file(str(tmp_path / "missing.jsonl"))
 
 
 def test_decode_streamer_holds_back_partial_characters(capsys):
@@ -2669,7 +2670,7 @@ def test_decode_streamer_holds_back_partial_characters(capsys):
             return bytes(ids).decode("utf-8", errors="replace")
     text = "héllo wörld\nsecond line 😀 ok\n"
     ids = list(text.encode()) + [300]
-    stream = decode.Streamer(Bytes(), {300})
+    stream = convert.Streamer(Bytes(), {300})
     for i in range(1, len(ids) + 1):
         stream(ids[:i])
     out = capsys.readouterr().out
@@ -2678,11 +2679,10 @@ def test_decode_streamer_holds_back_partial_characters(capsys):
 
 def test_decode_real_prompt_ids(real):
     _, tok = real
-    cfg = DecodeConfig(system="You are terse.")
-    ids = decode.prompt_ids(tok, cfg, ["Hi", "Again"], ["Hello!"])
+    ids = tok.conversation(["Hi", "Again"], ["Hello!"], system="You are terse.")
     assert ids == tok.chat([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
                             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again"}])
-    assert decode.prompt_ids(tok, DecodeConfig(template="raw"), ["Hi"], []) == tok.encode("Hi")
+    assert tok.conversation(["Hi"], [], raw=True) == tok.encode("Hi")
 
 
 # -----------------------------------------------------------------------------
@@ -2748,7 +2748,7 @@ def test_decode_head_is_part_of_the_step(tiny, monkeypatch):
         proposed[n] = {t for c in fwd[1:] for t in c[0][0, 1:].tolist()}  # the verified draft tokens
     assert proposed[16] <= set(draft.vocab[:16].tolist()) and proposed[8] <= set(draft.vocab[:8].tolist())
     assert not proposed[0] <= set(draft.vocab[:16].tolist())  # the whole head proposes other tokens
-    keys = [k for k in target.decode_static if k[1] is not None and k[1][0] is draft]
+    keys = [k for k in target.decode_static if k[1] is draft]
     assert len(keys) == 3  # full, 16, 8 (the full head again: the first step, which read the target's head)
     with pytest.raises(BeagleError, match="--top-k 10 must be in \\[1, 5\\]"):
         draft.set_vocab(target, 5)
@@ -2775,10 +2775,10 @@ def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
     monkeypatch.setattr(Graphed, "__call__", counting_call)
     for temperature in (0.0, 0.9):
         cfg = decode_cfg(mode="tree", depth=3, top_k=2, tree_tokens=4, temperature=temperature, max_len=200,
-                         seed=int(temperature > 0))
-        target.__dict__.pop("decode_static", None)
-        decode.warm_up(target, draft, prompts[0], cfg, ("ar", "tree", "chain"))
-        assert len(made) == len(first) == 3  # plain, tree and chain steps, each called
+                         seed=int(temperature > 0), cuda_graph=True)  # (on the CPU: every width made ahead)
+        target.__dict__.pop("decode_static", None), target.__dict__.pop("generate_static", None)
+        bench.warm_up(target, draft, prompts[0], cfg, ("ar", "tree", "chain"))
+        assert len(made) == len(first) == 6  # plain, tree and chain steps at widths 128 and 200 (or 256), each called
         made.clear(), first.clear()
         for prompt in prompts[:3]:
             for mode in ("ar", "tree", "chain"):
@@ -2789,22 +2789,28 @@ def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
         decode.run(target, draft, list(range(190)), cfg, set(), mode="ar")
 
 
-def test_decode_slow_compiled_step_equals_eager(capsys):
-    """torch.compile (inductor, on the CPU here) of a speculative iteration: the same tokens as the eager step, and
-    one line on stderr with the time of the first compile. (A one-layer target: compiling takes a minute or two.)"""
+def test_decode_slow_compiled_step_equals_eager(capsys, monkeypatch):
+    """torch.compile (inductor, on the CPU here) of a speculative iteration and of a plain step: the same tokens as
+    the eager steps, over answers that cross several attention widths, and one compile per step (one line on stderr
+    each with the time of the first compile): the width is symbolic, so no width compiles again. (A one-layer
+    target: compiling takes a minute.)"""
+    monkeypatch.setattr(decode, "WIDTH", 16)
+    monkeypatch.setattr(data, "WIDTH_STEP", 16)
     torch.manual_seed(0)
     target = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, hidden_dim=64,
-                                   max_seq_len=64)).eval()
+                                   max_seq_len=96)).eval()
     draft = Beagle(DraftArgs.from_target(target.args)).eval()
     runs = []
     for compile in (False, True):
-        cfg = DecodeConfig(mode="chain", depth=2, max_new_tokens=12, compile=compile, compile_mode="default")
-        runs.append(generate_spec(target, draft, [1, 2, 3], cfg, set()))
-        runs.append(generate_spec(target, draft, [4, 5, 6, 7, 8], cfg, set()))  # replays what was compiled
-    assert [r.tokens for r in runs[:2]] == [r.tokens for r in runs[2:]]
-    assert [r.accepted_lengths for r in runs[:2]] == [r.accepted_lengths for r in runs[2:]]
+        cfg = DecodeConfig(mode="chain", depth=2, max_new_tokens=40, compile=compile, compile_mode="default")
+        for prompt in ([1, 2, 3], [4, 5, 6, 7, 8]):  # the second replays what was compiled
+            r = generate_spec(target, draft, prompt, cfg, set())
+            runs.append((r.tokens, r.accepted_lengths, generate_ar(target, prompt, cfg, set()).tokens))
+    assert runs[:2] == runs[2:] and len(runs[0][0]) == 40  # widths 16 .. 64
     err = capsys.readouterr().err.splitlines()
-    assert len([line for line in err if line.startswith("torch.compile (mode default): first call")]) == 1
+    assert len([line for line in err if line.startswith("torch.compile (mode default): first call")]) == 2
+
+
 # -----------------------------------------------------------------------------
 # the CPU's defaults, chosen for the machine's measured costs (calibrate.py)
 
@@ -2943,11 +2949,11 @@ def test_graph_static_equals_dynamic_tiny(tiny):
             if temperature == 0:  # and speculative greedy still equals plain greedy
                 assert all(tokens == runs[True][0] for tokens, _ in runs[True][1:])
     assert 0 in accepted and max(accepted) >= 3  # rejections and deep acceptances (KV moves) happened
-    # one static bundle per setting (tree, draft, sampling), reused across answers: one cache size (the context),
-    # whatever the prompt; --cuda-graph changes nothing on the CPU
+    # one static bundle per speculative setting (tree, draft, sampling), reused across answers: one cache size (the
+    # context), whatever the prompt; --cuda-graph changes nothing on the CPU (plain decoding: data.py's engine)
     store = target.decode_static
     assert {key[0] for key in store} == {target.args.max_seq_len}
-    assert len(store) == 2 + 2 * len(GRAPH_SETTINGS)
+    assert len(store) == 2 * len(GRAPH_SETTINGS)
 
 
 def graph_calls(monkeypatch, obj, name):
@@ -2961,15 +2967,19 @@ def graph_calls(monkeypatch, obj, name):
     return calls
 
 
-def test_graph_step_shapes_do_not_depend_on_n(tiny, monkeypatch):
-    """Every tensor a static step hands to the target and the draft has the same shape at every prefix length."""
+def test_graph_step_shapes_depend_on_the_width_only(tiny, monkeypatch):
+    """Every tensor a step hands to the target and the draft has one shape per attention width, whatever the prefix
+    length; each step takes the narrowest width (a multiple of WIDTH) that holds the prefix and one tree."""
     target, prompts, _, draft = tiny
+    monkeypatch.setattr(decode, "WIDTH", 16)
+    monkeypatch.setattr(data, "WIDTH_STEP", 16)
+    target.__dict__.pop("decode_static", None), target.__dict__.pop("generate_static", None)
     spies = [graph_calls(monkeypatch, target, "forward"), graph_calls(monkeypatch, draft, "attend"),
              graph_calls(monkeypatch, draft, "kv")]
-    shapes = lambda calls: {tuple(tuple(a.shape) if torch.is_tensor(a) else a for a in c) for c in calls}
-    for mode in ("ar", "tree"):
+    shape = lambda c: tuple(tuple(a.shape) if torch.is_tensor(a) else a for a in c)
+    for mode, extra in (("ar", 1), ("tree", 6)):  # (tree 3 / 2 / 5: root + 5 nodes verified, 5 draft queries)
         cfg = DecodeConfig(mode=mode, depth=3, top_k=2, tree_tokens=5, max_new_tokens=30, cuda_graph=True)
-        seen, ns = [], set()
+        by_width, ns = {}, set()
         for prompt in prompts[1:]:
             for calls in spies:
                 calls.clear()
@@ -2977,13 +2987,16 @@ def test_graph_step_shapes_do_not_depend_on_n(tiny, monkeypatch):
                                                                                           set()))
             fwd, att, kv = spies
             assert len(r.tokens) == 30 and fwd[0][0].shape[1] == len(prompt)  # the first forward is the prefill
-            seen.append((shapes(fwd[1:]), shapes(att), shapes(kv[1:])))  # (kv[0]: the prefill's states)
             acc = r.accepted_lengths or [0] * (len(r.tokens) - 1)  # plain: one token per step
-            ns |= {len(prompt) + sum(acc[:i]) + i for i in range(len(acc))}  # the prefix length at each step
-        assert len(ns) > 20  # many prefix lengths...
-        assert seen[0] == seen[1] == seen[2] and len(seen[0][0]) == 1  # ...one set of shapes, one target shape
-        if mode == "tree":  # the draft's root step and later steps; its K/V: lazy appends of 1 and k, the commit
-            assert len(seen[0][1]) == 2 and len(seen[0][2]) == 3
+            n = [len(prompt) + sum(acc[:i]) + i for i in range(len(acc))]  # the prefix length at each step
+            ns |= set(n)
+            per_step = len(att) // len(n) if mode == "tree" else 0  # draft attends per iteration: its depth
+            for i, call in enumerate(fwd[1:]):
+                W = call[3].shape[-1]  # the mask's width
+                assert W % 16 == 0 and n[i] + extra <= W < n[i] + extra + 16  # the narrowest that holds it
+                shapes = {shape(call), *(shape(c) for c in att[i * per_step:(i + 1) * per_step])}
+                assert by_width.setdefault(W, shapes) == shapes  # one set of shapes per width
+        assert len(ns) > 20 and len(by_width) >= 3  # many prefix lengths, several widths
 
 
 def test_graph_steps_never_read_back_to_the_host(tiny, steps_fail_on_host_reads):
@@ -3002,31 +3015,37 @@ def test_graph_steps_never_read_back_to_the_host(tiny, steps_fail_on_host_reads)
             assert len(steps) == (len(r.tokens) - 1 if mode == "ar" else len(r.accepted_lengths)) > 3
 
 
-def test_graph_masks_span_the_cache(tiny, monkeypatch):
-    """The tree mask over the whole cache, built from n on the device: the prefix, then the tree block, then
-    nothing; the verification forward of an iteration reads exactly that mask over all L slots."""
+def test_graph_masks_span_the_width(tiny, monkeypatch):
+    """The tree mask over the first W cache slots, built from n on the device: the prefix, then the tree block, then
+    nothing; the verification forward of an iteration reads exactly that mask, and neither model reads a slot >= W
+    (garbage planted there changes nothing)."""
     target, prompts, _, draft = tiny
     anc = torch.rand(6, 6) < 0.5
     for n in (1, 7):
         want = torch.cat([torch.ones(6, n, dtype=torch.bool), anc], 1)
-        full = decode.tree_mask(anc, torch.tensor([n]), 40)
+        full = decode.tree_mask(anc, torch.tensor([n]), torch.arange(40))
         assert full.shape == (6, 40) and torch.equal(full[:, :n + 6], want) and not full[:, n + 6:].any()
     x = torch.tensor([prompts[2] + [3, 4, 5]])
     n, L = x.shape[1] - 1, 64
+    W = n + 14  # the tree's 14 slots (1 + 10 nodes, 1 + 3 x 3 draft queries) fit, nothing more
     fwd = graph_calls(monkeypatch, target, "forward")
     cache, dcache = KVCache(target.args, 1, L), DraftCache(draft, L)
     cfg = DecodeConfig(depth=4, top_k=3, tree_tokens=10)
     with torch.no_grad():
         _, h = target.forward(x[:, :n], torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
         dcache.write(0, *draft.kv(h, torch.arange(n)))
-        dcache.write(n, torch.randn(1, draft.n_kv_heads, 30, draft.head_dim), torch.randn(1, draft.n_kv_heads,
-                                                                                        30, draft.head_dim))
-        tree = decode.draft_tree(target, draft, dcache, torch.tensor([n]), x[0, n:n + 1], 4, 3, 10)
-        decode.iterate(target, draft, cache, dcache, cfg, torch.tensor([n]), x[0, n:n + 1])
+        junk = lambda S: torch.randn(1, draft.n_kv_heads, S, draft.head_dim)
+        dcache.write(n, junk(L - n), junk(L - n))  # stale scratch slots, and garbage beyond W
+        cache.kv[:, :, :, W:] = float("nan")
+        tree = decode.draft_tree(target, draft, dcache, torch.arange(W), torch.tensor([n]), x[0, n:n + 1], 4, 3, 10)
+        dcache.write(W, junk(L - W).fill_(float("nan")), junk(L - W).fill_(float("nan")))
+        found, _, _ = decode.iterate(target, draft, cache, dcache, cfg, torch.arange(W), torch.tensor([n]),
+                                     x[0, n:n + 1])
     mask, T = fwd[-1][3], tree[0].shape[0]
     assert torch.equal(fwd[-1][0], tree[0][None])  # the same tree (the stale scratch slots were not read)
-    assert mask.shape == (T, L) and torch.equal(mask, torch.cat([torch.ones(T, n, dtype=torch.bool), tree[3],
-                                                                 torch.zeros(T, L - n - T, dtype=torch.bool)], 1))
+    assert not torch.isnan(fwd[-1][0].float()).any() and found.min() >= 0
+    assert mask.shape == (T, W) and torch.equal(mask, torch.cat([torch.ones(T, n, dtype=torch.bool), tree[3],
+                                                                 torch.zeros(T, W - n - T, dtype=torch.bool)], 1))
 
 
 def test_graph_graphed_helper_bookkeeping(monkeypatch):
@@ -3077,8 +3096,8 @@ def test_graph_graphed_helper_bookkeeping(monkeypatch):
 class GraphEager(Graphed):
     """The steps run eagerly, with CUDA's sync debug mode raising on any device->host synchronisation."""
 
-    def __init__(self, fn, on, pool=None, compile=False, mode=None):
-        super().__init__(fn, False, pool)
+    def __init__(self, fn, on, pool=None, compile=False, mode=None, width=None):
+        super().__init__(fn, False, pool, width=width)
 
     def __call__(self, *inputs):
         torch.cuda.set_sync_debug_mode("error")
@@ -3102,6 +3121,7 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
         with monkeypatch.context() as m:
             if name == "eager":
                 m.setattr(decode, "Graphed", GraphEager)
+                m.setattr(llama, "Graphed", GraphEager)  # (plain decoding: data.py's engine)
             runs[name] = []
             for prompt in prompts:
                 for temperature in (0.0, 0.8):
@@ -3112,9 +3132,12 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
                         s = dataclasses.replace(c, mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens)
                         runs[name].append(generate_spec(target, draft, prompt, s, set(), gen()).tokens)
         store = target.__dict__.pop("decode_static", {})  # fresh caches and graphs for the next variant
-        steps = [v[2] for k, v in store.items() if k != "pool"]
-        assert len(steps) == 6  # plain, chain, tree, each greedy and sampled: reused across the prompts
-        assert all((s.graph is not None) == (name != "eager") for s in steps)
+        plain = target.__dict__.pop("generate_static", {})
+        # plain, chain, tree, each greedy and sampled: reused across the prompts
+        steps = {k: v[3] for k, v in store.items() if k != "pool"} | {k: v for k, v in plain.items() if k != "pool"
+                                                                          and len(k) == 4}
+        assert len(steps) == 6
+        assert any(s.graph is not None for v in steps.values() for s, _ in v.values()) == (name != "eager")
     assert runs["graphs"] == runs["eager"] == runs["compiled graphs"]
 
 

@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import common
 import data
 from beagle import DRAFTS, Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
     simulation_mask, window_positions, window_start
@@ -391,11 +392,9 @@ def check_config(cfg):
         raise BeagleError("--resume continues the run in --out; drop --init")
     if cfg.resume and cfg.overwrite:
         raise BeagleError("--resume continues the run in --out, --overwrite replaces it: give one")
-    for name, low in (("batch_size", 1), ("batch_tokens", 0), ("loss_chunk", 1), ("epochs", 1), ("max_steps", 0),
-                      ("warmup", 0), ("eval_interval", 1), ("eval_min", 0), ("eval_max_batches", 1),
-                      ("log_interval", 1), ("max_len", 2), ("tau_interval", 0), ("tau_prompts", 1)):
-        if getattr(cfg, name) < low:
-            raise BeagleError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    common.check_at_least(cfg, dict(batch_size=1, batch_tokens=0, loss_chunk=1, epochs=1, max_steps=0, warmup=0,
+                                    eval_interval=1, eval_min=0, eval_max_batches=1, log_interval=1, max_len=2,
+                                    tau_interval=0, tau_prompts=1))
     for name in ("lr", "grad_clip", "noise", "vloss_weight", "weight_decay", "save_minutes", "eval_frac"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0 or (name == "eval_frac" and value >= 1):

@@ -6,9 +6,9 @@ number of GPU kernels one eager plain forward launches.
     python results/step_time.py                      # the default target and draft, bf16, graphed steps
     python results/step_time.py --compile true       # the same steps compiled by torch.compile before capture
 
-The prefix is 200 tokens of a real prompt; every replay repeats the same step at the same position (the caches
-are rewritten in place), which is what a decode step costs whatever the position, up to the attention over the
-live slots (every step attends over the whole cache anyway).
+The prefix is a real prompt (about 100 tokens) plus --max-new-tokens (256) more, the middle of a long answer;
+every replay repeats the same step at the same position (the caches are rewritten in place). A step attends over
+the live slots rounded up to a multiple of decode.WIDTH, so its cost grows with the prefix by that much.
 """
 import dataclasses
 import os
@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
 import common  # noqa: E402
+import data  # noqa: E402
 import decode  # noqa: E402
 
 
@@ -41,15 +42,23 @@ def replay_ms(fn, reps=200):
     return start.elapsed_time(end) / reps
 
 
+def plain_step(target, cfg, n):
+    """The plain step (data.py's engine at batch 1, as decode.py uses it) at the width that holds a prefix of n."""
+    shape = data._shape(target, 1, decode.cache_slots(target, cfg), 0.0, 1.0, 0, cfg.cuda_graph)
+    bufs, steps = data._engine(target, *shape, compile=cfg.compile_mode if cfg.compile else None)
+    bufs["base"].fill_(n)
+    step, ar = steps[-(-(n + 1) // data.WIDTH_STEP) * data.WIDTH_STEP]
+    pos = torch.tensor([n], device=cfg.device)
+    return lambda: step(pos, ar)
+
+
 def kernels_per_forward(target, cfg, n):
     from torch.profiler import ProfilerActivity, profile
-    eager = dataclasses.replace(cfg, cuda_graph=False, compile=False)
-    cache, _, step = decode.static_step(target, None, eager, n)
-    tok, pos = torch.tensor([1], device=cfg.device), torch.tensor([n], device=cfg.device)
-    step(tok, pos)
+    step = plain_step(target, dataclasses.replace(cfg, cuda_graph=False, compile=False), n)
+    step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step(tok, pos)
+        step()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
@@ -59,19 +68,19 @@ def main(cfg):
     decode.resolve(cfg)
     target, tokenizer, draft = decode.load(cfg)
     prompt = tokenizer.chat([{"role": "user", "content": "Explain how a refrigerator works, step by step. " * 8}])
-    n = len(prompt)
-    cache, _, plain = decode.static_step(target, None, cfg, n)
-    tok, pos = torch.tensor([prompt[-1]], device=cfg.device), torch.tensor([n], device=cfg.device)
+    n = len(prompt) + cfg.max_new_tokens  # a prefix in the middle of a long answer
     reps = 200 if torch.cuda.is_available() else 5
-    plain_ms = replay_ms(lambda: plain(tok, pos), reps)
+    plain_ms = replay_ms(plain_step(target, cfg, n), reps)
     spec = dataclasses.replace(cfg, mode="tree")
-    _, dcache, it = decode.static_step(target, draft, spec, n)
+    _, _, extra, steps = decode.spec_steps(target, draft, spec, len(prompt))
+    step, ar = decode.width(steps, n, extra)
     nn_, root = torch.tensor([n], device=cfg.device), torch.tensor([prompt[-1]], device=cfg.device)
-    tree_ms = replay_ms(lambda: it(nn_, root), reps)
+    tree_ms = replay_ms(lambda: step(ar, nn_, root), reps)
     k = kernels_per_forward(target, cfg, n) if torch.cuda.is_available() else 0
     print(f"step_time | {bench.hardware(cfg.device)} | {cfg.dtype} | compile {cfg.compile} ({cfg.compile_mode}) | "
-          f"plain step {plain_ms:.3f} ms | tree {cfg.depth}/{cfg.top_k}/{cfg.tree_tokens} iteration {tree_ms:.3f} ms "
-          f"= {tree_ms / plain_ms:.2f} plain steps | {k} kernels per eager plain forward")
+          f"prefix {n}, width {ar.numel()} of {decode.cache_slots(target, cfg)} slots | plain step {plain_ms:.3f} ms "
+          f"| tree {cfg.depth}/{cfg.top_k}/{cfg.tree_tokens} iteration {tree_ms:.3f} ms = {tree_ms / plain_ms:.2f} "
+          f"plain steps | {k} kernels per eager plain forward")
 
 
 if __name__ == "__main__":
