@@ -2435,7 +2435,7 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
                                          "--depth", "2", "--top-k", "2", "--tree-tokens", "3", "--max-new-tokens", "8",
                                          "--json", "--compare", "--cuda-graph", "--device", "cpu"]))
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["turn"] for r in rows] == [1, 2, 1] and all(r["identical"] for r in rows)
+    assert [r["turn"] for r in rows] == [1, 2, 1] and all(r["identical"] for r in rows) and rows[2]["new_tokens"] == 8
     for r in rows:
         assert r["mode"] == "tree" and r["new_tokens"] == len(r["tokens"]) <= 8
         assert r["target_forwards"] == 1 + len(r["accepted_lengths"]) and r["tau"] >= 1
@@ -2953,14 +2953,12 @@ MISUSE = [  # (script, argv, what the one line says)
     ("decode.py", "--bench b.jsonl --bench-out a_file", "--bench-out a_file is a file; give a directory"),
     ("decode.py", "--bench b.jsonl --bench-out a_file/x", "--bench-out a_file/x: a_file is a file, not a directory"),
     ("decode.py", "--bench b.jsonl --bench-out taken", "--bench-out taken/bench.json is a directory"),
-    ("data.py", "--n 0", "--n must be >= 1, got 0"),
-    ("data.py", "--batch-size 0", "--batch-size must be >= 1, got 0"),
+    ("data.py", "--n 0", "--n must be >= 1, got 0"), ("data.py", "--batch-size 0", "--batch-size must be >= 1, got 0"),
     ("data.py", "--turns -1", "--turns must be >= 1"),
     ("data.py", "--max-reply-tokens 0", "--max-reply-tokens must be >= 1"),
     ("data.py", "--user-temperature nan", "--user-temperature must be a finite number >= 0"),
     ("data.py", "--reply-temperature -0.5", "--reply-temperature must be a finite number >= 0"),
-    ("data.py", "--top-p 1.5", "--top-p must be in (0, 1], got 1.5"),
-    ("data.py", "--top-k -1", "--top-k must be >= 0"),
+    ("data.py", "--top-p 1.5", "--top-p must be in (0, 1], got 1.5"), ("data.py", "--top-k -1", "--top-k must be >= 0"),
     ("data.py", "--seed 5000000000", "--seed must be in [0, 2^32)"),
     ("data.py", "--out taken", "--out taken is a directory; give a file name"),
     ("data.py", "--out a_file/x.jsonl", "--out a_file/x.jsonl: a_file is a file, not a directory"),
