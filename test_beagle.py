@@ -583,9 +583,9 @@ def test_llama_sentencepiece_tokenizer_matches_transformers(llama_sp_model, lega
     (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}\n{% endfor %}")
     assert convert.Tokenizer(tmp_path, template=str(tmp_path / "t.jinja")).render(msgs[:1]) == '[user] "hi"\n'
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}"
-    raises([(("llama9", msgs), "unknown chat template 'llama9'"), ((strict, msgs[1:]), "chat template: roles must "
-            "alternate"), (("{% for %}", msgs), "chat template: ")],
-           lambda template, m: convert.Tokenizer(tmp_path, template=template).render(m))
+    raises([(("llama9", msgs), "unknown chat template 'llama9'"),
+            ((strict, msgs[1:]), "chat template: roles must alternate"),
+            (("{% for %}", msgs), "chat template: ")], lambda template, m: convert.Tokenizer(tmp_path, template).render(m))
 
 
 # -----------------------------------------------------------------------------
@@ -943,6 +943,13 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch):
     assert "The Beagle draft: one cross-attention decoder layer" in out
     assert "--draft STR a checkpoint written by train.py (fp32 master weights) (default 'runs/s2/draft.safetensors')" in out
     assert "--vocab-data STR|none (re)compute the token ranking" in out  # a comment above its field
+    assert common.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
+    assert common.cli(DecodeConfig, ["--cuda-graph", "false"]).cuda_graph is False
+    cfg = common.cli(DecodeConfig, ["--device", "cpu"])
+    assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
+    decode.resolve(cfg)
+    assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
+    assert common.cli(DecodeConfig, ["--compile", "--compile-mode", "default"]).compile is True
 
 
 def test_llama_import_is_the_model_alone():
@@ -1190,14 +1197,6 @@ def test_train_stage1_and_stage2_overfit_one_batch():
     assert sum(l2[-5:]) < 0.9 * sum(l2[:5]), l2
 
 
-def test_train_labels_shift_padding_and_unseen():
-    loss_mask = torch.tensor([[False, False, True, True, True, False]])
-    valid = torch.tensor([[True, True, True, True, True, False]])
-    lab = train.label_positions(loss_mask, valid, 3, 1)  # position 0 sees no key
-    # position i is trained when token i+1 is a label: i = 1, 2, 3; i = 4 predicts padding
-    assert lab.tolist() == [[False, True, True, True, False, False]]
-
-
 def train_cfg(tmp_path, out, **kw):
     base = dict(data=train_write_data(tmp_path / "chat.jsonl"), out=str(tmp_path / out), window=3, sim_steps=2,
                 epochs=5, batch_size=4, lr=3e-3, warmup=2, eval_interval=3, eval_frac=0.2, log_interval=2,
@@ -1368,7 +1367,12 @@ def test_train_draft_loss_by_hand():
     assert torch.allclose(hat.grad[0], torch.tensor([[0.0, 0.0], [-2 / 15, 1 / 15]]), atol=1e-6)
 
 
-def test_train_loss_plan_coefficients():
+def test_train_labels_loss_plan_and_chain_tau():
+    loss_mask = torch.tensor([[False, False, True, True, True, False]])
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    lab = train.label_positions(loss_mask, valid, 3, 1)  # position 0 sees no key
+    # position i is trained when token i+1 is a label: i = 1, 2, 3; i = 4 predicts padding
+    assert lab.tolist() == [[False, True, True, True, False, False]]
     loss_mask = torch.ones(2, 9, dtype=torch.bool)
     valid = torch.ones(2, 9, dtype=torch.bool)
     valid[1, 5:] = False
@@ -1381,6 +1385,14 @@ def test_train_loss_plan_coefficients():
     assert math.isclose(c1, 3 / (5 * 3)) and math.isclose(c2, 2 / (5 * 2))  # beta 3, 2 over their sum
     (q, r, p, c), = train.loss_plan(loss_mask, valid, 3, 0, 0, torch.device("cpu"))
     assert q is None and p.tolist() == [3, 4, 5, 6, 7, 9 + 3] and r.tolist() == p.tolist() and c == 1 / 6
+    assert train.chain_tau([1.0, 1.0, 1.0]) == 4.0 and train.chain_tau([0.0, 1.0]) == 1.0
+    acc = [0.9, 0.6, 0.3]
+    # by enumeration: step d is accepted when steps 1..d all agree (independently, with prob a_d)
+    want = 0.0
+    for outcome in itertools.product([0, 1], repeat=3):
+        pr = math.prod(a if o else 1 - a for a, o in zip(acc, outcome))
+        want += pr * (1 + next((d for d, o in enumerate(outcome) if not o), 3))
+    assert math.isclose(train.chain_tau(acc), want)
 
 
 def test_train_step_never_reads_back_to_the_host():
@@ -1432,17 +1444,6 @@ def test_train_stage2_recompute_same_gradients_less_kept():
     assert kept[True, 3] - kept[True, 1] <= inputs < kept[False, 3] - kept[False, 1]
 
 
-def test_train_chain_tau():
-    assert train.chain_tau([1.0, 1.0, 1.0]) == 4.0 and train.chain_tau([0.0, 1.0]) == 1.0
-    acc = [0.9, 0.6, 0.3]
-    # by enumeration: step d is accepted when steps 1..d all agree (independently, with prob a_d)
-    want = 0.0
-    for outcome in itertools.product([0, 1], repeat=3):
-        pr = math.prod(a if o else 1 - a for a, o in zip(acc, outcome))
-        want += pr * (1 + next((d for d, o in enumerate(outcome) if not o), 3))
-    assert math.isclose(train.chain_tau(acc), want)
-
-
 def test_train_batch_tokens_plan():
     rng = random.Random(0)
     lengths = [rng.randint(1, 300) for _ in range(500)] + [1500]  # one longer than the budget: a batch alone
@@ -1475,18 +1476,6 @@ def test_train_token_batches_resume_and_state_cache(tmp_path):
         cached = train.train(train_cfg(tmp_path, f"c{len(cache)}", max_steps=7, state_cache=cache, **kw), target, tok)
         assert_same_weights(full, cached, atol=1e-5)
     assert (tmp_path / "states" / "index.json").exists()
-
-
-def test_train_cached_states_equal_online_states():
-    target = train_target()
-    examples = [([3 + (i * 7 + j) % 250 for j in range(5 + 3 * i)], [True] * (5 + 3 * i)) for i in range(9)]
-    cache = data.StateCache(target, examples, "cpu")
-    assert cache.flat.dtype == target.output.weight.dtype
-    for idx in ([0, 4, 8], [7], [2, 3]):
-        ids, _, valid = data.collate([examples[i] for i in idx])
-        h = cache.batch(idx, ids.shape[1])
-        online = target(ids, last_only=True)[1]
-        assert torch.allclose(h[valid], online[valid], atol=1e-5) and (h[~valid] == 0).all()
 
 
 def test_train_measured_tau_tiny():
@@ -1630,9 +1619,9 @@ def test_data_load_sharegpt_jsonl_and_json(tmp_path, capsys):
         assert [m["role"] for m in convs[1]] == ["user", "assistant", "user", "assistant"]
         # the leading bot greeting and the trailing unanswered question are trimmed
         assert convs[2] == [{"role": "user", "content": "q\u2028\x85q"}, {"role": "assistant", "content": "a"}]
-    raises([((str(tmp_path / "missing.jsonl"),), "not found"), ((_data_write(tmp_path, "b.jsonl", '{"x": 1}\nbroken\n'),),
-             "no usable conversation"), ((_data_write(tmp_path, "c.json", '[{"conversations": '),), "not valid JSON")],
-           data.load_conversations)
+    raises([((str(tmp_path / "missing.jsonl"),), "not found"),
+            ((_data_write(tmp_path, "b.jsonl", '{"x": 1}\nbroken\n'),), "no usable conversation"),
+            ((_data_write(tmp_path, "c.json", '[{"conversations": '),), "not valid JSON")], data.load_conversations)
     assert "skipped 2 empty/malformed" in capsys.readouterr().out
 
 
@@ -1837,6 +1826,16 @@ def test_data_cache_states_roundtrip(tmp_path):
         data.CachedStates(str(tmp_path / "c"), ex[:-1] + [([1, 2, 3], [True] * 3)])
     with pytest.raises(BeagleError, match="no complete state cache"):
         data.CachedStates(str(tmp_path / "nothing"), ex)
+    # the in-memory cache against online states, in the target's dtype
+    target = train_target()
+    examples = [([3 + (i * 7 + j) % 250 for j in range(5 + 3 * i)], [True] * (5 + 3 * i)) for i in range(9)]
+    cache = data.StateCache(target, examples, "cpu")
+    assert cache.flat.dtype == target.output.weight.dtype
+    for idx in ([0, 4, 8], [7], [2, 3]):
+        ids, _, valid = data.collate([examples[i] for i in idx])
+        h = cache.batch(idx, ids.shape[1])
+        online = target(ids, last_only=True)[1]
+        assert torch.allclose(h[valid], online[valid], atol=1e-5) and (h[~valid] == 0).all()
 
 
 # -----------------------------------------------------------------------------
@@ -2886,16 +2885,6 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
         assert len(steps) == 6  # plain, chain, tree, each greedy and sampled: reused across the prompts
         assert all((s.graph is not None) == (name != "eager") for s in steps)
     assert runs["graphs"] == runs["eager"] == runs["compiled graphs"]
-
-
-def test_graph_cli_flag():
-    assert common.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
-    assert common.cli(DecodeConfig, ["--cuda-graph", "false"]).cuda_graph is False
-    cfg = common.cli(DecodeConfig, ["--device", "cpu"])
-    assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
-    decode.resolve(cfg)
-    assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
-    assert common.cli(DecodeConfig, ["--compile", "--compile-mode", "default"]).compile is True
 
 
 
