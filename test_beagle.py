@@ -886,6 +886,9 @@ def test_llama_old_format_draft_gives_the_same_hat_h(tmp_path):
         assert {"wkv.weight", "feed_forward.w13.weight"} <= set(f.keys()) and "wv.weight" not in f.keys()
 
 
+KNOBS = """import dataclasses
+
+
 @dataclasses.dataclass
 class LlamaKnobs:
     max_new_tokens: int = 256  # tokens to generate per prompt
@@ -897,9 +900,18 @@ class LlamaKnobs:
     compile: bool = False  # torch.compile the step (100% optional)
     cuda_graph: bool | None = None  # None: on for cuda
     steps: int | None = 3
+"""
 
 
-def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch):
+def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
+    # the knobs in a small module of their own: common.cli reads the comments from the source, and inspect parses
+    # the whole file a class is in (0.7 s a call in this one)
+    import importlib.util
+    (tmp_path / "knobs.py").write_text(KNOBS)
+    spec = importlib.util.spec_from_file_location("knobs", tmp_path / "knobs.py")
+    monkeypatch.setitem(sys.modules, "knobs", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(sys.modules["knobs"])
+    LlamaKnobs = sys.modules["knobs"].LlamaKnobs
     cli = lambda *argv: common.cli(LlamaKnobs, list(argv))
     assert cli() == LlamaKnobs()
     assert cli("--max-new-tokens", "5", "--temperature=0.7", "--out", "a b") == LlamaKnobs(5, 0.7, "a b")
