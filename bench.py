@@ -1,15 +1,16 @@
 """
-The benchmark of decode.py: plain and speculative decoding interleaved answer by answer on MT-bench (or any
-.jsonl of conversations), per category and overall, written to --bench-out (default runs/bench) as bench.json and
-bench.md.
+The harness decode.py answers with (a conversation turn by turn, the warm-up before any timing), and its benchmark:
+plain and speculative decoding interleaved answer by answer on MT-bench (or any .jsonl of conversations), per
+category and overall, written to --bench-out (default runs/bench) as bench.json and bench.md.
 
     python decode.py --bench mtbench --bench-limit 24 --bench-out runs/bench        # greedy tree, 3 per category
     python decode.py --bench mtbench --temperature 1.0 --bench-out runs/bench/t1    # sampling
     python decode.py --bench questions.jsonl --mode chain --depth 4                 # {"category", "turns"} per line
 
-Honest timings: every step an answer replays is made (captured, compiled) in decode.warm_up before the first
-timed answer (the caches have one size, so no prompt makes a new one), and a timed answer starts after its inputs
-are on the device and ends after a device synchronisation. Beside tokens/s and tau, the report gives the share of
+Honest timings: every step an answer replays, at every attention width, is made (captured, compiled) in warm_up
+before the first timed answer (the caches have one size, so no prompt makes a new one); prefills, whose shape
+follows the prompt, avoid the attention backend that pays a first call per shape (llama.any_length); a timed
+answer starts after its inputs are on the device and ends after a device synchronisation. Beside tokens/s and tau, the report gives the share of
 answers caught in a repetition loop (loops()), and tau without them: a loop is easy to draft, so it inflates tau.
 """
 import dataclasses
