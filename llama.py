@@ -120,8 +120,8 @@ class Linear(nn.Linear):
 
 def any_length():
     """A context for eager forwards of any length (prefills): SDPA without cuDNN's backend, which pays a first-call
-    cost at every new shape (0.1 to 0.9 s per new prompt length on an H100, results/README.md), so that a prompt of
-    a new length costs what its arithmetic does. Captured steps have one shape per width: they keep it."""
+    cost at every new shape (measured per new prompt length: results/README.md), so that a prompt of a new length
+    costs what its arithmetic does. Captured steps have one shape per width: they keep it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
