@@ -397,19 +397,27 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
     with llama.any_length():
         logits, h = target(ids, pos, cache, torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
     draft.commit(dcache, 0, h, target.tok_embeddings(ids[:, 1:]))
-    root, n_dev = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
-    out, accepted, new = [], [], root.tolist()
-    while True:
-        done = finish(out, new, stop_ids, cfg.max_new_tokens)
+    state = [torch.tensor([n], device=dev), pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev))]  # n, root
+
+    def launch(n_max):  # the next iteration, for a prefix of at most n_max; its result is read later (Readback)
+        step, ar = width(steps, n_max, extra)
+        found, *state[:] = step(ar, *state, *noise(gen, cfg, cfg.depth * cfg.top_k + 1, dev))
+        return llama.Readback(found)
+
+    out, accepted, new, ahead = [], [], state[1].tolist(), None
+    while not finish(out, new, stop_ids, cfg.max_new_tokens):
         if on_tokens:
             on_tokens(out)
-        if done:
-            break
-        step, ar = width(steps, n, extra)
-        found, n_dev, root = step(ar, n_dev, root, *noise(gen, cfg, cfg.depth * cfg.top_k + 1, dev))
-        m, *found = found.tolist()  # the one read back per iteration
+        now = ahead or launch(n)
+        # the iteration after this one is launched before this one is read: its prefix is at most n + depth + 1.
+        # (Not when this one may end the answer at max_new_tokens; one ended by a stop token wastes the one ahead.)
+        more = len(out) + cfg.depth + 1 < cfg.max_new_tokens and n + cfg.depth + 1 + extra <= max(steps)
+        ahead = launch(n + cfg.depth + 1) if more else None
+        m, *found = now.tolist()  # the one read back per iteration
         accepted.append(m)
         new, n = found[:m] + found[-1:], n + m + 1
+    if on_tokens:
+        on_tokens(out)
     sync(dev)
     return Result(out, time.perf_counter() - t0, 1 + len(accepted), accepted)
 
