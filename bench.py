@@ -112,7 +112,7 @@ def converse(target, draft, tokenizer, cfg, turns, modes, stop_ids, stream=False
                 print(f"\n>>> {turn}\n")
             streamer = convert.Streamer(tokenizer, stop_ids) if show else None
             results[mode] = decode.run(target, draft, ids, cfg, stop_ids, streamer, mode)
-            answers[mode].append(decode.answer_text(tokenizer, results[mode].tokens, stop_ids))
+            answers[mode].append(tokenizer.decode(results[mode].tokens, stop_ids))
         yield i, results
 
 

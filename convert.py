@@ -144,8 +144,8 @@ class Tokenizer:
             ids += [self.bos_id] + self.hf.encode(part, add_special_tokens=False).ids
         return ids
 
-    def decode(self, ids):
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids, leave_out=()):  # leave_out: ids not to write (an answer's stop tokens)
+        return self.hf.decode([int(i) for i in ids if i not in leave_out], skip_special_tokens=False)
 
     def render(self, messages, add_generation_prompt=True):
         import jinja2
@@ -156,7 +156,6 @@ class Tokenizer:
 
     def chat(self, messages, add_generation_prompt=True):
         return self.encode(self.render(messages, add_generation_prompt))
-
 
     def conversation(self, turns, answers, system=None, raw=False):
         """Token ids of a conversation so far: the user turns with the previous answers, ready for the next answer

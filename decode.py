@@ -392,32 +392,29 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
     cache, dcache, extra, steps = spec_steps(target, draft, cfg, n)
     sync(dev)
     t0 = time.perf_counter()
-    pos = torch.arange(n, device=dev)
-    ids = torch.tensor([prompt], device=dev)
+    ids, pos = torch.tensor([prompt], device=dev), torch.arange(n, device=dev)
     with llama.any_length():
         logits, h = target(ids, pos, cache, torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
     draft.commit(dcache, 0, h, target.tok_embeddings(ids[:, 1:]))
     state = [torch.tensor([n], device=dev), pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev))]  # n, root
 
-    def launch(n_max):  # the next iteration, for a prefix of at most n_max; its result is read later (Readback)
+    def launch(n_max):  # the next iteration, for a prefix of at most n_max; its result is read later
         step, ar = width(steps, n_max, extra)
         found, *state[:] = step(ar, *state, *noise(gen, cfg, cfg.depth * cfg.top_k + 1, dev))
         return llama.Readback(found)
 
-    out, accepted, new, ahead = [], [], state[1].tolist(), None
+    out, accepted, new, ahead, show = [], [], state[1].tolist(), None, on_tokens or (lambda out: None)
     while not finish(out, new, stop_ids, cfg.max_new_tokens):
-        if on_tokens:
-            on_tokens(out)
+        show(out)
         now = ahead or launch(n)
-        # the iteration after this one is launched before this one is read: its prefix is at most n + depth + 1.
-        # (Not when this one may end the answer at max_new_tokens; one ended by a stop token wastes the one ahead.)
+        # the next iteration goes before this one is read, for its prefix's bound n + depth + 1 (not where this one
+        # may reach max_new_tokens; where a stop token ends the answer, it is wasted)
         more = len(out) + cfg.depth + 1 < cfg.max_new_tokens and n + cfg.depth + 1 + extra <= max(steps)
         ahead = launch(n + cfg.depth + 1) if more else None
         m, *found = now.tolist()  # the one read back per iteration
         accepted.append(m)
         new, n = found[:m] + found[-1:], n + m + 1
-    if on_tokens:
-        on_tokens(out)
+    show(out)
     sync(dev)
     return Result(out, time.perf_counter() - t0, 1 + len(accepted), accepted)
 
@@ -435,8 +432,7 @@ AT_LEAST = {  # integer options: the smallest value allowed, and what the smalle
 
 
 def check_config(cfg):
-    """Every option's range, before anything is loaded: a one-line error that names the option and what it allows,
-    not a traceback from deep inside torch (or, worse, silently random tokens at --temperature inf)."""
+    """Every option's range, before anything is loaded: a one-line error that names the option and what it allows."""
     if cfg.mode not in MODES:
         raise BeagleError(f"--mode must be one of {' | '.join(MODES)} (got {cfg.mode!r})")
     common.check_at_least(cfg, AT_LEAST)
@@ -497,10 +493,6 @@ def load(cfg):
     return target, tokenizer, draft
 
 
-def answer_text(tokenizer, tokens, stop_ids):
-    return tokenizer.decode([t for t in tokens if t not in stop_ids])
-
-
 def run(target, draft, prompt, cfg, stop_ids, on_tokens=None, mode=None):
     """One answer in `mode` (default cfg.mode), with a fresh generator seeded by cfg.seed."""
     mode = mode or cfg.mode
@@ -531,7 +523,7 @@ def main(cfg):
     for turns, _ in convs:
         for i, res in bench.converse(target, draft, tokenizer, cfg, turns, modes, stop, stream=not cfg.json):
             r = res[cfg.mode]
-            row = dict(prompt=turns[i], turn=i + 1, tokens=r.tokens, text=answer_text(tokenizer, r.tokens, stop),
+            row = dict(prompt=turns[i], turn=i + 1, tokens=r.tokens, text=tokenizer.decode(r.tokens, stop),
                        new_tokens=len(r.tokens), seconds=round(r.seconds, 4), mode=cfg.mode,
                        tokens_per_s=round(len(r.tokens) / r.seconds, 2), tau=round(r.tau, 3),
                        target_forwards=r.target_forwards, accepted_lengths=r.accepted_lengths)
