@@ -25,7 +25,7 @@ keys/values sit in the draft cache. The bonus token t_n (the target's own choice
 One static path on every device: the caches have one size (--max-len slots) whatever the prompt, the prefix
 length n lives on the device, slots past the prefix are masked out (rejected tokens need no undo), and random
 numbers are drawn before a step and passed in. A step (a plain token: data.py's engine at batch 1; or a whole
-iteration) is a fixed sequence of kernels that reads nothing back to the host; its result is read once after it.
+iteration) is a fixed sequence of kernels that reads nothing back; its result is read once, while the next runs.
 It attends over the first W slots, the prefix and one tree rounded up to a multiple of WIDTH, so it reads few
 dead slots: one step per width, captured once as a CUDA graph on a GPU (llama.Graphed, maybe torch.compile'd
 first, one program for all widths) and replayed; on the CPU the same steps run eagerly. The CPU's tree shape and
