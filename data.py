@@ -519,9 +519,13 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
     bufs["done"][len(prompts):] = True  # dummy rows count as finished: they go at the first shrink
     pos = bufs["base"].clone()  # (1,) on the device, advanced in place: no host-to-device copy per step
     rows_of, finished, row_steps, t = list(range(B)), {}, B, 0  # rows_of[r]: the prompt engine row r holds
-    shown = []  # streaming (batch 1): the new tokens read back so far, one per step
     while t + 1 < max_new:
-        if on_tokens is None and t % CHECK_EVERY == 0:
+        if on_tokens is not None:  # streaming: read each token back (batch 1, so the stop check is exact too)
+            new = bufs["out"][0, :t + 1].tolist()
+            on_tokens(new)
+            if new[-1] in stop_ids:
+                break
+        elif t % CHECK_EVERY == 0:
             live = int((~bufs["done"]).sum())  # the one host read of CHECK_EVERY steps
             if live == 0:
                 break
@@ -544,21 +548,14 @@ def generate(model, prompts, max_new, stop_ids, temperature=1.0, top_p=1.0, top_
                 small["base"].copy_(bufs["base"])
                 small["is_stop"].copy_(bufs["is_stop"])
                 rows_of, bufs, B = [rows_of[r] for r in keep.tolist()], small, B2
-        # streaming reads token t while step t + 1 runs (llama.Readback): a stop token costs one step more
-        seen = llama.Readback(bufs["out"][0, t:t + 1]) if on_tokens is not None else None
         step, ar = steps[-(-(L + t + 1) // WIDTH_STEP) * WIDTH_STEP]  # the width that holds slots 0 .. L + t
         step(pos, ar)
         pos += 1
         t += 1
         row_steps += B
-        if seen is not None:
-            shown += seen.tolist()
-            on_tokens(shown)
-            if shown[-1] in stop_ids:  # (exact: every token is read)
-                break
     else:  # the cap: the last token has not been shown yet
         if on_tokens is not None:
-            on_tokens(shown + bufs["out"][0, t:t + 1].tolist())
+            on_tokens(bufs["out"][0, :t + 1].tolist())
     for r, row in enumerate(bufs["out"][:, :t + 1].tolist()):
         finished[rows_of[r]] = row
     results = []

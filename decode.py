@@ -25,7 +25,7 @@ keys/values sit in the draft cache. The bonus token t_n (the target's own choice
 One static path on every device: the caches have one size (--max-len slots) whatever the prompt, the prefix
 length n lives on the device, slots past the prefix are masked out (rejected tokens need no undo), and random
 numbers are drawn before a step and passed in. A step (a plain token: data.py's engine at batch 1; or a whole
-iteration) is a fixed sequence of kernels that reads nothing back; its result is read once, while the next runs.
+iteration) is a fixed sequence of kernels that reads nothing back to the host; its result is read once after it.
 It attends over the first W slots, the prefix and one tree rounded up to a multiple of WIDTH, so it reads few
 dead slots: one step per width, captured once as a CUDA graph on a GPU (llama.Graphed, maybe torch.compile'd
 first, one program for all widths) and replayed; on the CPU the same steps run eagerly. The CPU's tree shape and
@@ -396,22 +396,13 @@ def generate_spec(target, draft, prompt, cfg, stop_ids, gen=None, on_tokens=None
     with llama.any_length():
         logits, h = target(ids, pos, cache, torch.ones(n, n, dtype=torch.bool, device=dev).tril(), last_only=True)
     draft.commit(dcache, 0, h, target.tok_embeddings(ids[:, 1:]))
-    state = [torch.tensor([n], device=dev), pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev))]  # n, root
-
-    def launch(n_max):  # the next iteration, for a prefix of at most n_max; its result is read later
-        step, ar = width(steps, n_max, extra)
-        found, *state[:] = step(ar, *state, *noise(gen, cfg, cfg.depth * cfg.top_k + 1, dev))
-        return llama.Readback(found)
-
-    out, accepted, new, ahead, show = [], [], state[1].tolist(), None, on_tokens or (lambda out: None)
+    root, n_dev = pick(logits[0, -1:], cfg, *noise(gen, cfg, 1, dev)), torch.tensor([n], device=dev)
+    out, accepted, new, show = [], [], root.tolist(), on_tokens or (lambda out: None)
     while not finish(out, new, stop_ids, cfg.max_new_tokens):
         show(out)
-        now = ahead or launch(n)
-        # the next iteration goes before this one is read, for its prefix's bound n + depth + 1 (not where this one
-        # may reach max_new_tokens; where a stop token ends the answer, it is wasted)
-        more = len(out) + cfg.depth + 1 < cfg.max_new_tokens and n + cfg.depth + 1 + extra <= max(steps)
-        ahead = launch(n + cfg.depth + 1) if more else None
-        m, *found = now.tolist()  # the one read back per iteration
+        step, ar = width(steps, n, extra)
+        found, n_dev, root = step(ar, n_dev, root, *noise(gen, cfg, cfg.depth * cfg.top_k + 1, dev))
+        m, *found = found.tolist()  # the one read back per iteration
         accepted.append(m)
         new, n = found[:m] + found[-1:], n + m + 1
     show(out)

@@ -315,28 +315,6 @@ class Graphed:
         return self.outputs
 
 
-class Readback:
-    """A copy of a small device tensor for the host, queued behind the work launched so far: launch the next step,
-    then read this one (tolist waits for the copy, not for the later step). Decoding reads each step's result this
-    way, so the GPU runs step i + 1 while the host reads step i and launches step i + 2 (a graph's launch costs the
-    host about as much as the GPU's work on a small step). The copy is taken before any later replay can overwrite
-    the tensor (a graph's static outputs)."""
-
-    def __init__(self, x):
-        self.event = None
-        if x.device.type == "cuda":
-            self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = x.clone()
-
-    def tolist(self):
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
-
-
 # -----------------------------------------------------------------------------
 # loading Hugging Face-format directories: config.json + model.safetensors (or shards, or pytorch_model*.bin)
 

@@ -2445,11 +2445,9 @@ def test_graph_widths_and_shapes(tiny, monkeypatch):
             steps = [len(prompt) + sum(acc[:i]) + i for i in range(len(acc))]  # the prefix length at each step
             ns |= set(steps)
             per_step = len(att) // len(steps) if mode == "tree" else 0  # the draft's attends per iteration
-            # an iteration launched before the previous one was read knows its prefix up to depth + 1 tokens
-            known = [steps[0]] + [s + 3 + 1 if mode == "tree" else s + 1 for s in steps[:-1]]
             for i, call in enumerate(fwd[1:]):
                 width = call[3].shape[-1]  # the mask's width
-                assert width % 16 == 0 and steps[i] + extra <= width < known[i] + extra + 16  # the narrowest
+                assert width % 16 == 0 and steps[i] + extra <= width < steps[i] + extra + 16  # the narrowest
                 seen = {shape(call), *(shape(c) for c in att[i * per_step:(i + 1) * per_step])}
                 assert by_width.setdefault(width, seen) == seen  # one set of shapes per width
         assert len(ns) > 20 and len(by_width) >= 3  # many prefix lengths, several widths
