@@ -225,21 +225,6 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def steps_fail_on_host_reads(monkeypatch):
-    """Every Graphed step (what a CUDA graph captures) runs under HostReads; the list gets one entry per step run."""
-    call, steps = Graphed.__call__, []
-
-    def guarded(self, *inputs):
-        steps.append(1)
-        with HostReads(), monkeypatch.context() as m:
-            for name in ("tolist", "numpy", "cpu"):  # (these leave ATen without a dispatched op)
-                m.setattr(torch.Tensor, name, lambda *a, name=name, **k: pytest.fail(f"{name} inside a step"))
-            return call(self, *inputs)
-    monkeypatch.setattr(Graphed, "__call__", guarded)
-    return steps
-
-
 def spy(monkeypatch, obj, name):
     """Record the arguments of obj.name (a bound method) call by call, tensors cloned."""
     calls, real = [], getattr(obj, name)
@@ -897,13 +882,13 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     assert ("--draft STR a checkpoint written by train.py (fp32 master weights) "
             "(default 'runs/s2/draft.safetensors')") in out
     assert "--vocab-data STR|none (re)compute the token ranking" in out  # a comment above its field
-    assert common.cli(DecodeConfig, ["--cuda-graph"]).cuda_graph is True
-    assert common.cli(DecodeConfig, ["--cuda-graph", "false"]).cuda_graph is False
-    cfg = common.cli(DecodeConfig, ["--device", "cpu"])
+    dcli = lambda *argv: common.cli(DecodeConfig, list(argv))
+    assert dcli("--cuda-graph").cuda_graph is True and dcli("--cuda-graph", "false").cuda_graph is False
+    cfg = dcli("--device", "cpu")
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
     assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
-    assert common.cli(DecodeConfig, ["--compile", "--compile-mode", "default"]).compile is True
+    assert dcli("--compile", "--compile-mode", "default").compile is True
 
 
 def test_llama_import_is_the_model_alone():
@@ -1583,65 +1568,61 @@ def test_data_batches_split_and_state_cache(tmp_path):
 def test_data_generate_conversations(tmp_path, monkeypatch, capsys):
     """Magpie: a resumed run writes what one run writes; first questions unique; caps, MT-bench, endless turns."""
     tok, model = CharTokenizer(), tiny_target(260, sharp=1.0, stopping=True)
-    base = dict(batch_size=8, turns=2, max_user_tokens=12, max_reply_tokens=12, seed=1)
-    whole = data.GenConfig(out=str(tmp_path / "whole.jsonl"), n=11, **base)
+    gen_cfg = lambda name, **kw: data.GenConfig(**{**dict(out=str(tmp_path / name), batch_size=8, turns=2,
+                                                          max_user_tokens=12, max_reply_tokens=12, seed=1), **kw})
+    generate = lambda cfg, model=model: data.generate_conversations(cfg, model, tok, verbose=False)
+    whole = gen_cfg("whole.jsonl", n=11)
     data.generate_conversations(whole, model, tok)
     printed = capsys.readouterr()
     log = [x for x in (printed.out + printed.err).split("\n") if x.startswith("batch ")]
     assert len(log) >= 2 and all(" tok/s" in x and "idle rows" in x for x in log)
-    part = data.GenConfig(out=str(tmp_path / "part.jsonl"), n=3, **base)
     for n in (3, 7, 11):  # the first stops inside batch 0, and a crash cuts its last line
-        part.n = n
-        data.generate_conversations(part, model, tok, verbose=False)
+        part = gen_cfg("part.jsonl", n=n)
+        generate(part)
         if n == 3:
             with open(part.out, "a") as f:
                 f.write('{"conversations": [{"from": "hum')
     assert open(part.out).read() == open(whole.out).read() and len(jsonl(whole.out)) == 11
     firsts = [c[0]["content"] for c in data.load_conversations(part.out, verbose=False)]
     assert len(firsts) == 11 == len(set(firsts))
-    cfg = data.GenConfig(out=str(tmp_path / "m.jsonl"), n=12, batch_size=8, turns=3, max_user_tokens=8,
-                         max_reply_tokens=12, seed=0)  # later questions often run past the cap
-    assert data.generate_conversations(cfg, model, tok, verbose=False)["nostop"] > 0
+    cfg = gen_cfg("m.jsonl", n=12, turns=3, max_user_tokens=8, seed=0)  # later questions often run past the cap
+    assert generate(cfg)["nostop"] > 0
     convs = [r["conversations"] for r in jsonl(cfg.out)]
     lengths = Counter(len(c) for c in convs)
     assert len(convs) == 12 and lengths[6] > 0 and lengths[2] + lengths[4] > 0  # full and shortened ones
     assert all([m["from"] for m in c] == ["human", "gpt"] * (len(c) // 2) and len(c) >= 2 for c in convs)
     model4 = tiny_target(260, sharp=1.0, stopping=True, seed=4)  # a seed where some first turn runs long
-    cfg = data.GenConfig(out=str(tmp_path / "gen" / "self.jsonl"), n=5, batch_size=8, max_user_tokens=12,
-                         max_reply_tokens=12, seed=0)
-    assert data.generate_conversations(cfg, model4, tok, verbose=False)["nostop"] > 0  # dropped
+    cfg = gen_cfg("gen/self.jsonl", n=5, turns=1, seed=0)
+    assert generate(cfg, model4)["nostop"] > 0  # dropped
     lines = open(cfg.out).read().split("\n")[:-1]
     assert len(lines) == 5
     for conv in (json.loads(x)["conversations"] for x in lines):
         assert [t["from"] for t in conv] == ["human", "gpt"]
         assert all(t["value"] == t["value"].strip() != "" for t in conv)
     cfg.n, cfg.turns = 9, 2
-    data.generate_conversations(cfg, model4, tok, verbose=False)
+    generate(cfg, model4)
     lines2 = open(cfg.out).read().split("\n")[:-1]
     assert lines2[:5] == lines and len(lines2) == 9
     for x in lines2[5:]:  # two exchanges, or one whose reply hit the cap (kept truncated, and last)
         assert [t["from"] for t in json.loads(x)["conversations"]] in (["human", "gpt"] * 2, ["human", "gpt"])
     firsts = [c[0]["content"] for c in data.load_conversations(cfg.out, verbose=False)]
     assert len(firsts) == 9 == len(set(firsts))
-    data.generate_conversations(cfg, model4, tok, verbose=False)  # already complete: nothing added
+    generate(cfg, model4)  # already complete: nothing added
     assert open(cfg.out).read().split("\n")[:-1] == lines2
     with monkeypatch.context() as m:  # pretend the first question is an MT-bench one: a fresh run drops it
         m.setattr(data, "mtbench_questions", lambda: {data._norm_text(firsts[0])})
-        cfg2 = data.GenConfig(out=str(tmp_path / "g2.jsonl"), n=5, batch_size=8, max_user_tokens=12,
-                              max_reply_tokens=12, seed=0)
-        assert data.generate_conversations(cfg2, model4, tok, verbose=False)["mtbench"] == 1
+        cfg2 = gen_cfg("g2.jsonl", n=5, turns=1, seed=0)
+        assert generate(cfg2, model4)["mtbench"] == 1
     assert firsts[0] not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
-    cfg = data.GenConfig(out=str(tmp_path / "t.jsonl"), n=6, batch_size=8, max_user_tokens=12, max_reply_tokens=2,
-                         turns=2, seed=0)  # replies cut at the cap are kept, as the last message
-    data.generate_conversations(cfg, model, tok, verbose=False)
+    cfg = gen_cfg("t.jsonl", n=6, max_reply_tokens=2, seed=0)  # replies cut at the cap are kept, as the last message
+    generate(cfg)
     convs = [r["conversations"] for r in jsonl(cfg.out)]
     full = lambda m: m["from"] == "gpt" and len(tok.encode(m["value"])) == 2  # a reply that reached the cap
     assert len(convs) == 6 and any(len(c) == 2 and full(c[1]) for c in convs)  # cut in turn 1: it ends there
     assert all(not full(m) for c in convs for m in c[:-1])
-    cfg = data.GenConfig(out=str(tmp_path / "x.jsonl"), n=2, batch_size=2, max_user_tokens=1, max_reply_tokens=1,
-                         user_temperature=0.0)  # random: no turn ends within 1 token
-    raises([((cfg, tiny_target(260, sharp=1.0), tok), "no usable conversation")],
-           functools.partial(data.generate_conversations, verbose=False))
+    cfg = gen_cfg("x.jsonl", n=2, batch_size=2, turns=1, max_user_tokens=1, max_reply_tokens=1, user_temperature=0.0,
+                  seed=0)  # random: no turn ends within 1 token
+    raises([((cfg, tiny_target(260, sharp=1.0)), "no usable conversation")], generate)
 
 
 def test_data_cli_end_to_end(tmp_path, monkeypatch, real, capsys):
@@ -2376,10 +2357,18 @@ def test_graph_widths_and_shapes(tiny, monkeypatch):
         assert len(ns) > 20 and len(by_width) >= 3  # many prefix lengths, several widths
 
 
-def test_graph_steps_never_read_back_to_the_host(tiny, steps_fail_on_host_reads):
+def test_graph_steps_never_read_back_to_the_host(tiny, monkeypatch):
     """A CUDA graph can't hold a host read: the decoding and generation steps, greedy and sampled, make none."""
     target, prompts, _, draft, _ = tiny
-    steps = steps_fail_on_host_reads
+    call, steps = Graphed.__call__, []
+
+    def guarded(self, *inputs):  # every Graphed step (what a CUDA graph captures) under HostReads, counted
+        steps.append(1)
+        with HostReads(), monkeypatch.context() as m:
+            for name in ("tolist", "numpy", "cpu"):  # (these leave ATen without a dispatched op)
+                m.setattr(torch.Tensor, name, lambda *a, name=name, **k: pytest.fail(f"{name} inside a step"))
+            return call(self, *inputs)
+    monkeypatch.setattr(Graphed, "__call__", guarded)
     with pytest.raises(pytest.fail.Exception, match="_local_scalar_dense"):  # the guard works
         Graphed(lambda x: x + x.item(), on=False)(torch.ones(1))
     for mode, temperature in itertools.product(("ar", "tree", "chain"), (0.0, 0.8)):  # sampling inside the steps too
