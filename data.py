@@ -597,6 +597,8 @@ class GenConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda when available (torchrun: cuda:LOCAL_RANK)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: bfloat16 on cuda, float32 on cpu
     cuda_graph: bool | None = None  # capture the decoding steps in CUDA graphs; None: on a GPU
+    # torch.compile the decoding steps first, in this mode: default | max-autotune-no-cudagraphs; "": not compiled
+    compile: str = ""
     shrink: bool = True  # finished rows leave the batch (halvings) instead of idling until the last row ends
 
 
@@ -613,6 +615,8 @@ def check_config(cfg):
         raise BeagleError(f"--top-k must be >= 0 (0: off), got {cfg.top_k}")
     if not 0 <= cfg.seed < 2 ** 32:  # (batch i's generator is seeded with seed * 1_000_003 + i: a 64-bit number)
         raise BeagleError(f"--seed must be in [0, 2^32), got {cfg.seed}")
+    if cfg.compile not in ("", "default", "max-autotune-no-cudagraphs"):  # (the others make graphs of their own)
+        raise BeagleError(f"--compile must be default or max-autotune-no-cudagraphs (or empty), got {cfg.compile!r}")
     common.check_output(cfg.out, "--out")
 
 
@@ -677,7 +681,8 @@ def _batch(cfg, model, tokenizer, index, questions, special, cache_len):
                 cap, temperature = cfg.max_reply_tokens, cfg.reply_temperature
             # one engine batch per phase (fewer rows than B are padded): one cache and set of graphs for all phases
             outs = generate(model, prompts, cap, tokenizer.stop_ids, temperature, cfg.top_p, cfg.top_k, gen,
-                            batch=B, cache_len=cache_len, graph=cfg.cuda_graph, stats=stats, shrink=cfg.shrink)
+                            batch=B, cache_len=cache_len, graph=cfg.cuda_graph, stats=stats, shrink=cfg.shrink,
+                            compile=cfg.compile or None)
             kept = []
             for i, (toks, stopped) in zip(rows, outs):
                 text = tokenizer.decode(toks).strip()

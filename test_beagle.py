@@ -2507,6 +2507,7 @@ MISUSE = [  # (script, argv, what the one line says)
     ("data.py", "--reply-temperature -0.5", "--reply-temperature must be a finite number >= 0"),
     ("data.py", "--top-p 1.5", "--top-p must be in (0, 1], got 1.5"), ("data.py", "--top-k -1", "--top-k must be >= 0"),
     ("data.py", "--seed 5000000000", "--seed must be in [0, 2^32)"),
+    ("data.py", "--compile reduce-overhead", "--compile must be default or max-autotune-no-cudagraphs"),
     ("data.py", "--out taken", "--out taken is a directory; give a file name"),
     ("data.py", "--out a_file/x.jsonl", "--out a_file/x.jsonl: a_file is a file, not a directory"),
     ("data.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
