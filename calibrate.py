@@ -26,11 +26,13 @@ from beagle import DraftCache
 from decode import CPU_DRAFT_VOCAB, WIDTH, DecodeConfig, cache_slots, iterate, tree_mask, tree_sizes
 from llama import KVCache
 
-ACCEPT_1, ACCEPT_2, ACCEPT_TAIL, DECAY = 0.42, 0.10, 0.6, 0.95  # the acceptance model (expected_tau)
+# the acceptance model (expected_tau): rank-1 and rank-2 acceptance, the tail's ratio; greedy, and sampling
+ACCEPT = {"greedy": (0.42, 0.10, 0.6), "sampled": (0.22, 0.11, 0.8)}
+DECAY = 0.95
 MIN_SPEEDUP = 1.05  # below this predicted speedup (the model's error) the CPU decodes plainly
 
 
-def expected_tau(depth, top_k, tree_tokens):
+def expected_tau(depth, top_k, tree_tokens, sampled=False):
     """Tokens per iteration predicted by a fixed model of the shipped draft, greedy: at any node the target's token is
     the draft's rank-r proposal with probability p_1 = 0.42, p_2 = 0.10, p_r = 0.10 * 0.6^(r-2), times 0.95 per step
     after the first, independently from step to step. Fitted to its CPU MT-bench with 2 / 2 / 3 (results/round2/
@@ -38,8 +40,13 @@ def expected_tau(depth, top_k, tree_tokens):
     0.343 of those, p_1^2 ~ 0.18); the tail stays below its GPU top-10 acceptance (0.76), the decay is its held-out
     agreement's fall from step 1 to 2 (0.560 -> 0.534); the same for the 4096-token subset (round 1: the same tau).
     Deeper or wider than 2 / 2 it is an extrapolation. draft_tree runs on the model (a node's score: the probability
-    that its whole path is accepted), and the kept nodes' path probabilities sum to the expected accepted tokens."""
-    p = [ACCEPT_1] + [ACCEPT_2 * ACCEPT_TAIL ** r for r in range(top_k - 1)]
+    that its whole path is accepted), and the kept nodes' path probabilities sum to the expected accepted tokens.
+    sampled (temperature > 0): p_1 = 0.22, p_2 = 0.11, p_r = 0.11 * 0.8^(r-2), fitted (least squares, within 0.07
+    tau) to the taus of seven shapes at temperature 1.0 on the CPU (results/round2/session5/tree_sweep_cpu.log):
+    sampling accepts the rank-1 child less often and the others more (rejection sampling tries them in turn). It is
+    used at any temperature > 0 (lower temperatures lie between the two models: the smaller tree is the safe side)."""
+    p1, p2, tail = ACCEPT["sampled" if sampled else "greedy"]
+    p = [p1] + [p2 * tail ** r for r in range(top_k - 1)]
     front, pool = [1.0], []
     for s in range(depth):
         kids = sorted((q * p[r] * DECAY ** s for q in front for r in range(top_k)), reverse=True)
@@ -75,7 +82,8 @@ def choose(costs, cfg, vocabs):
             pool = tree_sizes(depth, top_k, 1)[0]
             for keep in [depth] if chain else [cfg.tree_tokens] if cfg.tree_tokens else range(1, min(pool, 7) + 1):
                 for vocab in vocabs:
-                    speed = expected_tau(depth, top_k, keep) / iteration_ms(costs, depth, top_k, keep, vocab)
+                    speed = (expected_tau(depth, top_k, keep, cfg.temperature > 0)
+                             / iteration_ms(costs, depth, top_k, keep, vocab))
                     if best is None or speed > best[0]:
                         best = speed, (depth, top_k, keep), vocab
     return best[0] * at(costs["forward_ms"], 1), best[1], best[2]  # plain decoding: a 1-token forward a token

@@ -2211,6 +2211,9 @@ def test_decode_cpu_choice_follows_the_machines_costs():
     other, shape, vocab = calibrate.choose(CPU_OTHER, DecodeConfig(), [4096, 49152])
     assert (shape, vocab) == ((1, 1, 1), 4096) and other == pytest.approx(1.42 * 39 / (38 + 1.5 + 2))
     assert calibrate.choose(CPU_OTHER, DecodeConfig(), [49152])[1] == (1, 1, 1)  # (no ranking: all tokens)
+    assert calibrate.expected_tau(1, 2, 2, sampled=True) == pytest.approx(1 + 0.22 + 0.11)  # sampling's model
+    sampled, shape, _ = calibrate.choose(CPU_FLAT, DecodeConfig(temperature=0.7), [4096])  # at any temperature > 0
+    assert shape == (1, 3, 3) and sampled == pytest.approx((1 + 0.22 + 0.11 + 0.088) * 25 / (26 + 1.5 + 2))  # wider, shallower
     assert calibrate.choose(CPU_FLAT, DecodeConfig(mode="chain"), [4096])[1] == (2, 1, 2)
     for fixed in (dict(depth=3), dict(top_k=4), dict(tree_tokens=6), dict(depth=1, top_k=3, tree_tokens=2)):
         chosen = calibrate.choose(CPU_OTHER, DecodeConfig(**fixed), [4096])[1]
