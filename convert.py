@@ -178,7 +178,7 @@ class Streamer:
         self.tokenizer, self.stop_ids, self.start, self.printed = tokenizer, stop_ids, 0, 0
 
     def __call__(self, tokens):
-        text = self.tokenizer.decode([t for t in tokens[self.start:] if t not in self.stop_ids])
+        text = self.tokenizer.decode(tokens[self.start:], self.stop_ids)
         if text.endswith("\ufffd"):
             return
         print(text[self.printed:], end="", flush=True)
