@@ -406,13 +406,13 @@ CHECK_EVERY = 8  # steps between host reads of the unfinished-row count (all don
 
 
 def _engine(model, B, S, setting, on, parent=None, compile=None):
-    """The static buffers and steps for (B rows, S slots, sampling setting), kept on the model across calls: a graph
+    """The static buffers and steps for (B rows, S slots, sampling setting, graphed), kept on the model: a graph
     replays on the tensors it was captured with, and capture (3 eager steps) is paid once per width, not per call.
     The cache is shared by the settings of one (B, S); parent: the bigger engine a shrinking batch comes from, whose
     cache's first B rows become this one's (no new cache memory: the batches run one at a time). compile: a
     torch.compile mode for the step (one program for every width, llama.Graphed), or None."""
     store = model.__dict__.setdefault("generate_static", {})
-    if (B, S, setting, compile) not in store:
+    if (B, S, setting, on, compile) not in store:
         device, dtype = model.output.weight.device, model.output.weight.dtype
         if (B, S) not in store:
             cache = parent["cache"].rows(0, B) if parent else llama.KVCache(model.args, B, S, device, dtype)
@@ -438,10 +438,10 @@ def _engine(model, B, S, setting, on, parent=None, compile=None):
             bufs["done"] |= bufs["is_stop"][nxt]
             return nxt
 
-        store[B, S, setting, compile] = {
+        store[B, S, setting, on, compile] = {
             W: (llama.Graphed(step, on, store.get("pool"), compile is not None, compile, width=1), bufs["slots"][:W])
             for W in range(WIDTH_STEP, S + 1, WIDTH_STEP)}
-    return store[B, S], store[B, S, setting, compile]
+    return store[B, S], store[B, S, setting, on, compile]
 
 
 def _shape(model, B, S, temperature, top_p, top_k, graph):  # -> the engine's (B, slots, setting, graphed)

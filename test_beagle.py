@@ -1662,7 +1662,7 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
         assert data.generate(model, prompts, 40, stop, temperature=0.0, batch=batch, cache_len=100) == want
     store = model.generate_static
     assert (2, 112) in store and (8, 112) in store  # cache_len 100 (> 30 + 40) rounded up to 2 * WIDTH_STEP
-    ids = lambda: {w: id(s) for w, s in store[2, 112, (0.0, 1.0, 0), None].items()}
+    ids = lambda: {w: id(s) for w, s in store[2, 112, (0.0, 1.0, 0), False, None].items()}
     before = ids()
     assert data.generate(model, prompts[::-1], 40, stop, temperature=0.0, batch=2, cache_len=100) == want[::-1]
     assert ids() == before  # no new engine: reused
@@ -1753,7 +1753,7 @@ def test_selfgen_engine_cuda_graphs_replay_the_eager_steps(monkeypatch):
         runs[graph] = [data.generate(model, prompts, 50, {7}, temperature, 0.9, 0, torch.Generator(device="cuda")
                                      .manual_seed(seed), batch=32, cache_len=64, graph=graph)
                        for temperature in (0.0, 0.8) for seed in (0, 1, 0)]
-        steps = [s for k, v in model.generate_static.items() if k != "pool" and len(k) == 4 for s, _ in v.values()]
+        steps = [s for k, v in model.generate_static.items() if k != "pool" and len(k) == 5 for s, _ in v.values()]
         assert any(s.graph is not None for s in steps) == graph
     assert runs[True] == runs[False] and runs[True][3] == runs[True][5] != runs[True][4]
 
@@ -2094,8 +2094,8 @@ def test_decode_prompts_streamer_loops_and_bench_report(tmp_path, capsys):
         (["first prompt"], "prompt"), (["second {not json}"], "prompt")]  # text: one prompt a line
 
     class Bytes:  # one token per UTF-8 byte; 300 = a stop token
-        def decode(self, ids):
-            return bytes(ids).decode("utf-8", errors="replace")
+        def decode(self, ids, leave_out=()):
+            return bytes(i for i in ids if i not in leave_out).decode("utf-8", errors="replace")
     text = "héllo wörld\nsecond line 😀 ok\n"
     ids, stream = list(text.encode()) + [300], convert.Streamer(Bytes(), {300})
     for i in range(1, len(ids) + 1):
@@ -2445,7 +2445,7 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
         plain_store = target.__dict__.pop("generate_static", {})
         # plain, chain, tree, each greedy and sampled: reused across the prompts
         steps = {k: v[3] for k, v in store.items() if k != "pool"} | {k: v for k, v in plain_store.items()
-                                                                      if k != "pool" and len(k) == 4}
+                                                                      if k != "pool" and len(k) == 5}
         assert len(steps) == 6
         assert any(s.graph is not None for v in steps.values() for s, _ in v.values()) == (name != "eager")
     assert runs["graphs"] == runs["eager"] == runs["compiled graphs"]
