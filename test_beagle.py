@@ -61,12 +61,14 @@ GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs
 # the fixtures: a tiny target, its tokenizer, a fitted draft, the real model loaded once
 
 torch.set_num_threads(1)  # tiny models are all per-op overhead, and on a busy 2-core box a second thread's spin-waits
-# cost 10x: the real model gets two threads (1.6x faster) only while the box is idle
+# cost 10x: the real model gets two threads (1.6x faster) if the box is idle when the session starts, decided once,
+# so that its fp32 sums (and so its near-tie argmaxes) are the same in every test of the session
+REAL_THREADS = 2 if os.getloadavg()[0] < 1.5 else 1
 
 
 @pytest.fixture(autouse=True)
 def threads(request):
-    torch.set_num_threads(2 if "real" in request.fixturenames and os.getloadavg()[0] < 1.5 else 1)
+    torch.set_num_threads(REAL_THREADS if "real" in request.fixturenames else 1)
     yield
     torch.set_num_threads(1)
 
