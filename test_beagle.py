@@ -1108,10 +1108,18 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
         return randomness(cfg, step, *a)
     with monkeypatch.context() as m:
         m.setattr(train, "step_randomness", interrupt_at_2)
-        with pytest.raises(train.Interrupted, match="SIGINT at step 2"):
-            train.train(train_cfg(tmp_path, "sig", max_steps=7), target, tok)
+        for run, kw in (("sig", {}), ("cos", dict(schedule="cosine"))):
+            with pytest.raises(train.Interrupted, match="SIGINT at step 2"):
+                train.train(train_cfg(tmp_path, run, max_steps=7, **kw), target, tok)
     assert not (tmp_path / "sig" / "eval.csv").exists()
     assert_same_weights(full, train.train(train_cfg(tmp_path, "sig", max_steps=7, resume=True), target, tok))
+    cosine = train.train(train_cfg(tmp_path, "cfull", max_steps=7, schedule="cosine"), target, tok)
+    assert_same_weights(cosine, train.train(train_cfg(tmp_path, "cos", max_steps=7, resume=True, schedule="cosine"),
+                                            target, tok))
+    assert not torch.equal(cosine.wq.weight, full.wq.weight)
+    c = train_cfg(tmp_path, "x", lr=1.0, warmup=2, schedule="cosine")  # warm-up, then a cosine down to 0 at step 6
+    assert [round(train.lr_at(c, s, 6), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
+    assert [train.lr_at(train_cfg(tmp_path, "x", lr=1.0, warmup=2), s, 6) for s in range(4)] == [0.5, 1, 1, 1]
     rows = lambda run, f: [r.split(",")[0] for r in (tmp_path / run / f).read_text().splitlines()[1:]]
     for f in ("train.csv", "eval.csv"):  # the resumed run's rows continue the interrupted run's, none twice
         assert rows("sig", f) == rows("full", f) and len(set(rows("sig", f))) == len(rows("sig", f))
@@ -2529,6 +2537,7 @@ MISUSE = [  # (script, argv, what the one line says)
     ("train.py", "--eval-frac 1", "--eval-frac must be a finite number in [0, 1), got 1.0"),
     ("train.py", "--stage 3", "need --stage 1|2"),
     ("train.py", "--draft eagle3", "--draft must be one of beagle | eagle2 (got 'eagle3')"),
+    ("train.py", "--schedule linear", "--schedule must be constant | cosine (got 'linear')"),
     ("train.py", "--draft eagle2", "--draft eagle2 trains next-token only, as EAGLE-2 does: give --stage 1 --window 1"),
     ("train.py", "--out a_file", "--out a_file is a file; give a directory"),
     ("train.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),

@@ -74,7 +74,9 @@ class TrainConfig:
     state_cache: str = ""  # "": the target's states online (one frozen forward a batch); "memory": computed once
     #                        into the training device's memory; DIR: once into shards on disk, read a batch at a time
     lr: float = 1e-4  # the paper's 3e-5 / 2000 warm-up steps are for 7B targets and 68K conversations
-    warmup: int = 500  # linear warm-up steps, then constant
+    warmup: int = 500  # linear warm-up steps
+    # after the warm-up: constant | cosine (down to 0 at the run's last step: min(--max-steps, the epochs' steps))
+    schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 0.5
     noise: float = 0.2  # std of the Gaussian noise on the target states used as keys/values
@@ -388,6 +390,8 @@ def check_config(cfg):
         raise BeagleError(f"--draft must be one of {' | '.join(DRAFTS)} (got {cfg.draft!r})")
     if cfg.draft == "eagle2" and (cfg.stage != 1 or cfg.window != 1):
         raise BeagleError("--draft eagle2 trains next-token only, as EAGLE-2 does: give --stage 1 --window 1")
+    if cfg.schedule not in ("constant", "cosine"):
+        raise BeagleError(f"--schedule must be constant | cosine (got {cfg.schedule!r})")
     if cfg.resume and cfg.init:
         raise BeagleError("--resume continues the run in --out; drop --init")
     if cfg.resume and cfg.overwrite:
@@ -404,6 +408,15 @@ def check_config(cfg):
         check_output(cfg.out, "--out", directory=True)
     if cfg.stage == 2 and not cfg.init and not cfg.resume and not cfg.measure_memory:
         print("warning: stage 2 without --init starts from a random draft (the paper starts from stage 1)")
+
+
+def lr_at(cfg, step, total):
+    """The learning rate of optimizer step `step` (from 0) of `total`: a linear warm-up, then constant or a cosine
+    down to 0 at the last step. A function of the step alone, so --resume continues the same schedule."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.schedule == "cosine" and step >= cfg.warmup:
+        lr *= 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, total - cfg.warmup)))
+    return lr
 
 
 def stopping(stop, step, cfg, world, device):
@@ -474,7 +487,8 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
         st = torch.load(state_path, map_location=device, weights_only=True)
         if json.loads(meta["extra"]).get("step") != st["step"]:  # a crash between the two atomic writes
             raise BeagleError(f"{cfg.out}: draft.safetensors and state.pt are from different steps")
-        kept = ("draft", "stage", "window", "sim_steps", "batch_size", "batch_tokens", "seed", "noise", "vloss_weight")
+        kept = ("draft", "stage", "window", "sim_steps", "batch_size", "batch_tokens", "seed", "noise", "vloss_weight",
+                "schedule")
         changed = [k for k in kept if st["config"].get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
         if changed:  # these change what the remaining steps compute: not a continuation any more
             raise BeagleError(f"--resume with a different --{changed[0].replace('_', '-')} than the run in {cfg.out}")
@@ -555,7 +569,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                     emb = target.tok_embeddings(ids_d)
                     noisy = h + cfg.noise * torch.randn(h.shape, generator=g, device=device, dtype=h.dtype)
                 lp = loss_plan(loss_mask, valid, cfg.window, offset, steps, device)
-                lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))  # linear warm-up, then constant
+                lr = lr_at(cfg, step, total)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 with amp:
