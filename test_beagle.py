@@ -387,8 +387,9 @@ def repeated_kv_attention(q, k, v, mask):  # the reference: each query head over
 
 
 @torch.no_grad()
-def test_llama_cache_trees_and_grouped_attention():
-    """Cached steps, last-only prefill, a tree + KVCache.move, grouped attention: the full forward's numbers."""
+def test_llama_cache_and_grouped_attention():
+    """Cached steps and last-only prefill: the full forward's numbers; grouped attention == repeated kv heads.
+    (A cached tree step + KVCache.move: test_decode_verification_logits_and_kv_compaction.)"""
     model = tiny_target(97, sharp=1.0)
     close = functools.partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)
     ones = lambda *shape: torch.ones(*shape, dtype=torch.bool)
@@ -402,39 +403,12 @@ def test_llama_cache_trees_and_grouped_attention():
     for t in range(10, 24):  # one token at a time; mask width t+1 = the live slots
         steps.append(model(tokens[:, t:t + 1], torch.tensor([t]), cache, ones(1, 1, 1, t + 1))[0])
     close(torch.cat(steps, 1), full)
-    # a tree after a prefix of n: parent[i] < i; node depth d sits at RoPE position n + d
-    n, prefix, parent = 7, torch.randint(0, 97, (1, 7)), [-1, 0, 0, 1, 1, 2, 3]
-    tree, depth, anc = torch.randint(0, 97, (1, 7)), [0] * 7, torch.eye(7, dtype=torch.bool)
-    for i, p in enumerate(parent[1:], 1):
-        depth[i], anc[i] = depth[p] + 1, anc[i] | anc[p]
-    cache = KVCache(model.args, 1, 32)
-    model(prefix, torch.arange(n), cache)
-    mask = torch.cat([ones(7, n), anc], 1)[None, None]  # prefix + ancestors
-    tree_logits, tree_h = model(tree, n + torch.tensor(depth), cache, mask, slots=torch.arange(n, n + 7))
-    path = [0, 1, 3, 6]  # accept root -> 1 -> 3 -> 6, compact it to slots n.. and continue from there
-    cache.move(torch.tensor(path) + n, n)
-    seq = torch.cat([prefix, tree[:, path]], 1)
-    ref_logits, ref_h = model(seq)
-    close(tree_logits[:, path], ref_logits[:, n:])
-    close(tree_h[:, path], ref_h[:, n:])
-    nxt, m = torch.randint(0, 97, (1, 1)), n + len(path)
-    out = model(nxt, torch.tensor([m]), cache, ones(1, 1, 1, m + 1))[0]
-    close(out[:, -1], model(torch.cat([seq, nxt], 1))[0][:, -1])
     g = torch.Generator().manual_seed(0)  # grouped attention: one row, a tree of rows, rows with few visible keys
     for B, H, Hkv, T, S in ((1, 9, 3, 1, 40), (2, 4, 2, 7, 30), (3, 6, 6, 5, 12)):
         q, k, v = (torch.randn(B, h, t, 16, generator=g) for h, t in ((H, T), (Hkv, S), (Hkv, S)))
         mask = torch.rand(B, 1, T, S, generator=g) < 0.4
         mask[..., 0] = True
         torch.testing.assert_close(llama.attention(q, k, v, mask), repeated_kv_attention(q, k, v, mask))
-    tokens, mask, runs = torch.randint(0, 97, (1, 30)), torch.rand(1, 1, 12, 30) < 0.5, []
-    mask[..., :18] = True
-    for attention in (llama.attention, repeated_kv_attention):  # the target in a cached tree step
-        cache = KVCache(model.args, 1, 30)
-        model(tokens[:, :18], torch.arange(18), cache)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(llama, "attention", attention)
-            runs.append(model(tokens[:, 18:], 18 + torch.arange(12) % 4, cache, mask, slots=18 + torch.arange(12))[0])
-    close(runs[0], runs[1])
 
 
 def test_llama_rope_table_equals_hf_rotation():
@@ -884,13 +858,10 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     assert ("--draft STR a checkpoint written by train.py (fp32 master weights) "
             "(default 'runs/s2/draft.safetensors')") in out
     assert "--vocab-data STR|none (re)compute the token ranking" in out  # a comment above its field
-    dcli = lambda *argv: common.cli(DecodeConfig, list(argv))
-    assert dcli("--cuda-graph").cuda_graph is True and dcli("--cuda-graph", "false").cuda_graph is False
-    cfg = dcli("--device", "cpu")
+    cfg = common.cli(DecodeConfig, ["--device", "cpu"])
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
     assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
-    assert dcli("--compile", "--compile-mode", "default").compile is True
 
 
 def test_llama_import_is_the_model_alone():
@@ -1561,18 +1532,10 @@ def test_data_batches_split_and_state_cache(tmp_path):
     for idx in data.batch_plan([len(i) for i, _ in ex], 4, seed=2):
         ids, _, v = data.collate([ex[i] for i in idx])
         a, b = disk.batch(idx, ids.shape[1]), mem.batch(idx, ids.shape[1])
-        assert torch.equal(a, b) and a.shape == (*ids.shape, 64) and (a[~v] == 0).all()
+        assert torch.equal(a, b) and a.shape == (*ids.shape, 64) and b.dtype == torch.float32 and (a[~v] == 0).all()
         torch.testing.assert_close(a[v], model(ids)[1][v], atol=1e-5, rtol=1e-5)
     raises([((str(tmp_path / "c"), ex[:-1] + [([1, 2, 3], [True] * 3)]), "other examples"),
             ((str(tmp_path / "nothing"), ex), "no complete state cache")], data.CachedStates)
-    target = train_target()  # the in-memory cache against online states, in the target's dtype
-    ex = [([3 + (i * 7 + j) % 250 for j in range(5 + 3 * i)], [True] * (5 + 3 * i)) for i in range(9)]
-    cache = data.StateCache(target, ex, "cpu")
-    assert cache.flat.dtype == target.output.weight.dtype
-    for idx in ([0, 4, 8], [7], [2, 3]):
-        ids, _, valid = data.collate([ex[i] for i in idx])
-        h = cache.batch(idx, ids.shape[1])
-        assert torch.allclose(h[valid], target(ids, last_only=True)[1][valid], atol=1e-5) and (h[~valid] == 0).all()
 
 
 def test_data_generate_conversations(tmp_path, monkeypatch, capsys):
@@ -1615,15 +1578,14 @@ def test_data_generate_conversations(tmp_path, monkeypatch, capsys):
     assert lines2[:5] == lines and len(lines2) == 9
     for x in lines2[5:]:  # two exchanges, or one whose reply hit the cap (kept truncated, and last)
         assert [t["from"] for t in json.loads(x)["conversations"]] in (["human", "gpt"] * 2, ["human", "gpt"])
-    firsts = [c[0]["content"] for c in data.load_conversations(cfg.out, verbose=False)]
-    assert len(firsts) == 9 == len(set(firsts))
     generate(cfg, model4)  # already complete: nothing added
     assert open(cfg.out).read().split("\n")[:-1] == lines2
+    first = json.loads(lines[0])["conversations"][0]["value"]
     with monkeypatch.context() as m:  # pretend the first question is an MT-bench one: a fresh run drops it
-        m.setattr(data, "mtbench_questions", lambda: {data._norm_text(firsts[0])})
+        m.setattr(data, "mtbench_questions", lambda: {data._norm_text(first)})
         cfg2 = gen_cfg("g2.jsonl", n=5, turns=1, seed=0)
         assert generate(cfg2, model4)["mtbench"] == 1
-    assert firsts[0] not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
+    assert first not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
     cfg = gen_cfg("t.jsonl", n=6, max_reply_tokens=2, seed=0)  # replies cut at the cap are kept, as the last message
     generate(cfg)
     convs = [r["conversations"] for r in jsonl(cfg.out)]
@@ -1662,10 +1624,10 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 30)]
     free = [greedy_reference(model, p, 40, set()) for p in prompts]
     cuts = lambda t: [f.index(t) if t in f else None for f, _ in free]
-    # a stop token that ends rows at different steps and never comes in others
-    stop = {next(t for t in range(48) if None in cuts(t) and len(set(cuts(t)) - {None}) > 1)}
+    # stop tokens that end rows at different steps (row 3 at its first token) and never come in others
+    stop = {next(t for t in range(48) if None in cuts(t) and len(set(cuts(t)) - {None}) > 1), free[3][0][0]}
     want = [greedy_reference(model, p, 40, stop) for p in prompts]
-    assert {s for _, s in want} == {True, False} and len({len(t) for t, s in want if s}) > 1
+    assert {s for _, s in want} == {True, False} and len({len(t) for t, s in want if s}) > 1 and want[3] == ([], True)
     assert data.generate(model, prompts, 40, set(), temperature=0.0) == free
     assert data.generate(model, prompts, 40, stop, temperature=0.0) == want
     for batch in (2, 8):  # cut into engine batches of 2 (the last padded), or one batch padded to 8
@@ -1684,15 +1646,6 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
         seen, cut = [], free.index(free[9]) if stop else 30
         out = data.generate(model, [list(range(3, 20))], 30, stop, 0.0, on_tokens=lambda ids: seen.append(list(ids)))
         assert out == [(free[:cut], bool(stop))] and seen == [free[:i + 1] for i in range(min(cut + 1, 30))]
-    model = tiny_target(260, sharp=1.0)  # flat distributions, a stop token that ends a row at its first token
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(4, 260, (n,), generator=g).tolist() for n in (1, 7, 3, 12)]
-    ref = [greedy_reference(model, p, 10)[0] for p in prompts]
-    assert data.generate(model, prompts, 10, stop_ids=set(), temperature=0.0) == [(r, False) for r in ref]
-    stop = {ref[1][3], ref[3][0]}
-    for (toks, stopped), r in zip(data.generate(model, prompts, 10, stop_ids=stop, temperature=0.0), ref):
-        cut = next((j for j, x in enumerate(r) if x in stop), None)
-        assert (toks, stopped) == ((r, False) if cut is None else (r[:cut], True))
     live = torch.tensor([[False, False, True, True, True], [True] * 5])  # the prefill mask (left padding)
     m = data.prefill_mask(live)
     assert m.any(-1).all()  # every query row sees a key: no NaN from SDPA
@@ -1744,11 +1697,10 @@ def test_selfgen_sampling_is_seeded_and_follows_probs():
     assert torch.equal(data.sample(logits, 0.0), logits.argmax(-1))
     assert torch.equal(data.sample(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
     assert torch.equal(data.sample(logits, 1.0, top_p=1e-6, generator=g), logits.argmax(-1))
-    row, want = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1), torch.tensor([2.0, 1.0, 0.5]).softmax(-1)
-    p = row[0].softmax(-1)  # top_p just above p0 + p1 keeps exactly three tokens, as top-k 3 does
-    for kw in (dict(top_k=3), dict(top_p=float(p[:2].sum()) + 1e-3)):
-        counts = torch.bincount(data.sample(row, 1.0, generator=g, **kw), minlength=5).float() / 20000
-        assert counts[3:].sum() == 0 and (counts[:3] - want).abs().max() < 0.02
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])  # top_p just above p0 + p1 keeps exactly three tokens, as top-k 3
+    want = torch.cat([row[:3].softmax(-1), torch.zeros(2)])
+    for kw in (dict(top_k=3), dict(top_p=float(row.softmax(-1)[:2].sum()) + 1e-3)):
+        torch.testing.assert_close(data.probs(row, **kw), want)
 
 
 @GPU_ONLY
@@ -2080,8 +2032,6 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
     assert overall["tokens_per_s"] > 0 and overall["plain_tokens_per_s"] > 0 and overall["tau"] >= 1
     assert result["settings"]["temperature"] == 0 and result["settings"]["hardware"]
     assert (tmp_path / "b" / "bench.md").read_text().strip() == out.strip() and "| overall | 3 |" in out
-    with pytest.raises(BeagleError, match="longer than the context"):  # the chat template alone is > 20 tokens
-        main("--prompt", "hi", "--mode", "ar", "--max-new-tokens", str(target.args.max_seq_len - 20))
     ids, answers = real_answers
     sampled = [plain(target, ids[1], tok.stop_ids, max_new_tokens=16, temperature=0.7, seed=2, cuda_graph=graph)
                for graph in (False, True)]
@@ -2154,9 +2104,6 @@ def test_decode_head_is_part_of_the_step(tiny, monkeypatch):
     assert proposed[16] <= set(draft.vocab[:16].tolist()) and proposed[8] <= set(draft.vocab[:8].tolist())
     assert not proposed[0] <= set(draft.vocab[:16].tolist())  # the whole head proposes other tokens
     assert len([k for k in target.decode_static if k[1] is draft]) == 3  # full, 16, 8: the full one again reused
-    with pytest.raises(BeagleError, match="--top-k 10 must be in \\[1, 5\\]"):
-        draft.set_vocab(target, 5)
-        generate_spec(target, draft, prompts[1], decode_cfg(top_k=10), set())
 
 
 def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
@@ -2182,8 +2129,6 @@ def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
             decode.run(target, draft, prompt, cfg, {prompt[0]}, mode=mode)
         assert not made and not first
         assert {k[0] for k in target.decode_static} == {200}
-    with pytest.raises(BeagleError, match="longer than the context"):
-        decode.run(target, draft, list(range(190)), cfg, set(), mode="ar")
 
 
 def test_decode_slow_compiled_step_equals_eager(capsys, monkeypatch):
@@ -2473,9 +2418,7 @@ MISUSE_FILES = {  # name -> content (bytes), written into the test's working dir
     "no_prompt.jsonl": b'{"prompt": "ok"}\n{"text": "hi"}\n', "not_json.jsonl": b'{"prompt": "ok"}\n{oops\n',
     "a_file": b"x", "b.jsonl": b'{"category": "x", "turns": ["Hi"]}\n'}
 MISUSE = [  # (script, argv, what the one line says)
-    ("decode.py", "--prompt hi --max-new-tokens -5", "--max-new-tokens must be >= 1, got -5"),
     ("decode.py", "--prompt hi --max-new-tokens 0", "--max-new-tokens must be >= 1, got 0"),
-    ("decode.py", "--prompt hi --max-new-tokens abc", "--max-new-tokens expects an integer, got 'abc'"),
     ("decode.py", "--prompt hi --depth -1", "--depth must be >= 0 (0: chosen by device), got -1"),
     ("decode.py", "--prompt hi --top-k -2", "--top-k must be >= 0 (0: chosen by device), got -2"),
     ("decode.py", "--prompt hi --tree-tokens -1", "--tree-tokens must be >= 0"),
@@ -2494,7 +2437,6 @@ MISUSE = [  # (script, argv, what the one line says)
     ("decode.py", "--prompt hi --mode fast", "--mode must be one of ar | chain | tree (got 'fast')"),
     ("decode.py", "--prompt hi --compile-mode fastest", "--compile-mode must be one of default"),
     ("decode.py", "--prompt hi --seed -1", "--seed must be in [0, 2^32), got -1"),
-    ("decode.py", "--prompt hi --bogus 1", "unknown option '--bogus'"),
     ("decode.py", "--prompt hi --prompt-file blank.txt", "give one of --prompt, --prompt-file or --bench"),
     ("decode.py", "--mode ar", "give one of --prompt, --prompt-file or --bench"),
     ("decode.py", ["--prompt", " "], "--prompt must be non-blank UTF-8 text"),
@@ -2571,13 +2513,12 @@ def test_misuse_is_one_line_error(script, argv, message, misuse_dir, monkeypatch
 
 
 def test_misuse_real_entry_points(misuse_dir):
-    """As real processes: stderr is the one line, exit code 1; invalid UTF-8 in --prompt as raw argv bytes."""
+    """As real processes: stderr is the one line, exit code 1; invalid UTF-8 in --prompt as raw argv bytes; errors
+    found after loading (the context's length, --top-k beyond the draft's vocabulary)."""
     cases = [([b"decode.py", b"--prompt", "caf\xe9".encode("latin-1")], "--prompt must be non-blank UTF-8 text"),
-             (["decode.py", "--prompt", "hi", "--device", "foo"], "--device must be auto, cpu, cuda or cuda:N"),
              (["data.py", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
-             (["beagle.py", "--dtpye", "bf16"], "error: unknown option '--dtpye' (--help lists the options)"),
-             (["decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", "100000"], "error: prompt of"),
+             (["decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", "100000"], "tokens is longer than the context"),
              (["decode.py", "--prompt", "hi", "--draft-vocab", "5", "--top-k", "10", "--device", "cpu"],
               "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
