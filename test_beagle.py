@@ -1011,15 +1011,16 @@ def fixed_batch(B=3, T=24, seed=0):  # (ids, loss_mask, valid): row 1 right-padd
     return ids, torch.ones(B, T, dtype=torch.bool), valid
 
 
-def draft_outs(target, draft, batch, stage_steps, offset=1, k=3, recompute=False, chunk=16, noise=0.0):
-    """One training step's forward: DraftStep on the batch's target states, then the chunked loss."""
+def draft_outs(target, draft, batch, stage_steps, offset=1, k=3, recompute=False, chunk=16, noise=0.0, step=None):
+    """One training step's forward: DraftStep (or `step`, its DDP wrapper) on the batch's target states, then the
+    chunked loss."""
     ids, loss_mask, valid = batch
     with torch.no_grad():
         _, h = target(ids)
         emb = target.tok_embeddings(ids)
     plan = train.loss_plan(loss_mask, valid, k, offset, stage_steps, torch.device("cpu"))
-    outs = train.DraftStep(draft, recompute)(emb, h + noise * torch.randn_like(h), k, offset, stage_steps,
-                                             [q for q, _, _, _ in plan] if stage_steps else None)
+    outs = (step or train.DraftStep(draft, recompute))(emb, h + noise * torch.randn_like(h), k, offset, stage_steps,
+                                                       [q for q, _, _, _ in plan] if stage_steps else None)
     return train.draft_loss(target.output, outs, h, plan, 10.0, chunk=chunk)
 
 
@@ -1067,10 +1068,6 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     """Resumed runs (--max-steps, SIGINT) equal one run; run dirs guarded; eval schedule; stage 2, EAGLE-2, caches."""
     target, tok = train_target(), CharTokenizer(system=None)
     full = train.train(train_cfg(tmp_path, "full", max_steps=7), target, tok)
-    train.train(train_cfg(tmp_path, "part", max_steps=4), target, tok)  # "interrupted" mid-epoch 1
-    assert_same_weights(full, train.train(train_cfg(tmp_path, "part", max_steps=7, resume=True), target, tok))
-    raises([((train_cfg(tmp_path, "part", window=4, max_steps=9, resume=True), target, tok), "different --window"),
-            ((train_cfg(tmp_path, "full", max_steps=7), target, tok), "holds a run")], train.train)
     randomness = train.step_randomness
 
     def interrupt_at_2(cfg, step, *a):
@@ -1083,6 +1080,8 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
             with pytest.raises(train.Interrupted, match="SIGINT at step 2"):
                 train.train(train_cfg(tmp_path, run, max_steps=7, **kw), target, tok)
     assert not (tmp_path / "sig" / "eval.csv").exists()
+    raises([((train_cfg(tmp_path, "sig", window=4, max_steps=9, resume=True), target, tok), "different --window"),
+            ((train_cfg(tmp_path, "full", max_steps=7), target, tok), "holds a run")], train.train)
     assert_same_weights(full, train.train(train_cfg(tmp_path, "sig", max_steps=7, resume=True), target, tok))
     cosine = train.train(train_cfg(tmp_path, "cfull", max_steps=7, schedule="cosine"), target, tok)
     assert_same_weights(cosine, train.train(train_cfg(tmp_path, "cos", max_steps=7, resume=True, schedule="cosine"),
@@ -1104,9 +1103,8 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
                                                    ["7", "2", "2.333"]]
     assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:9])
     assert float(rows[-1].split(",")[-1]) >= 1.0  # measured at the end: a tree decode's tau
-    again = train.train(train_cfg(tmp_path, "sig", max_steps=2, tau_interval=0, overwrite=True), target, tok)
+    train.train(train_cfg(tmp_path, "sig", max_steps=2, tau_interval=0, overwrite=True), target, tok)
     assert len((tmp_path / "sig" / "train.csv").read_text().splitlines()) == 2  # header + step 2
-    assert not torch.equal(again.wq.weight, full.wq.weight)
     ckpt = str(out / "draft.safetensors")  # stage 2 from the stage-1 draft: with lr 0 the checkpoint's weights
     s2 = train.train(train_cfg(tmp_path, "s2", stage=2, init=ckpt, lr=0.0, max_steps=1), target, tok)
     assert_same_weights(full, s2)
@@ -1309,26 +1307,17 @@ def test_train_batch_tokens_plan_and_measured_tau():
     assert draft.wq.weight.dtype == torch.float32  # the training draft itself is untouched
 
 
-def ddp_batch(seed, B=2, T=24):  # the same label positions in every row: each rank trains as many positions
-    ids = torch.randint(3, 262, (B, T), generator=torch.Generator().manual_seed(seed))
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    mask[:, 6:] = True
-    return ids, mask, torch.ones(B, T, dtype=torch.bool)
+def ddp_batch(seed):  # no padding, labels from position 6 in every row: each rank trains as many positions
+    ids, mask, valid = fixed_batch(2, seed=seed)
+    mask[:, :6] = False
+    return ids, mask, valid.fill_(True)
 
 
 def ddp_grads(batch, steps, world=1):
     target = train_target()
     draft = tiny_draft(target, seed=1)
-    step = train.DraftStep(draft)
-    if world > 1:
-        step = torch.nn.parallel.DistributedDataParallel(step)
-    ids, loss_mask, valid = batch
-    with torch.no_grad():
-        _, h = target(ids)
-        emb = target.tok_embeddings(ids)
-    plan = train.loss_plan(loss_mask, valid, 3, 1, steps, torch.device("cpu"))
-    outs = step(emb, h, 3, 1, steps, [q for q, _, _, _ in plan] if steps else None)
-    train.draft_loss(target.output, outs, h, plan, 10.0, 16)[0].backward()  # (with `step` alive: DDP's hooks fire)
+    step = torch.nn.parallel.DistributedDataParallel(train.DraftStep(draft)) if world > 1 else None
+    draft_outs(target, draft, batch, steps, step=step)[0].backward()  # (with `step` alive: DDP's hooks fire)
     return {n: p.grad.clone() for n, p in draft.named_parameters()}
 
 
@@ -1967,7 +1956,6 @@ def test_decode_sampling_follows_target(kind, setting, temperature, top_p, top_k
     assert tv(draft_joint, exact.sum(2)) > 0.3  # the draft is clearly not the target
     assert tv(emp.sum(2), exact.sum(2)) < bound  # (t1, t2), 64 cells
     assert tv(emp.sum(0), exact.sum(0)) < bound  # (t2, t3): the depth-2 acceptances and the bonus tokens
-    assert tv(emp.sum(2), draft_joint) > 0.2
     assert sum(m > 0 for m in accepted) > 0.2 * len(accepted) and 2 in accepted  # acceptance is exercised
 
 
@@ -2168,7 +2156,7 @@ def test_decode_cpu_choice_follows_the_machines_costs():
     assert calibrate.choose(CPU_OTHER, DecodeConfig(), [49152])[1] == (1, 1, 1)  # (no ranking: all tokens)
     assert calibrate.expected_tau(1, 2, 2, sampled=True) == pytest.approx(1 + 0.22 + 0.11)  # sampling's model
     sampled, shape, _ = calibrate.choose(CPU_FLAT, DecodeConfig(temperature=0.7), [4096])  # at any temperature > 0
-    assert shape == (1, 3, 3) and sampled == pytest.approx((1 + 0.22 + 0.11 + 0.088) * 25 / (26 + 1.5 + 2))  # wider, shallower
+    assert shape == (1, 3, 3) and sampled == pytest.approx((1 + 0.22 + 0.11 + 0.088) * 25 / (26 + 1.5 + 2))  # wider
     assert calibrate.choose(CPU_FLAT, DecodeConfig(mode="chain"), [4096])[1] == (2, 1, 2)
     for fixed in (dict(depth=3), dict(top_k=4), dict(tree_tokens=6), dict(depth=1, top_k=3, tree_tokens=2)):
         chosen = calibrate.choose(CPU_OTHER, DecodeConfig(**fixed), [4096])[1]
@@ -2518,7 +2506,7 @@ def test_misuse_real_entry_points(misuse_dir):
     cases = [([b"decode.py", b"--prompt", "caf\xe9".encode("latin-1")], "--prompt must be non-blank UTF-8 text"),
              (["data.py", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
-             (["decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", "100000"], "tokens is longer than the context"),
+             (["decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", "100000"], "longer than the context"),
              (["decode.py", "--prompt", "hi", "--draft-vocab", "5", "--top-k", "10", "--device", "cpu"],
               "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
