@@ -1173,8 +1173,8 @@ def ref_loss(output, outs, logits, h, labels, window, stage, vloss_weight):
     return total / (w_sum or 1.0)
 
 
-@pytest.mark.parametrize("stage,steps", [(1, 0), (2, 3)])
-def test_train_chunked_loss_and_recompute_equal_references(stage, steps):
+@pytest.mark.parametrize("stage,steps,offset", [(1, 0, 2), (2, 3, 0)])
+def test_train_chunked_loss_and_recompute_equal_references(stage, steps, offset):
     """The chunked loss and gradients equal the plain reference; --recompute too, keeping about each step's inputs."""
     target = train_target()
     target.output.weight.mul_(5)  # peaked targets: the two cross-entropy terms differ clearly
@@ -1187,11 +1187,11 @@ def test_train_chunked_loss_and_recompute_equal_references(stage, steps):
     grads = []
     for chunked in (False, True):
         if chunked:
-            loss, ce, vl = draft_outs(target, draft, batch, steps, chunk=5)
+            loss, ce, vl = draft_outs(target, draft, batch, steps, offset, chunk=5)
             assert not ce.requires_grad and torch.allclose(loss, ce + 10.0 * vl, atol=1e-5)
         else:
-            loss = ref_loss(target.output, train.DraftStep(draft)(emb, h, 3, 1, steps), logits, h,
-                            train.label_positions(loss_mask, valid, 3, 1), 3, stage, 10.0)
+            loss = ref_loss(target.output, train.DraftStep(draft)(emb, h, 3, offset, steps), logits, h,
+                            train.label_positions(loss_mask, valid, 3, offset), 3, stage, 10.0)
         draft.zero_grad()
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in draft.parameters()]))
@@ -1240,28 +1240,16 @@ def test_train_draft_loss_by_hand():
     assert math.isclose(ce.item(), math.log(3), rel_tol=1e-6)
     assert math.isclose(vl.item(), 0.25 * math.log(2) ** 2, rel_tol=1e-6)
     assert math.isclose(loss.item(), math.log(3) + 2.5 * math.log(2) ** 2, rel_tol=1e-6)
-    loss0, _, _ = train.draft_loss(head, [(torch.arange(2), hat)], h, plan, 0.0)
-    loss0.backward()  # dCE/dhat = (q - p) W = (1/3 - (.4, .2, .4)) W = (-2/15, 1/15); row 0 untouched
-    assert torch.allclose(hat.grad[0], torch.tensor([[0.0, 0.0], [-2 / 15, 1 / 15]]), atol=1e-6)
 
 
 def test_train_labels_loss_plan_chain_tau_and_no_host_reads():
-    """Trained positions, the host-side loss plan, chain_tau by enumeration; a step's device part reads nothing back."""
+    """Trained positions, chain_tau by enumeration; a step's device part reads nothing back. (The loss plan: the
+    chunked loss == its plain reference, test_train_chunked_loss_and_recompute_equal_references.)"""
     loss_mask = torch.tensor([[False, False, True, True, True, False]])
     valid = torch.tensor([[True, True, True, True, True, False]])
     lab = train.label_positions(loss_mask, valid, 3, 1)  # position 0 sees no key
     # position i is trained when token i+1 is a label: i = 1, 2, 3; i = 4 predicts padding
     assert lab.tolist() == [[False, True, True, True, False, False]]
-    loss_mask, valid = torch.ones(2, 9, dtype=torch.bool), torch.ones(2, 9, dtype=torch.bool)
-    valid[1, 5:] = False
-    (q1, r1, p1, c1), (q2, r2, p2, c2) = train.loss_plan(loss_mask, valid, 3, 0, 2, torch.device("cpu"))
-    assert q1.tolist() == [0, 3, 6] and q2.tolist() == [1, 4, 7]  # windows [0,3) [3,6) [6,9)
-    # trained: sees a true state (window >= 1) and predicts a real token: row 0 -> 3, 4, 6, 7; row 1 -> 3 only
-    assert p1.tolist() == [3, 6, 9 + 3] and p2.tolist() == [4, 7]
-    assert r1.tolist() == [1, 2, 3 + 1] and r2.tolist() == [1, 2]
-    assert math.isclose(c1, 3 / (5 * 3)) and math.isclose(c2, 2 / (5 * 2))  # beta 3, 2 over their sum
-    (q, r, p, c), = train.loss_plan(loss_mask, valid, 3, 0, 0, torch.device("cpu"))
-    assert q is None and p.tolist() == [3, 4, 5, 6, 7, 9 + 3] and r.tolist() == p.tolist() and c == 1 / 6
     assert train.chain_tau([1.0, 1.0, 1.0]) == 4.0 and train.chain_tau([0.0, 1.0]) == 1.0
     acc, want = [0.9, 0.6, 0.3], 0.0  # step d is accepted when steps 1..d all agree (independently, prob a_d)
     for outcome in itertools.product([0, 1], repeat=3):
@@ -1960,7 +1948,7 @@ def test_decode_sampling_follows_target(kind, setting, temperature, top_p, top_k
 
 
 def test_decode_real_greedy_spec_equals_plain(real, real_hf, real_answers):
-    """Real target: plain == transformers' generate; speculative == plain (random, fitted and shipped drafts)."""
+    """Real target: plain == transformers' generate; speculative == plain (fitted and shipped drafts)."""
     (target, tok), (ids, answers) = real, real_answers
     stop = tok.stop_ids
     assert answers[0][-1] in stop and len(answers[0]) < 30 and len(answers[1]) == 30  # a stop, and the length limit
@@ -1969,14 +1957,12 @@ def test_decode_real_greedy_spec_equals_plain(real, real_hf, real_answers):
             out = real_hf.generate(torch.tensor([x]), max_new_tokens=30, do_sample=False,
                                    eos_token_id=sorted(stop), pad_token_id=tok.pad_id)
         assert want == out[0, len(x):].tolist()
-    trained = tiny_draft(target, [torch.tensor(x + a) for x, a in zip(ids, answers)], seed=1)
-    # the random draft (rejections only, its tau is ~1: slow) on the short answer alone
-    for draft, setting, n_prompts in ((tiny_draft(target, seed=1), ("tree", 4, 4, 12), 1),
-                                      (trained, ("chain", 4, 0, 0), 2), (trained, ("tree", 5, 4, 16), 2)):
-        for x, want in zip(ids[:n_prompts], answers):
-            r = spec(target, draft, x, setting, stop, max_new_tokens=30)
-            assert r.tokens == want, setting
-            assert draft is not trained or (r.tau > 1.5 and max(r.accepted_lengths) >= 3), r.accepted_lengths
+    trained, accepted = tiny_draft(target, [torch.tensor(x + a) for x, a in zip(ids, answers)], seed=1), []
+    for setting, (x, want) in itertools.product((("chain", 4, 0, 0), ("tree", 5, 4, 16)), zip(ids, answers)):
+        r = spec(target, trained, x, setting, stop, max_new_tokens=30)
+        assert r.tokens == want and r.tau > 1.5 and max(r.accepted_lengths) >= 3, (setting, r.accepted_lengths)
+        accepted += r.accepted_lengths
+    assert 0 in accepted  # rejections too (a random draft's, on tiny targets: test_decode_greedy_spec_equals_plain)
     for kind in ("beagle", "eagle2"):
         draft = beagle.load_draft(str(decode.SHIPPED[kind]), target)
         assert type(draft) is beagle.DRAFTS[kind]
@@ -2021,9 +2007,8 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
     assert result["settings"]["temperature"] == 0 and result["settings"]["hardware"]
     assert (tmp_path / "b" / "bench.md").read_text().strip() == out.strip() and "| overall | 3 |" in out
     ids, answers = real_answers
-    sampled = [plain(target, ids[1], tok.stop_ids, max_new_tokens=16, temperature=0.7, seed=2, cuda_graph=graph)
-               for graph in (False, True)]
-    assert sampled[0] == sampled[1] and len(sampled[0]) == 16 and sampled[0] != answers[1][:16]
+    sampled = plain(target, ids[1], tok.stop_ids, max_new_tokens=16, temperature=0.7, seed=2)
+    assert len(sampled) == 16 and sampled != answers[1][:16]  # (seeded, --cuda-graph alike: test_graph_static_steps_*)
     assert tok.conversation(["Hi", "Again"], ["Hello!"], system="You are terse.") == tok.chat(
         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again"}])
