@@ -602,11 +602,8 @@ def test_llama_gguf_round_trip_and_llama31_rope(gguf_file, sp_model, tmp_path):
     assert all(tok.encode(text) == sp_ref_ids(ref_tok, text) for text in SP_TEXTS)
     assert (tok.bos_id, tok.eos_id, 2 in tok.stop_ids) == (1, 2, True)
     assert tok.render([{"role": "user", "content": "x"}]).startswith("<|im_start|>user\nx<|im_end|>")
-    r = script("convert.py", "--convert", path, "--out", tmp_path / "m")  # (its one subprocess)
+    r = script("convert.py", "--convert", path, "--out", tmp_path / "m")  # (its one subprocess; errors: MISUSE)
     assert r.returncode == 0 and (tmp_path / "m" / "config.json").exists(), r.stderr
-    r = script("convert.py", "--convert", path, f"--out={tmp_path / 'm'}")
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and "not empty" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     scaling = {**LLAMA3, "original_max_position_embeddings": 8192}  # Llama-3.1: rope_freqs, one divisor a frequency
     ref = hf_model(num_key_value_heads=2, vocab_size=400, rope_theta=500000.0, rope_scaling=scaling)
     args = ModelArgs(dim=64, n_heads=4, rope_theta=500000.0)
@@ -964,7 +961,6 @@ def test_train_checkpoint_roundtrip_export_and_errors(tmp_path, monkeypatch):
     assert_same_weights(draft, load_draft(path, target))
     bf = load_draft(path, train_target().to(torch.bfloat16), dtype=torch.bfloat16)
     assert bf.wq.weight.dtype == torch.bfloat16 and bf.rope.dtype == torch.bfloat16  # RoPE rounded as HF does
-    load_draft(path, train_target().half())
     norms = lambda t: torch.tensor(beagle.target_fingerprint(t)["embedding_norms"])
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.allclose(norms(target), norms(train_target().to(dtype)), rtol=2e-3)
@@ -1450,7 +1446,6 @@ def test_data_tokenize_mask(tokenizer, request):
         assert ids == tok.chat(msgs, add_generation_prompt=False)
         check_mask(tok, msgs, ids, mask)  # the header "<|im_start|>assistant\n" and the "\n" after are out
         assert sum(mask) == sum(len(tok.encode(m["content"])) + 1 for m in msgs if m["role"] == "assistant")
-        assert tok.encode("<|im_end|>")[0] in tok.stop_ids
     ids, mask = data.tokenize(tok, convs[0], 4096)  # the default system prompt SmolLM2 inserts is not in the loss
     assert "SmolLM" in tok.decode(ids) and "SmolLM" not in tok.decode([i for i, m in zip(ids, mask) if m])
     with pytest.raises(BeagleError, match="straddles"):  # a token across the header and the content: refused
@@ -1887,7 +1882,6 @@ def test_decode_sampling_pieces():
                                torch.cat([logits[0, :2].softmax(-1), torch.zeros(3)]))
     torch.testing.assert_close(p(temperature=1.0, top_p=0.85), torch.cat([full[:2] / full[:2].sum(), torch.zeros(3)]))
     torch.testing.assert_close(p(temperature=1.0, top_p=0.5), torch.tensor([1.0, 0, 0, 0, 0]))  # the top token alone
-    assert decode.pick(logits[0], DecodeConfig(temperature=0.0), None).item() == 0
     q = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(decode.draw(q.expand(20000, -1), u), minlength=6).double() / 20000
@@ -2240,11 +2234,6 @@ def test_graph_static_steps_one_per_setting_and_seeded(tiny):
 def test_graph_widths_and_shapes(tiny, monkeypatch):
     """The tree mask and reads stop at width W (NaN past it unread); one set of shapes per width, the narrowest."""
     target, prompts, _, draft, _ = tiny
-    anc = torch.rand(6, 6) < 0.5
-    for n in (1, 7):
-        full = decode.tree_mask(anc, torch.tensor([n]), torch.arange(40))
-        assert full.shape == (6, 40) and not full[:, n + 6:].any()
-        assert torch.equal(full[:, :n + 6], torch.cat([torch.ones(6, n, dtype=torch.bool), anc], 1))
     x = torch.tensor([prompts[2] + [3, 4, 5]])
     n, L = x.shape[1] - 1, 64
     W = n + 14  # the tree's 14 slots (1 + 10 nodes, 1 + 3 x 3 draft queries) fit, nothing more
@@ -2458,6 +2447,7 @@ MISUSE = [  # (script, argv, what the one line says)
     ("train.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
     ("convert.py", "--convert missing.gguf --out x", "missing.gguf: no such file"),
     ("convert.py", "--convert DEFAULT_GGUF --out a_file", "--out a_file is a file; give a directory"),
+    ("convert.py", "--convert DEFAULT_GGUF --out taken", "taken already exists and is not empty"),
 ]
 
 
