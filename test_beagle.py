@@ -347,14 +347,10 @@ def test_llama_hf_dir_matches_transformers(case, tmp_path):
         llama_close(half(tokens)[0].float(), expected, rel=0.05)
 
 
-def test_llama_fused_weights_and_the_cpu_few_row_path(tmp_path):
-    """Fused wqkv / w13 are HF's tensors concatenated; k, v view one buffer; the CPU few-row linear == F.linear."""
-    ref = hf_model(num_key_value_heads=2)
-    ref.save_pretrained(tmp_path)
-    model, sd = llama.load_hf(tmp_path), ref.state_dict()
-    for fused in ("layers.{i}.attention.wqkv", "layers.{i}.feed_forward.w13"):
-        parts = [sd[hf.format(i=1) + ".weight"] for _, hf, ours in llama.NAMES if ours == fused]
-        assert len(parts) > 1 and torch.equal(model.state_dict()[fused.format(i=1) + ".weight"], torch.cat(parts))
+def test_llama_fused_kv_cache_and_the_cpu_few_row_path():
+    """k, v view one buffer; the CPU few-row linear == F.linear, taken for few rows by the fused projections.
+    (Fused wqkv / w13 == HF's tensors concatenated: the GGUF round trip and the logits against transformers.)"""
+    model = tiny_target(hidden_dim=96)
     cache = KVCache(model.args, 1, 8)
     assert cache.k.shape == cache.v.shape == (2, 1, 2, 8, 16)
     cache.kv.fill_(0)
@@ -780,10 +776,9 @@ def test_llama_old_format_draft_gives_the_same_hat_h(tmp_path):
         hats = [load_draft(p, target)(emb, pos, h, pos, block_mask(12, 3, 1)[None, None]) for p in (new, old)]
     assert torch.equal(hats[0], hats[1]) and not torch.equal(hats[0], emb)
     beagle.export_draft(old, re, torch.float32)
-    tensors, _ = beagle.read_draft(re)
-    assert "wk.weight" not in tensors and torch.equal(tensors["wkv.weight"], draft.wkv.weight)
-    with safe_open(re, framework="pt") as f:
+    with safe_open(re, framework="pt") as f:  # (the file itself: read_draft fuses old files as it reads them)
         assert {"wkv.weight", "feed_forward.w13.weight"} <= set(f.keys()) and "wv.weight" not in f.keys()
+        assert torch.equal(f.get_tensor("wkv.weight"), draft.wkv.weight)
 
 
 # the knobs live in a module of their own: inspect parses the whole file a class is in (0.7 s a call for this one)
@@ -957,7 +952,6 @@ def test_train_checkpoint_roundtrip_export_and_errors(tmp_path, monkeypatch):
     target = train_target()
     draft, path = tiny_draft(target), str(tmp_path / "d.safetensors")
     save_draft(path, draft, target, extra={"stage": 1})
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     assert_same_weights(draft, load_draft(path, target))
     bf = load_draft(path, train_target().to(torch.bfloat16), dtype=torch.bfloat16)
     assert bf.wq.weight.dtype == torch.bfloat16 and bf.rope.dtype == torch.bfloat16  # RoPE rounded as HF does
@@ -1329,7 +1323,6 @@ def test_train_two_ranks_equal_one_rank(tmp_path):
     a, b = open(one.out).read().split("\n")[:-1], open(tmp_path / "two.jsonl").read().split("\n")[:-1]
     assert a == b and len(a) == 13
     assert len({json.loads(x)["batch"] for x in a}) >= 2  # batches of both ranks are in the file
-    assert len({json.loads(x)["conversations"][0]["value"] for x in a}) == 13  # no first question twice
 
 
 @torch.no_grad()
