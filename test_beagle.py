@@ -228,12 +228,13 @@ class HostReads(TorchDispatchMode):
 
 
 def spy(monkeypatch, obj, name):
-    """Record the arguments of obj.name (a bound method) call by call, tensors cloned."""
+    """Record the arguments of obj.name (a bound method) call by call, tensors cloned, and then its result."""
     calls, real = [], getattr(obj, name)
 
     def wrapper(*args, **kw):
         calls.append([a.clone() if torch.is_tensor(a) else a for a in list(args) + list(kw.values())])
-        return real(*args, **kw)
+        calls[-1].append(real(*args, **kw))
+        return calls[-1][-1]
     monkeypatch.setattr(obj, name, wrapper)
     return calls
 
@@ -801,10 +802,8 @@ class LlamaKnobs:
 def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     """common.cli: values coerced to the field's type, one-line errors, --help from the field comments."""
     (tmp_path / "knobs.py").write_text(KNOBS)
-    spec = importlib.util.spec_from_file_location("knobs", tmp_path / "knobs.py")
-    monkeypatch.setitem(sys.modules, "knobs", importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(sys.modules["knobs"])
-    LlamaKnobs = sys.modules["knobs"].LlamaKnobs
+    monkeypatch.syspath_prepend(tmp_path)
+    LlamaKnobs = importlib.import_module("knobs").LlamaKnobs
     cli = lambda *argv: common.cli(LlamaKnobs, list(argv))
     assert cli() == LlamaKnobs()
     assert cli("--max-new-tokens", "5", "--temperature=0.7", "--out", "a b") == LlamaKnobs(5, 0.7, "a b")
@@ -1814,13 +1813,8 @@ def test_decode_draft_tree_equals_reference(tiny):
 def test_decode_verification_logits_and_kv_compaction(tiny, monkeypatch):
     """Each tree node's verification logits == a plain forward of its path; caches after a step == a fresh prefill."""
     target, prompts, _, draft, _ = tiny
-    calls, forward = [], target.forward
-
-    def spy_forward(tokens, positions=None, cache=None, mask=None, slots=None):
-        out = forward(tokens, positions, cache, mask, slots)
-        calls.append((tokens.clone(), positions.clone(), mask.clone(), out[0].clone()))
-        return out
-    monkeypatch.setattr(target, "forward", spy_forward)
+    forward = target.forward
+    calls = spy(monkeypatch, target, "forward")
     close = lambda a, b, tol=1e-5: torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     cfg, seq = decode_cfg(depth=4, top_k=3, tree_tokens=12), list(prompts[1])
     n, moved = len(seq), 0
@@ -1834,7 +1828,7 @@ def test_decode_verification_logits_and_kv_compaction(tiny, monkeypatch):
                                          torch.tensor([n]), root.view(1))
             m, *found = found.tolist()
             new = found[:m] + found[-1:]
-            tokens, positions, mask, vlogits = calls[-1]
+            tokens, positions, _, mask, _, (vlogits, _) = calls[-1]
             for i in range(1, tokens.shape[1]):  # parent = the deepest other visible tree node
                 path, j = [], i
                 while j:
@@ -2246,7 +2240,7 @@ def test_graph_widths_and_shapes(tiny, monkeypatch):
     monkeypatch.setattr(decode, "WIDTH", 16)
     monkeypatch.setattr(data, "WIDTH_STEP", 16)
     target.__dict__.pop("decode_static", None), target.__dict__.pop("generate_static", None)
-    shape = lambda c: tuple(tuple(a.shape) if torch.is_tensor(a) else a for a in c)
+    shape = lambda c: tuple(tuple(a.shape) if torch.is_tensor(a) else a for a in c[:-1])  # (the result left out)
     for mode, extra in (("ar", 1), ("tree", 6)):  # (tree 3 / 2 / 5: root + 5 nodes verified, 5 draft queries)
         cfg = DecodeConfig(mode=mode, depth=3, top_k=2, tree_tokens=5, max_new_tokens=30, cuda_graph=True)
         by_width, ns = {}, set()
