@@ -1101,8 +1101,7 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     raises([((train_cfg(tmp_path, "s2c", stage=2, init=ckpt, max_steps=1), train_target(seed=5), tok),
              "another target")], train.train)
     e2 = train.train(train_cfg(tmp_path, "e2", draft="eagle2", window=1, max_steps=4), target, tok)
-    assert type(e2) is beagle.Eagle2 and type(load_draft(str(tmp_path / "e2" / "draft.safetensors"), target)) is \
-        beagle.Eagle2
+    assert type(e2) is beagle.Eagle2  # (its checkpoint names its kind: test_train_checkpoint_roundtrip_*)
     rows = (tmp_path / "e2" / "eval.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,epochs,acc1,train_acc1,tau_chain,tau" and float(rows[-1].split(",")[-1]) >= 1.0
     raises([((train_cfg(tmp_path, "b", init=str(tmp_path / "e2" / "draft.safetensors"), max_steps=1), target, tok),
@@ -1655,13 +1654,8 @@ def test_selfgen_sampling_is_seeded_and_follows_probs():
         assert int(data.sample(lg, 1.0, u=torch.tensor([u]))) == tok
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g)
-    assert torch.equal(data.sample(logits, 0.0), logits.argmax(-1))
     assert torch.equal(data.sample(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
     assert torch.equal(data.sample(logits, 1.0, top_p=1e-6, generator=g), logits.argmax(-1))
-    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])  # top_p just above p0 + p1 keeps exactly three tokens, as top-k 3
-    want = torch.cat([row[:3].softmax(-1), torch.zeros(2)])
-    for kw in (dict(top_k=3), dict(top_p=float(row.softmax(-1)[:2].sum()) + 1e-3)):
-        torch.testing.assert_close(data.probs(row, **kw), want)
 
 
 @GPU_ONLY
@@ -1866,6 +1860,8 @@ def test_decode_sampling_pieces():
                                torch.cat([logits[0, :2].softmax(-1), torch.zeros(3)]))
     torch.testing.assert_close(p(temperature=1.0, top_p=0.85), torch.cat([full[:2] / full[:2].sum(), torch.zeros(3)]))
     torch.testing.assert_close(p(temperature=1.0, top_p=0.5), torch.tensor([1.0, 0, 0, 0, 0]))  # the top token alone
+    top3 = torch.cat([logits[0, :3].softmax(-1), torch.zeros(2)])  # top_p just above p0 + p1: three tokens
+    torch.testing.assert_close(p(temperature=1.0, top_p=float(full[:2].sum()) + 1e-3), top3)
     q = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(decode.draw(q.expand(20000, -1), u), minlength=6).double() / 20000
