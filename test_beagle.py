@@ -228,12 +228,13 @@ class HostReads(TorchDispatchMode):
 
 
 def spy(monkeypatch, obj, name):
-    """Record the arguments of obj.name (a bound method) call by call, tensors cloned."""
+    """Record the arguments of obj.name (a bound method) call by call, tensors cloned, and then its result."""
     calls, real = [], getattr(obj, name)
 
     def wrapper(*args, **kw):
         calls.append([a.clone() if torch.is_tensor(a) else a for a in list(args) + list(kw.values())])
-        return real(*args, **kw)
+        calls[-1].append(real(*args, **kw))
+        return calls[-1][-1]
     monkeypatch.setattr(obj, name, wrapper)
     return calls
 
@@ -347,14 +348,10 @@ def test_llama_hf_dir_matches_transformers(case, tmp_path):
         llama_close(half(tokens)[0].float(), expected, rel=0.05)
 
 
-def test_llama_fused_weights_and_the_cpu_few_row_path(tmp_path):
-    """Fused wqkv / w13 are HF's tensors concatenated; k, v view one buffer; the CPU few-row linear == F.linear."""
-    ref = hf_model(num_key_value_heads=2)
-    ref.save_pretrained(tmp_path)
-    model, sd = llama.load_hf(tmp_path), ref.state_dict()
-    for fused in ("layers.{i}.attention.wqkv", "layers.{i}.feed_forward.w13"):
-        parts = [sd[hf.format(i=1) + ".weight"] for _, hf, ours in llama.NAMES if ours == fused]
-        assert len(parts) > 1 and torch.equal(model.state_dict()[fused.format(i=1) + ".weight"], torch.cat(parts))
+def test_llama_fused_kv_cache_and_the_cpu_few_row_path():
+    """k, v view one buffer; the CPU few-row linear == F.linear, taken for few rows by the fused projections.
+    (Fused wqkv / w13 == HF's tensors concatenated: the GGUF round trip and the logits against transformers.)"""
+    model = tiny_target(hidden_dim=96)
     cache = KVCache(model.args, 1, 8)
     assert cache.k.shape == cache.v.shape == (2, 1, 2, 8, 16)
     cache.kv.fill_(0)
@@ -387,8 +384,9 @@ def repeated_kv_attention(q, k, v, mask):  # the reference: each query head over
 
 
 @torch.no_grad()
-def test_llama_cache_trees_and_grouped_attention():
-    """Cached steps, last-only prefill, a tree + KVCache.move, grouped attention: the full forward's numbers."""
+def test_llama_cache_and_grouped_attention():
+    """Cached steps and last-only prefill: the full forward's numbers; grouped attention == repeated kv heads.
+    (A cached tree step + KVCache.move: test_decode_verification_logits_and_kv_compaction.)"""
     model = tiny_target(97, sharp=1.0)
     close = functools.partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)
     ones = lambda *shape: torch.ones(*shape, dtype=torch.bool)
@@ -402,39 +400,12 @@ def test_llama_cache_trees_and_grouped_attention():
     for t in range(10, 24):  # one token at a time; mask width t+1 = the live slots
         steps.append(model(tokens[:, t:t + 1], torch.tensor([t]), cache, ones(1, 1, 1, t + 1))[0])
     close(torch.cat(steps, 1), full)
-    # a tree after a prefix of n: parent[i] < i; node depth d sits at RoPE position n + d
-    n, prefix, parent = 7, torch.randint(0, 97, (1, 7)), [-1, 0, 0, 1, 1, 2, 3]
-    tree, depth, anc = torch.randint(0, 97, (1, 7)), [0] * 7, torch.eye(7, dtype=torch.bool)
-    for i, p in enumerate(parent[1:], 1):
-        depth[i], anc[i] = depth[p] + 1, anc[i] | anc[p]
-    cache = KVCache(model.args, 1, 32)
-    model(prefix, torch.arange(n), cache)
-    mask = torch.cat([ones(7, n), anc], 1)[None, None]  # prefix + ancestors
-    tree_logits, tree_h = model(tree, n + torch.tensor(depth), cache, mask, slots=torch.arange(n, n + 7))
-    path = [0, 1, 3, 6]  # accept root -> 1 -> 3 -> 6, compact it to slots n.. and continue from there
-    cache.move(torch.tensor(path) + n, n)
-    seq = torch.cat([prefix, tree[:, path]], 1)
-    ref_logits, ref_h = model(seq)
-    close(tree_logits[:, path], ref_logits[:, n:])
-    close(tree_h[:, path], ref_h[:, n:])
-    nxt, m = torch.randint(0, 97, (1, 1)), n + len(path)
-    out = model(nxt, torch.tensor([m]), cache, ones(1, 1, 1, m + 1))[0]
-    close(out[:, -1], model(torch.cat([seq, nxt], 1))[0][:, -1])
     g = torch.Generator().manual_seed(0)  # grouped attention: one row, a tree of rows, rows with few visible keys
     for B, H, Hkv, T, S in ((1, 9, 3, 1, 40), (2, 4, 2, 7, 30), (3, 6, 6, 5, 12)):
         q, k, v = (torch.randn(B, h, t, 16, generator=g) for h, t in ((H, T), (Hkv, S), (Hkv, S)))
         mask = torch.rand(B, 1, T, S, generator=g) < 0.4
         mask[..., 0] = True
         torch.testing.assert_close(llama.attention(q, k, v, mask), repeated_kv_attention(q, k, v, mask))
-    tokens, mask, runs = torch.randint(0, 97, (1, 30)), torch.rand(1, 1, 12, 30) < 0.5, []
-    mask[..., :18] = True
-    for attention in (llama.attention, repeated_kv_attention):  # the target in a cached tree step
-        cache = KVCache(model.args, 1, 30)
-        model(tokens[:, :18], torch.arange(18), cache)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(llama, "attention", attention)
-            runs.append(model(tokens[:, 18:], 18 + torch.arange(12) % 4, cache, mask, slots=18 + torch.arange(12))[0])
-    close(runs[0], runs[1])
 
 
 def test_llama_rope_table_equals_hf_rotation():
@@ -628,11 +599,8 @@ def test_llama_gguf_round_trip_and_llama31_rope(gguf_file, sp_model, tmp_path):
     assert all(tok.encode(text) == sp_ref_ids(ref_tok, text) for text in SP_TEXTS)
     assert (tok.bos_id, tok.eos_id, 2 in tok.stop_ids) == (1, 2, True)
     assert tok.render([{"role": "user", "content": "x"}]).startswith("<|im_start|>user\nx<|im_end|>")
-    r = script("convert.py", "--convert", path, "--out", tmp_path / "m")  # (its one subprocess)
+    r = script("convert.py", "--convert", path, "--out", tmp_path / "m")  # (its one subprocess; errors: MISUSE)
     assert r.returncode == 0 and (tmp_path / "m" / "config.json").exists(), r.stderr
-    r = script("convert.py", "--convert", path, f"--out={tmp_path / 'm'}")
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and "not empty" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     scaling = {**LLAMA3, "original_max_position_embeddings": 8192}  # Llama-3.1: rope_freqs, one divisor a frequency
     ref = hf_model(num_key_value_heads=2, vocab_size=400, rope_theta=500000.0, rope_scaling=scaling)
     args = ModelArgs(dim=64, n_heads=4, rope_theta=500000.0)
@@ -716,8 +684,7 @@ def test_common_device_dtype_atomic_writes_and_stale_temps(tmp_path, monkeypatch
     bf16 = ("cpu", torch.bfloat16)
     assert common.device_and_dtype("cpu", "bf16") == common.device_and_dtype("cpu", "bfloat16") == bf16
     assert common.device_and_dtype("auto", "fp16")[0] == ("cuda" if torch.cuda.is_available() else "cpu")
-    raises([(("cpu", "int8"), "--dtype must be")] + [(("cuda", "auto"), "CUDA is not available")] *
-           (not torch.cuda.is_available()), common.device_and_dtype)
+    raises([(("cuda", "auto"), "CUDA is not available")] * (not torch.cuda.is_available()), common.device_and_dtype)
     path = tmp_path / "f.txt"
     common.write_atomic(path, lambda tmp: tmp.write_text("one"))
 
@@ -809,10 +776,9 @@ def test_llama_old_format_draft_gives_the_same_hat_h(tmp_path):
         hats = [load_draft(p, target)(emb, pos, h, pos, block_mask(12, 3, 1)[None, None]) for p in (new, old)]
     assert torch.equal(hats[0], hats[1]) and not torch.equal(hats[0], emb)
     beagle.export_draft(old, re, torch.float32)
-    tensors, _ = beagle.read_draft(re)
-    assert "wk.weight" not in tensors and torch.equal(tensors["wkv.weight"], draft.wkv.weight)
-    with safe_open(re, framework="pt") as f:
+    with safe_open(re, framework="pt") as f:  # (the file itself: read_draft fuses old files as it reads them)
         assert {"wkv.weight", "feed_forward.w13.weight"} <= set(f.keys()) and "wv.weight" not in f.keys()
+        assert torch.equal(f.get_tensor("wkv.weight"), draft.wkv.weight)
 
 
 # the knobs live in a module of their own: inspect parses the whole file a class is in (0.7 s a call for this one)
@@ -836,10 +802,8 @@ class LlamaKnobs:
 def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     """common.cli: values coerced to the field's type, one-line errors, --help from the field comments."""
     (tmp_path / "knobs.py").write_text(KNOBS)
-    spec = importlib.util.spec_from_file_location("knobs", tmp_path / "knobs.py")
-    monkeypatch.setitem(sys.modules, "knobs", importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(sys.modules["knobs"])
-    LlamaKnobs = sys.modules["knobs"].LlamaKnobs
+    monkeypatch.syspath_prepend(tmp_path)
+    LlamaKnobs = importlib.import_module("knobs").LlamaKnobs
     cli = lambda *argv: common.cli(LlamaKnobs, list(argv))
     assert cli() == LlamaKnobs()
     assert cli("--max-new-tokens", "5", "--temperature=0.7", "--out", "a b") == LlamaKnobs(5, 0.7, "a b")
@@ -884,13 +848,10 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     assert ("--draft STR a checkpoint written by train.py (fp32 master weights) "
             "(default 'runs/s2/draft.safetensors')") in out
     assert "--vocab-data STR|none (re)compute the token ranking" in out  # a comment above its field
-    dcli = lambda *argv: common.cli(DecodeConfig, list(argv))
-    assert dcli("--cuda-graph").cuda_graph is True and dcli("--cuda-graph", "false").cuda_graph is False
-    cfg = dcli("--device", "cpu")
+    cfg = common.cli(DecodeConfig, ["--device", "cpu"])
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
     assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
-    assert dcli("--compile", "--compile-mode", "default").compile is True
 
 
 def test_llama_import_is_the_model_alone():
@@ -989,11 +950,9 @@ def test_train_checkpoint_roundtrip_export_and_errors(tmp_path, monkeypatch):
     target = train_target()
     draft, path = tiny_draft(target), str(tmp_path / "d.safetensors")
     save_draft(path, draft, target, extra={"stage": 1})
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     assert_same_weights(draft, load_draft(path, target))
     bf = load_draft(path, train_target().to(torch.bfloat16), dtype=torch.bfloat16)
     assert bf.wq.weight.dtype == torch.bfloat16 and bf.rope.dtype == torch.bfloat16  # RoPE rounded as HF does
-    load_draft(path, train_target().half())
     norms = lambda t: torch.tensor(beagle.target_fingerprint(t)["embedding_norms"])
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.allclose(norms(target), norms(train_target().to(dtype)), rtol=2e-3)
@@ -1040,15 +999,16 @@ def fixed_batch(B=3, T=24, seed=0):  # (ids, loss_mask, valid): row 1 right-padd
     return ids, torch.ones(B, T, dtype=torch.bool), valid
 
 
-def draft_outs(target, draft, batch, stage_steps, offset=1, k=3, recompute=False, chunk=16, noise=0.0):
-    """One training step's forward: DraftStep on the batch's target states, then the chunked loss."""
+def draft_outs(target, draft, batch, stage_steps, offset=1, k=3, recompute=False, chunk=16, noise=0.0, step=None):
+    """One training step's forward: DraftStep (or `step`, its DDP wrapper) on the batch's target states, then the
+    chunked loss."""
     ids, loss_mask, valid = batch
     with torch.no_grad():
         _, h = target(ids)
         emb = target.tok_embeddings(ids)
     plan = train.loss_plan(loss_mask, valid, k, offset, stage_steps, torch.device("cpu"))
-    outs = train.DraftStep(draft, recompute)(emb, h + noise * torch.randn_like(h), k, offset, stage_steps,
-                                             [q for q, _, _, _ in plan] if stage_steps else None)
+    outs = (step or train.DraftStep(draft, recompute))(emb, h + noise * torch.randn_like(h), k, offset, stage_steps,
+                                                       [q for q, _, _, _ in plan] if stage_steps else None)
     return train.draft_loss(target.output, outs, h, plan, 10.0, chunk=chunk)
 
 
@@ -1096,10 +1056,6 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     """Resumed runs (--max-steps, SIGINT) equal one run; run dirs guarded; eval schedule; stage 2, EAGLE-2, caches."""
     target, tok = train_target(), CharTokenizer(system=None)
     full = train.train(train_cfg(tmp_path, "full", max_steps=7), target, tok)
-    train.train(train_cfg(tmp_path, "part", max_steps=4), target, tok)  # "interrupted" mid-epoch 1
-    assert_same_weights(full, train.train(train_cfg(tmp_path, "part", max_steps=7, resume=True), target, tok))
-    raises([((train_cfg(tmp_path, "part", window=4, max_steps=9, resume=True), target, tok), "different --window"),
-            ((train_cfg(tmp_path, "full", max_steps=7), target, tok), "holds a run")], train.train)
     randomness = train.step_randomness
 
     def interrupt_at_2(cfg, step, *a):
@@ -1112,6 +1068,8 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
             with pytest.raises(train.Interrupted, match="SIGINT at step 2"):
                 train.train(train_cfg(tmp_path, run, max_steps=7, **kw), target, tok)
     assert not (tmp_path / "sig" / "eval.csv").exists()
+    raises([((train_cfg(tmp_path, "sig", window=4, max_steps=9, resume=True), target, tok), "different --window"),
+            ((train_cfg(tmp_path, "full", max_steps=7), target, tok), "holds a run")], train.train)
     assert_same_weights(full, train.train(train_cfg(tmp_path, "sig", max_steps=7, resume=True), target, tok))
     cosine = train.train(train_cfg(tmp_path, "cfull", max_steps=7, schedule="cosine"), target, tok)
     assert_same_weights(cosine, train.train(train_cfg(tmp_path, "cos", max_steps=7, resume=True, schedule="cosine"),
@@ -1133,9 +1091,8 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
                                                    ["7", "2", "2.333"]]
     assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:9])
     assert float(rows[-1].split(",")[-1]) >= 1.0  # measured at the end: a tree decode's tau
-    again = train.train(train_cfg(tmp_path, "sig", max_steps=2, tau_interval=0, overwrite=True), target, tok)
+    train.train(train_cfg(tmp_path, "sig", max_steps=2, tau_interval=0, overwrite=True), target, tok)
     assert len((tmp_path / "sig" / "train.csv").read_text().splitlines()) == 2  # header + step 2
-    assert not torch.equal(again.wq.weight, full.wq.weight)
     ckpt = str(out / "draft.safetensors")  # stage 2 from the stage-1 draft: with lr 0 the checkpoint's weights
     s2 = train.train(train_cfg(tmp_path, "s2", stage=2, init=ckpt, lr=0.0, max_steps=1), target, tok)
     assert_same_weights(full, s2)
@@ -1144,8 +1101,7 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     raises([((train_cfg(tmp_path, "s2c", stage=2, init=ckpt, max_steps=1), train_target(seed=5), tok),
              "another target")], train.train)
     e2 = train.train(train_cfg(tmp_path, "e2", draft="eagle2", window=1, max_steps=4), target, tok)
-    assert type(e2) is beagle.Eagle2 and type(load_draft(str(tmp_path / "e2" / "draft.safetensors"), target)) is \
-        beagle.Eagle2
+    assert type(e2) is beagle.Eagle2  # (its checkpoint names its kind: test_train_checkpoint_roundtrip_*)
     rows = (tmp_path / "e2" / "eval.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,epochs,acc1,train_acc1,tau_chain,tau" and float(rows[-1].split(",")[-1]) >= 1.0
     raises([((train_cfg(tmp_path, "b", init=str(tmp_path / "e2" / "draft.safetensors"), max_steps=1), target, tok),
@@ -1204,8 +1160,8 @@ def ref_loss(output, outs, logits, h, labels, window, stage, vloss_weight):
     return total / (w_sum or 1.0)
 
 
-@pytest.mark.parametrize("stage,steps", [(1, 0), (2, 3)])
-def test_train_chunked_loss_and_recompute_equal_references(stage, steps):
+@pytest.mark.parametrize("stage,steps,offset", [(1, 0, 2), (2, 3, 0)])
+def test_train_chunked_loss_and_recompute_equal_references(stage, steps, offset):
     """The chunked loss and gradients equal the plain reference; --recompute too, keeping about each step's inputs."""
     target = train_target()
     target.output.weight.mul_(5)  # peaked targets: the two cross-entropy terms differ clearly
@@ -1218,11 +1174,11 @@ def test_train_chunked_loss_and_recompute_equal_references(stage, steps):
     grads = []
     for chunked in (False, True):
         if chunked:
-            loss, ce, vl = draft_outs(target, draft, batch, steps, chunk=5)
+            loss, ce, vl = draft_outs(target, draft, batch, steps, offset, chunk=5)
             assert not ce.requires_grad and torch.allclose(loss, ce + 10.0 * vl, atol=1e-5)
         else:
-            loss = ref_loss(target.output, train.DraftStep(draft)(emb, h, 3, 1, steps), logits, h,
-                            train.label_positions(loss_mask, valid, 3, 1), 3, stage, 10.0)
+            loss = ref_loss(target.output, train.DraftStep(draft)(emb, h, 3, offset, steps), logits, h,
+                            train.label_positions(loss_mask, valid, 3, offset), 3, stage, 10.0)
         draft.zero_grad()
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in draft.parameters()]))
@@ -1271,28 +1227,16 @@ def test_train_draft_loss_by_hand():
     assert math.isclose(ce.item(), math.log(3), rel_tol=1e-6)
     assert math.isclose(vl.item(), 0.25 * math.log(2) ** 2, rel_tol=1e-6)
     assert math.isclose(loss.item(), math.log(3) + 2.5 * math.log(2) ** 2, rel_tol=1e-6)
-    loss0, _, _ = train.draft_loss(head, [(torch.arange(2), hat)], h, plan, 0.0)
-    loss0.backward()  # dCE/dhat = (q - p) W = (1/3 - (.4, .2, .4)) W = (-2/15, 1/15); row 0 untouched
-    assert torch.allclose(hat.grad[0], torch.tensor([[0.0, 0.0], [-2 / 15, 1 / 15]]), atol=1e-6)
 
 
 def test_train_labels_loss_plan_chain_tau_and_no_host_reads():
-    """Trained positions, the host-side loss plan, chain_tau by enumeration; a step's device part reads nothing back."""
+    """Trained positions, chain_tau by enumeration; a step's device part reads nothing back. (The loss plan: the
+    chunked loss == its plain reference, test_train_chunked_loss_and_recompute_equal_references.)"""
     loss_mask = torch.tensor([[False, False, True, True, True, False]])
     valid = torch.tensor([[True, True, True, True, True, False]])
     lab = train.label_positions(loss_mask, valid, 3, 1)  # position 0 sees no key
     # position i is trained when token i+1 is a label: i = 1, 2, 3; i = 4 predicts padding
     assert lab.tolist() == [[False, True, True, True, False, False]]
-    loss_mask, valid = torch.ones(2, 9, dtype=torch.bool), torch.ones(2, 9, dtype=torch.bool)
-    valid[1, 5:] = False
-    (q1, r1, p1, c1), (q2, r2, p2, c2) = train.loss_plan(loss_mask, valid, 3, 0, 2, torch.device("cpu"))
-    assert q1.tolist() == [0, 3, 6] and q2.tolist() == [1, 4, 7]  # windows [0,3) [3,6) [6,9)
-    # trained: sees a true state (window >= 1) and predicts a real token: row 0 -> 3, 4, 6, 7; row 1 -> 3 only
-    assert p1.tolist() == [3, 6, 9 + 3] and p2.tolist() == [4, 7]
-    assert r1.tolist() == [1, 2, 3 + 1] and r2.tolist() == [1, 2]
-    assert math.isclose(c1, 3 / (5 * 3)) and math.isclose(c2, 2 / (5 * 2))  # beta 3, 2 over their sum
-    (q, r, p, c), = train.loss_plan(loss_mask, valid, 3, 0, 0, torch.device("cpu"))
-    assert q is None and p.tolist() == [3, 4, 5, 6, 7, 9 + 3] and r.tolist() == p.tolist() and c == 1 / 6
     assert train.chain_tau([1.0, 1.0, 1.0]) == 4.0 and train.chain_tau([0.0, 1.0]) == 1.0
     acc, want = [0.9, 0.6, 0.3], 0.0  # step d is accepted when steps 1..d all agree (independently, prob a_d)
     for outcome in itertools.product([0, 1], repeat=3):
@@ -1338,26 +1282,17 @@ def test_train_batch_tokens_plan_and_measured_tau():
     assert draft.wq.weight.dtype == torch.float32  # the training draft itself is untouched
 
 
-def ddp_batch(seed, B=2, T=24):  # the same label positions in every row: each rank trains as many positions
-    ids = torch.randint(3, 262, (B, T), generator=torch.Generator().manual_seed(seed))
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    mask[:, 6:] = True
-    return ids, mask, torch.ones(B, T, dtype=torch.bool)
+def ddp_batch(seed):  # no padding, labels from position 6 in every row: each rank trains as many positions
+    ids, mask, valid = fixed_batch(2, seed=seed)
+    mask[:, :6] = False
+    return ids, mask, valid.fill_(True)
 
 
 def ddp_grads(batch, steps, world=1):
     target = train_target()
     draft = tiny_draft(target, seed=1)
-    step = train.DraftStep(draft)
-    if world > 1:
-        step = torch.nn.parallel.DistributedDataParallel(step)
-    ids, loss_mask, valid = batch
-    with torch.no_grad():
-        _, h = target(ids)
-        emb = target.tok_embeddings(ids)
-    plan = train.loss_plan(loss_mask, valid, 3, 1, steps, torch.device("cpu"))
-    outs = step(emb, h, 3, 1, steps, [q for q, _, _, _ in plan] if steps else None)
-    train.draft_loss(target.output, outs, h, plan, 10.0, 16)[0].backward()  # (with `step` alive: DDP's hooks fire)
+    step = torch.nn.parallel.DistributedDataParallel(train.DraftStep(draft)) if world > 1 else None
+    draft_outs(target, draft, batch, steps, step=step)[0].backward()  # (with `step` alive: DDP's hooks fire)
     return {n: p.grad.clone() for n, p in draft.named_parameters()}
 
 
@@ -1385,7 +1320,6 @@ def test_train_two_ranks_equal_one_rank(tmp_path):
     a, b = open(one.out).read().split("\n")[:-1], open(tmp_path / "two.jsonl").read().split("\n")[:-1]
     assert a == b and len(a) == 13
     assert len({json.loads(x)["batch"] for x in a}) >= 2  # batches of both ranks are in the file
-    assert len({json.loads(x)["conversations"][0]["value"] for x in a}) == 13  # no first question twice
 
 
 @torch.no_grad()
@@ -1502,7 +1436,6 @@ def test_data_tokenize_mask(tokenizer, request):
         assert ids == tok.chat(msgs, add_generation_prompt=False)
         check_mask(tok, msgs, ids, mask)  # the header "<|im_start|>assistant\n" and the "\n" after are out
         assert sum(mask) == sum(len(tok.encode(m["content"])) + 1 for m in msgs if m["role"] == "assistant")
-        assert tok.encode("<|im_end|>")[0] in tok.stop_ids
     ids, mask = data.tokenize(tok, convs[0], 4096)  # the default system prompt SmolLM2 inserts is not in the loss
     assert "SmolLM" in tok.decode(ids) and "SmolLM" not in tok.decode([i for i, m in zip(ids, mask) if m])
     with pytest.raises(BeagleError, match="straddles"):  # a token across the header and the content: refused
@@ -1561,18 +1494,10 @@ def test_data_batches_split_and_state_cache(tmp_path):
     for idx in data.batch_plan([len(i) for i, _ in ex], 4, seed=2):
         ids, _, v = data.collate([ex[i] for i in idx])
         a, b = disk.batch(idx, ids.shape[1]), mem.batch(idx, ids.shape[1])
-        assert torch.equal(a, b) and a.shape == (*ids.shape, 64) and (a[~v] == 0).all()
+        assert torch.equal(a, b) and a.shape == (*ids.shape, 64) and b.dtype == torch.float32 and (a[~v] == 0).all()
         torch.testing.assert_close(a[v], model(ids)[1][v], atol=1e-5, rtol=1e-5)
     raises([((str(tmp_path / "c"), ex[:-1] + [([1, 2, 3], [True] * 3)]), "other examples"),
             ((str(tmp_path / "nothing"), ex), "no complete state cache")], data.CachedStates)
-    target = train_target()  # the in-memory cache against online states, in the target's dtype
-    ex = [([3 + (i * 7 + j) % 250 for j in range(5 + 3 * i)], [True] * (5 + 3 * i)) for i in range(9)]
-    cache = data.StateCache(target, ex, "cpu")
-    assert cache.flat.dtype == target.output.weight.dtype
-    for idx in ([0, 4, 8], [7], [2, 3]):
-        ids, _, valid = data.collate([ex[i] for i in idx])
-        h = cache.batch(idx, ids.shape[1])
-        assert torch.allclose(h[valid], target(ids, last_only=True)[1][valid], atol=1e-5) and (h[~valid] == 0).all()
 
 
 def test_data_generate_conversations(tmp_path, monkeypatch, capsys):
@@ -1615,15 +1540,14 @@ def test_data_generate_conversations(tmp_path, monkeypatch, capsys):
     assert lines2[:5] == lines and len(lines2) == 9
     for x in lines2[5:]:  # two exchanges, or one whose reply hit the cap (kept truncated, and last)
         assert [t["from"] for t in json.loads(x)["conversations"]] in (["human", "gpt"] * 2, ["human", "gpt"])
-    firsts = [c[0]["content"] for c in data.load_conversations(cfg.out, verbose=False)]
-    assert len(firsts) == 9 == len(set(firsts))
     generate(cfg, model4)  # already complete: nothing added
     assert open(cfg.out).read().split("\n")[:-1] == lines2
+    first = json.loads(lines[0])["conversations"][0]["value"]
     with monkeypatch.context() as m:  # pretend the first question is an MT-bench one: a fresh run drops it
-        m.setattr(data, "mtbench_questions", lambda: {data._norm_text(firsts[0])})
+        m.setattr(data, "mtbench_questions", lambda: {data._norm_text(first)})
         cfg2 = gen_cfg("g2.jsonl", n=5, turns=1, seed=0)
         assert generate(cfg2, model4)["mtbench"] == 1
-    assert firsts[0] not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
+    assert first not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
     cfg = gen_cfg("t.jsonl", n=6, max_reply_tokens=2, seed=0)  # replies cut at the cap are kept, as the last message
     generate(cfg)
     convs = [r["conversations"] for r in jsonl(cfg.out)]
@@ -1649,8 +1573,6 @@ def test_data_cli_end_to_end(tmp_path, monkeypatch, real, capsys):
     assert "batch    1 | kept" in printed.err + printed.out and f"{out}: 6 conversations" in printed.out
     ex = data.tokenize_all(tok, data.load_conversations(str(out), verbose=False), 256, verbose=False)
     assert len(ex) == 6 and all(any(m) for _, m in ex)
-    raises([((["--turns", "0"],), "must be >= 1"), ((["--dtype", "int8"],), "--dtype")],
-           lambda argv: data.main(common.cli(data.GenConfig, ["--out", str(out), "--device", "cpu", *argv])))
 
 
 def test_selfgen_engine_greedy_equals_reference(monkeypatch):
@@ -1662,10 +1584,10 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 30)]
     free = [greedy_reference(model, p, 40, set()) for p in prompts]
     cuts = lambda t: [f.index(t) if t in f else None for f, _ in free]
-    # a stop token that ends rows at different steps and never comes in others
-    stop = {next(t for t in range(48) if None in cuts(t) and len(set(cuts(t)) - {None}) > 1)}
+    # stop tokens that end rows at different steps (row 3 at its first token) and never come in others
+    stop = {next(t for t in range(48) if None in cuts(t) and len(set(cuts(t)) - {None}) > 1), free[3][0][0]}
     want = [greedy_reference(model, p, 40, stop) for p in prompts]
-    assert {s for _, s in want} == {True, False} and len({len(t) for t, s in want if s}) > 1
+    assert {s for _, s in want} == {True, False} and len({len(t) for t, s in want if s}) > 1 and want[3] == ([], True)
     assert data.generate(model, prompts, 40, set(), temperature=0.0) == free
     assert data.generate(model, prompts, 40, stop, temperature=0.0) == want
     for batch in (2, 8):  # cut into engine batches of 2 (the last padded), or one batch padded to 8
@@ -1684,15 +1606,6 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
         seen, cut = [], free.index(free[9]) if stop else 30
         out = data.generate(model, [list(range(3, 20))], 30, stop, 0.0, on_tokens=lambda ids: seen.append(list(ids)))
         assert out == [(free[:cut], bool(stop))] and seen == [free[:i + 1] for i in range(min(cut + 1, 30))]
-    model = tiny_target(260, sharp=1.0)  # flat distributions, a stop token that ends a row at its first token
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(4, 260, (n,), generator=g).tolist() for n in (1, 7, 3, 12)]
-    ref = [greedy_reference(model, p, 10)[0] for p in prompts]
-    assert data.generate(model, prompts, 10, stop_ids=set(), temperature=0.0) == [(r, False) for r in ref]
-    stop = {ref[1][3], ref[3][0]}
-    for (toks, stopped), r in zip(data.generate(model, prompts, 10, stop_ids=stop, temperature=0.0), ref):
-        cut = next((j for j, x in enumerate(r) if x in stop), None)
-        assert (toks, stopped) == ((r, False) if cut is None else (r[:cut], True))
     live = torch.tensor([[False, False, True, True, True], [True] * 5])  # the prefill mask (left padding)
     m = data.prefill_mask(live)
     assert m.any(-1).all()  # every query row sees a key: no NaN from SDPA
@@ -1741,14 +1654,8 @@ def test_selfgen_sampling_is_seeded_and_follows_probs():
         assert int(data.sample(lg, 1.0, u=torch.tensor([u]))) == tok
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g)
-    assert torch.equal(data.sample(logits, 0.0), logits.argmax(-1))
     assert torch.equal(data.sample(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
     assert torch.equal(data.sample(logits, 1.0, top_p=1e-6, generator=g), logits.argmax(-1))
-    row, want = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1), torch.tensor([2.0, 1.0, 0.5]).softmax(-1)
-    p = row[0].softmax(-1)  # top_p just above p0 + p1 keeps exactly three tokens, as top-k 3 does
-    for kw in (dict(top_k=3), dict(top_p=float(p[:2].sum()) + 1e-3)):
-        counts = torch.bincount(data.sample(row, 1.0, generator=g, **kw), minlength=5).float() / 20000
-        assert counts[3:].sum() == 0 and (counts[:3] - want).abs().max() < 0.02
 
 
 @GPU_ONLY
@@ -1900,13 +1807,8 @@ def test_decode_draft_tree_equals_reference(tiny):
 def test_decode_verification_logits_and_kv_compaction(tiny, monkeypatch):
     """Each tree node's verification logits == a plain forward of its path; caches after a step == a fresh prefill."""
     target, prompts, _, draft, _ = tiny
-    calls, forward = [], target.forward
-
-    def spy_forward(tokens, positions=None, cache=None, mask=None, slots=None):
-        out = forward(tokens, positions, cache, mask, slots)
-        calls.append((tokens.clone(), positions.clone(), mask.clone(), out[0].clone()))
-        return out
-    monkeypatch.setattr(target, "forward", spy_forward)
+    forward = target.forward
+    calls = spy(monkeypatch, target, "forward")
     close = lambda a, b, tol=1e-5: torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     cfg, seq = decode_cfg(depth=4, top_k=3, tree_tokens=12), list(prompts[1])
     n, moved = len(seq), 0
@@ -1920,7 +1822,7 @@ def test_decode_verification_logits_and_kv_compaction(tiny, monkeypatch):
                                          torch.tensor([n]), root.view(1))
             m, *found = found.tolist()
             new = found[:m] + found[-1:]
-            tokens, positions, mask, vlogits = calls[-1]
+            tokens, positions, _, mask, _, (vlogits, _) = calls[-1]
             for i in range(1, tokens.shape[1]):  # parent = the deepest other visible tree node
                 path, j = [], i
                 while j:
@@ -1958,7 +1860,8 @@ def test_decode_sampling_pieces():
                                torch.cat([logits[0, :2].softmax(-1), torch.zeros(3)]))
     torch.testing.assert_close(p(temperature=1.0, top_p=0.85), torch.cat([full[:2] / full[:2].sum(), torch.zeros(3)]))
     torch.testing.assert_close(p(temperature=1.0, top_p=0.5), torch.tensor([1.0, 0, 0, 0, 0]))  # the top token alone
-    assert decode.pick(logits[0], DecodeConfig(temperature=0.0), None).item() == 0
+    top3 = torch.cat([logits[0, :3].softmax(-1), torch.zeros(2)])  # top_p just above p0 + p1: three tokens
+    torch.testing.assert_close(p(temperature=1.0, top_p=float(full[:2].sum()) + 1e-3), top3)
     q = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(decode.draw(q.expand(20000, -1), u), minlength=6).double() / 20000
@@ -2015,12 +1918,11 @@ def test_decode_sampling_follows_target(kind, setting, temperature, top_p, top_k
     assert tv(draft_joint, exact.sum(2)) > 0.3  # the draft is clearly not the target
     assert tv(emp.sum(2), exact.sum(2)) < bound  # (t1, t2), 64 cells
     assert tv(emp.sum(0), exact.sum(0)) < bound  # (t2, t3): the depth-2 acceptances and the bonus tokens
-    assert tv(emp.sum(2), draft_joint) > 0.2
     assert sum(m > 0 for m in accepted) > 0.2 * len(accepted) and 2 in accepted  # acceptance is exercised
 
 
 def test_decode_real_greedy_spec_equals_plain(real, real_hf, real_answers):
-    """Real target: plain == transformers' generate; speculative == plain (random, fitted and shipped drafts)."""
+    """Real target: plain == transformers' generate; speculative == plain (fitted and shipped drafts)."""
     (target, tok), (ids, answers) = real, real_answers
     stop = tok.stop_ids
     assert answers[0][-1] in stop and len(answers[0]) < 30 and len(answers[1]) == 30  # a stop, and the length limit
@@ -2029,14 +1931,12 @@ def test_decode_real_greedy_spec_equals_plain(real, real_hf, real_answers):
             out = real_hf.generate(torch.tensor([x]), max_new_tokens=30, do_sample=False,
                                    eos_token_id=sorted(stop), pad_token_id=tok.pad_id)
         assert want == out[0, len(x):].tolist()
-    trained = tiny_draft(target, [torch.tensor(x + a) for x, a in zip(ids, answers)], seed=1)
-    # the random draft (rejections only, its tau is ~1: slow) on the short answer alone
-    for draft, setting, n_prompts in ((tiny_draft(target, seed=1), ("tree", 4, 4, 12), 1),
-                                      (trained, ("chain", 4, 0, 0), 2), (trained, ("tree", 5, 4, 16), 2)):
-        for x, want in zip(ids[:n_prompts], answers):
-            r = spec(target, draft, x, setting, stop, max_new_tokens=30)
-            assert r.tokens == want, setting
-            assert draft is not trained or (r.tau > 1.5 and max(r.accepted_lengths) >= 3), r.accepted_lengths
+    trained, accepted = tiny_draft(target, [torch.tensor(x + a) for x, a in zip(ids, answers)], seed=1), []
+    for setting, (x, want) in itertools.product((("chain", 4, 0, 0), ("tree", 5, 4, 16)), zip(ids, answers)):
+        r = spec(target, trained, x, setting, stop, max_new_tokens=30)
+        assert r.tokens == want and r.tau > 1.5 and max(r.accepted_lengths) >= 3, (setting, r.accepted_lengths)
+        accepted += r.accepted_lengths
+    assert 0 in accepted  # rejections too (a random draft's, on tiny targets: test_decode_greedy_spec_equals_plain)
     for kind in ("beagle", "eagle2"):
         draft = beagle.load_draft(str(decode.SHIPPED[kind]), target)
         assert type(draft) is beagle.DRAFTS[kind]
@@ -2080,12 +1980,9 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
     assert overall["tokens_per_s"] > 0 and overall["plain_tokens_per_s"] > 0 and overall["tau"] >= 1
     assert result["settings"]["temperature"] == 0 and result["settings"]["hardware"]
     assert (tmp_path / "b" / "bench.md").read_text().strip() == out.strip() and "| overall | 3 |" in out
-    with pytest.raises(BeagleError, match="longer than the context"):  # the chat template alone is > 20 tokens
-        main("--prompt", "hi", "--mode", "ar", "--max-new-tokens", str(target.args.max_seq_len - 20))
     ids, answers = real_answers
-    sampled = [plain(target, ids[1], tok.stop_ids, max_new_tokens=16, temperature=0.7, seed=2, cuda_graph=graph)
-               for graph in (False, True)]
-    assert sampled[0] == sampled[1] and len(sampled[0]) == 16 and sampled[0] != answers[1][:16]
+    sampled = plain(target, ids[1], tok.stop_ids, max_new_tokens=16, temperature=0.7, seed=2)
+    assert len(sampled) == 16 and sampled != answers[1][:16]  # (seeded, --cuda-graph alike: test_graph_static_steps_*)
     assert tok.conversation(["Hi", "Again"], ["Hello!"], system="You are terse.") == tok.chat(
         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again"}])
@@ -2154,9 +2051,6 @@ def test_decode_head_is_part_of_the_step(tiny, monkeypatch):
     assert proposed[16] <= set(draft.vocab[:16].tolist()) and proposed[8] <= set(draft.vocab[:8].tolist())
     assert not proposed[0] <= set(draft.vocab[:16].tolist())  # the whole head proposes other tokens
     assert len([k for k in target.decode_static if k[1] is draft]) == 3  # full, 16, 8: the full one again reused
-    with pytest.raises(BeagleError, match="--top-k 10 must be in \\[1, 5\\]"):
-        draft.set_vocab(target, 5)
-        generate_spec(target, draft, prompts[1], decode_cfg(top_k=10), set())
 
 
 def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
@@ -2182,8 +2076,6 @@ def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
             decode.run(target, draft, prompt, cfg, {prompt[0]}, mode=mode)
         assert not made and not first
         assert {k[0] for k in target.decode_static} == {200}
-    with pytest.raises(BeagleError, match="longer than the context"):
-        decode.run(target, draft, list(range(190)), cfg, set(), mode="ar")
 
 
 def test_decode_slow_compiled_step_equals_eager(capsys, monkeypatch):
@@ -2223,7 +2115,7 @@ def test_decode_cpu_choice_follows_the_machines_costs():
     assert calibrate.choose(CPU_OTHER, DecodeConfig(), [49152])[1] == (1, 1, 1)  # (no ranking: all tokens)
     assert calibrate.expected_tau(1, 2, 2, sampled=True) == pytest.approx(1 + 0.22 + 0.11)  # sampling's model
     sampled, shape, _ = calibrate.choose(CPU_FLAT, DecodeConfig(temperature=0.7), [4096])  # at any temperature > 0
-    assert shape == (1, 3, 3) and sampled == pytest.approx((1 + 0.22 + 0.11 + 0.088) * 25 / (26 + 1.5 + 2))  # wider, shallower
+    assert shape == (1, 3, 3) and sampled == pytest.approx((1 + 0.22 + 0.11 + 0.088) * 25 / (26 + 1.5 + 2))  # wider
     assert calibrate.choose(CPU_FLAT, DecodeConfig(mode="chain"), [4096])[1] == (2, 1, 2)
     for fixed in (dict(depth=3), dict(top_k=4), dict(tree_tokens=6), dict(depth=1, top_k=3, tree_tokens=2)):
         chosen = calibrate.choose(CPU_OTHER, DecodeConfig(**fixed), [4096])[1]
@@ -2322,11 +2214,6 @@ def test_graph_static_steps_one_per_setting_and_seeded(tiny):
 def test_graph_widths_and_shapes(tiny, monkeypatch):
     """The tree mask and reads stop at width W (NaN past it unread); one set of shapes per width, the narrowest."""
     target, prompts, _, draft, _ = tiny
-    anc = torch.rand(6, 6) < 0.5
-    for n in (1, 7):
-        full = decode.tree_mask(anc, torch.tensor([n]), torch.arange(40))
-        assert full.shape == (6, 40) and not full[:, n + 6:].any()
-        assert torch.equal(full[:, :n + 6], torch.cat([torch.ones(6, n, dtype=torch.bool), anc], 1))
     x = torch.tensor([prompts[2] + [3, 4, 5]])
     n, L = x.shape[1] - 1, 64
     W = n + 14  # the tree's 14 slots (1 + 10 nodes, 1 + 3 x 3 draft queries) fit, nothing more
@@ -2349,7 +2236,7 @@ def test_graph_widths_and_shapes(tiny, monkeypatch):
     monkeypatch.setattr(decode, "WIDTH", 16)
     monkeypatch.setattr(data, "WIDTH_STEP", 16)
     target.__dict__.pop("decode_static", None), target.__dict__.pop("generate_static", None)
-    shape = lambda c: tuple(tuple(a.shape) if torch.is_tensor(a) else a for a in c)
+    shape = lambda c: tuple(tuple(a.shape) if torch.is_tensor(a) else a for a in c[:-1])  # (the result left out)
     for mode, extra in (("ar", 1), ("tree", 6)):  # (tree 3 / 2 / 5: root + 5 nodes verified, 5 draft queries)
         cfg = DecodeConfig(mode=mode, depth=3, top_k=2, tree_tokens=5, max_new_tokens=30, cuda_graph=True)
         by_width, ns = {}, set()
@@ -2473,9 +2360,7 @@ MISUSE_FILES = {  # name -> content (bytes), written into the test's working dir
     "no_prompt.jsonl": b'{"prompt": "ok"}\n{"text": "hi"}\n', "not_json.jsonl": b'{"prompt": "ok"}\n{oops\n',
     "a_file": b"x", "b.jsonl": b'{"category": "x", "turns": ["Hi"]}\n'}
 MISUSE = [  # (script, argv, what the one line says)
-    ("decode.py", "--prompt hi --max-new-tokens -5", "--max-new-tokens must be >= 1, got -5"),
     ("decode.py", "--prompt hi --max-new-tokens 0", "--max-new-tokens must be >= 1, got 0"),
-    ("decode.py", "--prompt hi --max-new-tokens abc", "--max-new-tokens expects an integer, got 'abc'"),
     ("decode.py", "--prompt hi --depth -1", "--depth must be >= 0 (0: chosen by device), got -1"),
     ("decode.py", "--prompt hi --top-k -2", "--top-k must be >= 0 (0: chosen by device), got -2"),
     ("decode.py", "--prompt hi --tree-tokens -1", "--tree-tokens must be >= 0"),
@@ -2494,7 +2379,6 @@ MISUSE = [  # (script, argv, what the one line says)
     ("decode.py", "--prompt hi --mode fast", "--mode must be one of ar | chain | tree (got 'fast')"),
     ("decode.py", "--prompt hi --compile-mode fastest", "--compile-mode must be one of default"),
     ("decode.py", "--prompt hi --seed -1", "--seed must be in [0, 2^32), got -1"),
-    ("decode.py", "--prompt hi --bogus 1", "unknown option '--bogus'"),
     ("decode.py", "--prompt hi --prompt-file blank.txt", "give one of --prompt, --prompt-file or --bench"),
     ("decode.py", "--mode ar", "give one of --prompt, --prompt-file or --bench"),
     ("decode.py", ["--prompt", " "], "--prompt must be non-blank UTF-8 text"),
@@ -2543,6 +2427,7 @@ MISUSE = [  # (script, argv, what the one line says)
     ("train.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
     ("convert.py", "--convert missing.gguf --out x", "missing.gguf: no such file"),
     ("convert.py", "--convert DEFAULT_GGUF --out a_file", "--out a_file is a file; give a directory"),
+    ("convert.py", "--convert DEFAULT_GGUF --out taken", "taken already exists and is not empty"),
 ]
 
 
@@ -2571,13 +2456,12 @@ def test_misuse_is_one_line_error(script, argv, message, misuse_dir, monkeypatch
 
 
 def test_misuse_real_entry_points(misuse_dir):
-    """As real processes: stderr is the one line, exit code 1; invalid UTF-8 in --prompt as raw argv bytes."""
+    """As real processes: stderr is the one line, exit code 1; invalid UTF-8 in --prompt as raw argv bytes; errors
+    found after loading (the context's length, --top-k beyond the draft's vocabulary)."""
     cases = [([b"decode.py", b"--prompt", "caf\xe9".encode("latin-1")], "--prompt must be non-blank UTF-8 text"),
-             (["decode.py", "--prompt", "hi", "--device", "foo"], "--device must be auto, cpu, cuda or cuda:N"),
              (["data.py", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
-             (["beagle.py", "--dtpye", "bf16"], "error: unknown option '--dtpye' (--help lists the options)"),
-             (["decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", "100000"], "error: prompt of"),
+             (["decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", "100000"], "longer than the context"),
              (["decode.py", "--prompt", "hi", "--draft-vocab", "5", "--top-k", "10", "--device", "cpu"],
               "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
