@@ -26,6 +26,7 @@ import data
 import decode
 import common
 import convert
+import generate
 from common import BeagleError
 
 LOOP_TAIL, LOOP_PERIOD = 64, 32  # loops(): the tail of an answer that is checked, the longest period looked for
@@ -128,8 +129,8 @@ def warm_up(target, draft, prompt, cfg, modes):
         if not (cfg.compile or cfg.cuda_graph):  # (eager: nothing to make ahead)
             continue
         if mode == "ar":
-            data.warm(target, 1, decode.cache_slots(target, cfg), cfg.temperature, cfg.top_p, cfg.top_k_sample,
-                      cfg.cuda_graph, cfg.compile_mode if cfg.compile else None)
+            generate.warm(target, 1, decode.cache_slots(target, cfg), cfg.temperature, cfg.top_p, cfg.top_k_sample,
+                          cfg.cuda_graph, cfg.compile_mode if cfg.compile else None)
             continue
         _, _, extra, steps = decode.spec_steps(target, draft, c, len(prompt))
         gen = torch.Generator(device=dev)

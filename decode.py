@@ -24,7 +24,7 @@ keys/values sit in the draft cache. The bonus token t_n (the target's own choice
 
 One static path on every device: the caches have one size (--max-len slots) whatever the prompt, the prefix
 length n lives on the device, slots past the prefix are masked out (rejected tokens need no undo), and random
-numbers are drawn before a step and passed in. A step (a plain token: data.py's engine at batch 1; or a whole
+numbers are drawn before a step and passed in. A step (a plain token: generate.py's engine at batch 1; or a whole
 iteration) is a fixed sequence of kernels that reads nothing back to the host; its result is read once after it.
 It attends over the first W slots, the prefix and one tree rounded up to a multiple of WIDTH, so it reads few
 dead slots: one step per width, captured once as a CUDA graph on a GPU (llama.Graphed, maybe torch.compile'd
@@ -44,7 +44,7 @@ import torch
 import beagle
 import common
 import convert
-import data
+import generate
 import llama
 from beagle import DraftCache
 from common import DTYPES, BeagleError, is_text, short
@@ -122,8 +122,8 @@ class Result:
 # sampling: inverse-CDF draws from uniforms made before a step (a captured step must not own a generator)
 
 def probs_from_logits(logits, cfg):
-    """(..., V) -> the sampling distribution of cfg (temperature > 0), defined once in data.probs."""
-    return data.probs(logits, cfg.temperature, cfg.top_p, cfg.top_k_sample)
+    """(..., V) -> the sampling distribution of cfg (temperature > 0), defined once in generate.probs."""
+    return generate.probs(logits, cfg.temperature, cfg.top_p, cfg.top_k_sample)
 
 
 def draw(p, u):
@@ -162,7 +162,7 @@ def sync(device):  # (a timing ends after the device's work)
 # replays on the tensors it was captured with. A step attends over the first W slots (module docstring: WIDTH);
 # stale slots of earlier answers are masked out or rewritten before anything reads them.
 
-WIDTH = data.WIDTH_STEP
+WIDTH = generate.WIDTH_STEP
 
 
 def tree_sizes(depth, top_k, tree_tokens):
@@ -218,7 +218,7 @@ def width(steps, n, extra):  # the narrowest step whose width holds the prefix n
 
 
 # -----------------------------------------------------------------------------
-# plain decoding: data.py's batched engine at batch 1 (prefill, then one captured step per token and width)
+# plain decoding: generate.py's batched engine at batch 1 (prefill, then one captured step per token and width)
 
 def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     dev = target.output.weight.device
@@ -232,8 +232,8 @@ def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
 
     sync(dev)
     t0 = time.perf_counter()
-    data.generate(target, [prompt], cfg.max_new_tokens, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k_sample,
-                  gen, show, 1, L, cfg.cuda_graph, compile=cfg.compile_mode if cfg.compile else None)
+    generate.generate(target, [prompt], cfg.max_new_tokens, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k_sample,
+                      gen, show, 1, L, cfg.cuda_graph, compile=cfg.compile_mode if cfg.compile else None)
     sync(dev)
     return Result(out, time.perf_counter() - t0, len(out), [])  # one target forward per token
 

@@ -46,6 +46,7 @@ import common
 import convert
 import data
 import decode
+import generate
 import llama
 import train
 from beagle import Beagle, DraftArgs, DraftCache, block_mask, load_draft, save_draft, simulation_mask
@@ -209,7 +210,7 @@ def accelerate_free():
         yield
 
 
-def real_loads(monkeypatch, target, tok=None):  # convert.load_target (as decode.py and data.py call it) -> target
+def real_loads(monkeypatch, target, tok=None):  # convert.load_target (as decode.py and generate.py call it) -> target
     monkeypatch.setattr(convert, "load_target", lambda path, device, dtype, template=None: (target, tok))
 
 
@@ -1300,14 +1301,14 @@ def _two_ranks(rank, path, gen_cfg):  # both ranks: DDP gradients (rank 0 saves 
     grads = {steps: ddp_grads(ddp_batch(rank), steps, world=2) for steps in (0, 2)}
     if rank == 0:
         torch.save(grads, path)
-    data.generate_conversations(gen_cfg, tiny_target(260, sharp=1.0, stopping=True), CharTokenizer(), verbose=False,
-                                rank=rank, world=2)
+    generate.generate_conversations(gen_cfg, tiny_target(260, sharp=1.0, stopping=True), CharTokenizer(),
+                                    verbose=False, rank=rank, world=2)
 
 
 def test_train_two_ranks_equal_one_rank(tmp_path):
     """Two gloo ranks: DDP at batch B each == one process at 2B (stages 1, 2); Magpie's 2 ranks write what one does."""
     base = dict(n=13, batch_size=8, turns=2, max_user_tokens=12, max_reply_tokens=12, seed=2)
-    spawn_two_ranks(_two_ranks, str(tmp_path / "grads.pt"), data.GenConfig(out=str(tmp_path / "two.jsonl"), **base))
+    spawn_two_ranks(_two_ranks, str(tmp_path / "grads.pt"), generate.GenConfig(out=str(tmp_path / "two.jsonl"), **base))
     both = [torch.cat(x) for x in zip(ddp_batch(0), ddp_batch(1))]  # rank 0's rows, then rank 1's
     for steps, two in torch.load(tmp_path / "grads.pt").items():
         one = ddp_grads(both, steps)
@@ -1315,8 +1316,8 @@ def test_train_two_ranks_equal_one_rank(tmp_path):
         for name in one:
             torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=f"steps {steps}: {name}")
         assert max(g.abs().max() for g in one.values()) > 0
-    one = data.GenConfig(out=str(tmp_path / "one.jsonl"), **base)
-    data.generate_conversations(one, tiny_target(260, sharp=1.0, stopping=True), CharTokenizer(), verbose=False)
+    one = generate.GenConfig(out=str(tmp_path / "one.jsonl"), **base)
+    generate.generate_conversations(one, tiny_target(260, sharp=1.0, stopping=True), CharTokenizer(), verbose=False)
     a, b = open(one.out).read().split("\n")[:-1], open(tmp_path / "two.jsonl").read().split("\n")[:-1]
     assert a == b and len(a) == 13
     assert len({json.loads(x)["batch"] for x in a}) >= 2  # batches of both ranks are in the file
@@ -1345,7 +1346,7 @@ def test_train_evaluate_equals_step_by_step_drafting(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# training data (data.py): ShareGPT, loss masks, batches, the state cache, the generation engine, Magpie
+# training data (data.py): ShareGPT, loss masks, batches, the state cache; generate.py: the engine, Magpie
 
 def jsonl(path):  # the records of a .jsonl file
     return [json.loads(x) for x in open(path).read().split("\n")[:-1]]
@@ -1414,9 +1415,9 @@ def test_data_tokenize_mask(tokenizer, request):
         assert ids == tok.encode(tok.render(msgs, add_generation_prompt=False)) and len(mask) == len(ids)
         check_mask(tok, msgs, ids, mask)
         assert data.tokenize(tok, msgs, max_len=20) == (ids[:20], mask[:20])
-        assert data.user_prefix(tok, msgs[1:3]) == tok.render(msgs[1:3], False) + "<|im_start|>user\n"
-        assert data.user_prefix(CharTokenizer(), []) == ("<|im_start|>system\nYou are a helpful AI assistant"
-                                                         "<|im_end|>\n<|im_start|>user\n")
+        assert generate.user_prefix(tok, msgs[1:3]) == tok.render(msgs[1:3], False) + "<|im_start|>user\n"
+        assert generate.user_prefix(CharTokenizer(), []) == ("<|im_start|>system\nYou are a helpful AI assistant"
+                                                             "<|im_end|>\n<|im_start|>user\n")
 
         class Reordering(CharTokenizer):  # renders the last message first: not prefix-stable
             def render(self, messages, add_generation_prompt=True):
@@ -1440,7 +1441,7 @@ def test_data_tokenize_mask(tokenizer, request):
     assert "SmolLM" in tok.decode(ids) and "SmolLM" not in tok.decode([i for i, m in zip(ids, mask) if m])
     with pytest.raises(BeagleError, match="straddles"):  # a token across the header and the content: refused
         data.tokenize(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nx"}], 4096)
-    assert data.user_prefix(tok, []).endswith("<|im_end|>\n<|im_start|>user\n")
+    assert generate.user_prefix(tok, []).endswith("<|im_end|>\n<|im_start|>user\n")
 
 
 def examples(n, seed=0):  # n (ids, loss mask) of 3-39 tokens; example i starts with token i
@@ -1500,20 +1501,20 @@ def test_data_batches_split_and_state_cache(tmp_path):
             ((str(tmp_path / "nothing"), ex), "no complete state cache")], data.CachedStates)
 
 
-def test_data_generate_conversations(tmp_path, monkeypatch, capsys):
+def test_generate_conversations(tmp_path, monkeypatch, capsys):
     """Magpie: a resumed run writes what one run writes; first questions unique; caps, MT-bench, endless turns."""
     tok, model = CharTokenizer(), tiny_target(260, sharp=1.0, stopping=True)
-    gen_cfg = lambda name, **kw: data.GenConfig(**{**dict(out=str(tmp_path / name), batch_size=8, turns=2,
-                                                          max_user_tokens=12, max_reply_tokens=12, seed=1), **kw})
-    generate = lambda cfg, model=model: data.generate_conversations(cfg, model, tok, verbose=False)
+    gen_cfg = lambda name, **kw: generate.GenConfig(**{**dict(out=str(tmp_path / name), batch_size=8, turns=2,
+                                                              max_user_tokens=12, max_reply_tokens=12, seed=1), **kw})
+    write = lambda cfg, model=model: generate.generate_conversations(cfg, model, tok, verbose=False)
     whole = gen_cfg("whole.jsonl", n=11)
-    data.generate_conversations(whole, model, tok)
+    generate.generate_conversations(whole, model, tok)
     printed = capsys.readouterr()
     log = [x for x in (printed.out + printed.err).split("\n") if x.startswith("batch ")]
     assert len(log) >= 2 and all(" tok/s" in x and "idle rows" in x for x in log)
     for n in (3, 7, 11):  # the first stops inside batch 0, and a crash cuts its last line
         part = gen_cfg("part.jsonl", n=n)
-        generate(part)
+        write(part)
         if n == 3:
             with open(part.out, "a") as f:
                 f.write('{"conversations": [{"from": "hum')
@@ -1521,54 +1522,54 @@ def test_data_generate_conversations(tmp_path, monkeypatch, capsys):
     firsts = [c[0]["content"] for c in data.load_conversations(part.out, verbose=False)]
     assert len(firsts) == 11 == len(set(firsts))
     cfg = gen_cfg("m.jsonl", n=12, turns=3, max_user_tokens=8, seed=0)  # later questions often run past the cap
-    assert generate(cfg)["nostop"] > 0
+    assert write(cfg)["nostop"] > 0
     convs = [r["conversations"] for r in jsonl(cfg.out)]
     lengths = Counter(len(c) for c in convs)
     assert len(convs) == 12 and lengths[6] > 0 and lengths[2] + lengths[4] > 0  # full and shortened ones
     assert all([m["from"] for m in c] == ["human", "gpt"] * (len(c) // 2) and len(c) >= 2 for c in convs)
     model4 = tiny_target(260, sharp=1.0, stopping=True, seed=4)  # a seed where some first turn runs long
     cfg = gen_cfg("gen/self.jsonl", n=5, turns=1, seed=0)
-    assert generate(cfg, model4)["nostop"] > 0  # dropped
+    assert write(cfg, model4)["nostop"] > 0  # dropped
     lines = open(cfg.out).read().split("\n")[:-1]
     assert len(lines) == 5
     for conv in (json.loads(x)["conversations"] for x in lines):
         assert [t["from"] for t in conv] == ["human", "gpt"]
         assert all(t["value"] == t["value"].strip() != "" for t in conv)
     cfg.n, cfg.turns = 9, 2
-    generate(cfg, model4)
+    write(cfg, model4)
     lines2 = open(cfg.out).read().split("\n")[:-1]
     assert lines2[:5] == lines and len(lines2) == 9
     for x in lines2[5:]:  # two exchanges, or one whose reply hit the cap (kept truncated, and last)
         assert [t["from"] for t in json.loads(x)["conversations"]] in (["human", "gpt"] * 2, ["human", "gpt"])
-    generate(cfg, model4)  # already complete: nothing added
+    write(cfg, model4)  # already complete: nothing added
     assert open(cfg.out).read().split("\n")[:-1] == lines2
     first = json.loads(lines[0])["conversations"][0]["value"]
     with monkeypatch.context() as m:  # pretend the first question is an MT-bench one: a fresh run drops it
         m.setattr(data, "mtbench_questions", lambda: {data._norm_text(first)})
         cfg2 = gen_cfg("g2.jsonl", n=5, turns=1, seed=0)
-        assert generate(cfg2, model4)["mtbench"] == 1
+        assert write(cfg2, model4)["mtbench"] == 1
     assert first not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
     cfg = gen_cfg("t.jsonl", n=6, max_reply_tokens=2, seed=0)  # replies cut at the cap are kept, as the last message
-    generate(cfg)
+    write(cfg)
     convs = [r["conversations"] for r in jsonl(cfg.out)]
     full = lambda m: m["from"] == "gpt" and len(tok.encode(m["value"])) == 2  # a reply that reached the cap
     assert len(convs) == 6 and any(len(c) == 2 and full(c[1]) for c in convs)  # cut in turn 1: it ends there
     assert all(not full(m) for c in convs for m in c[:-1])
     cfg = gen_cfg("x.jsonl", n=2, batch_size=2, turns=1, max_user_tokens=1, max_reply_tokens=1, user_temperature=0.0,
                   seed=0)  # random: no turn ends within 1 token
-    raises([((cfg, tiny_target(260, sharp=1.0)), "no usable conversation")], generate)
+    raises([((cfg, tiny_target(260, sharp=1.0)), "no usable conversation")], write)
 
 
-def test_data_cli_end_to_end(tmp_path, monkeypatch, real, capsys):
-    """python data.py --out ... through common.cli, with a tiny random target behind the real tokenizer."""
+def test_generate_cli_end_to_end(tmp_path, monkeypatch, real, capsys):
+    """python generate.py --out ... through common.cli, with a tiny random target behind the real tokenizer."""
     tok = real[1]
     model = tiny_target(tok.vocab_size, sharp=1.0, stopping=True)
     monkeypatch.setattr(convert, "load_target", lambda path, device, dtype: (model, tok))
     out = tmp_path / "sg.jsonl"
-    cfg = common.cli(data.GenConfig, ["--out", str(out), "--n=6", "--batch-size", "8", "--max-user-tokens", "10",
-                                     "--max-reply-tokens=10", "--device", "cpu", "--reply-temperature", "0"])
+    cfg = common.cli(generate.GenConfig, ["--out", str(out), "--n=6", "--batch-size", "8", "--max-user-tokens", "10",
+                                         "--max-reply-tokens=10", "--device", "cpu", "--reply-temperature", "0"])
     assert cfg.n == 6 and cfg.reply_temperature == 0.0 and cfg.target is None
-    data.main(cfg)
+    generate.main(cfg)
     printed = capsys.readouterr()
     assert "batch    1 | kept" in printed.err + printed.out and f"{out}: 6 conversations" in printed.out
     ex = data.tokenize_all(tok, data.load_conversations(str(out), verbose=False), 256, verbose=False)
@@ -1576,9 +1577,9 @@ def test_data_cli_end_to_end(tmp_path, monkeypatch, real, capsys):
 
 
 def test_selfgen_engine_greedy_equals_reference(monkeypatch):
-    """data.generate is the plainest greedy decoding: left padding, dummy rows, stops, widths, reuse, streaming."""
-    monkeypatch.setattr(data, "WIDTH_STEP", 8)  # one answer crosses many widths
-    monkeypatch.setattr(data, "PREFILL_TOKENS", 64)  # prefills in groups of rows (2 rows of 30 tokens)
+    """generate.generate is the plainest greedy decoding: left padding, dummy rows, stops, widths, reuse, streaming."""
+    monkeypatch.setattr(generate, "WIDTH_STEP", 8)  # one answer crosses many widths
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 64)  # prefills in groups of rows (2 rows of 30 tokens)
     model = tiny_target()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 30)]
@@ -1588,26 +1589,27 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
     stop = {next(t for t in range(48) if None in cuts(t) and len(set(cuts(t)) - {None}) > 1), free[3][0][0]}
     want = [greedy_reference(model, p, 40, stop) for p in prompts]
     assert {s for _, s in want} == {True, False} and len({len(t) for t, s in want if s}) > 1 and want[3] == ([], True)
-    assert data.generate(model, prompts, 40, set(), temperature=0.0) == free
-    assert data.generate(model, prompts, 40, stop, temperature=0.0) == want
+    assert generate.generate(model, prompts, 40, set(), temperature=0.0) == free
+    assert generate.generate(model, prompts, 40, stop, temperature=0.0) == want
     for batch in (2, 8):  # cut into engine batches of 2 (the last padded), or one batch padded to 8
-        assert data.generate(model, prompts, 40, stop, temperature=0.0, batch=batch, cache_len=100) == want
+        assert generate.generate(model, prompts, 40, stop, temperature=0.0, batch=batch, cache_len=100) == want
     store = model.generate_static
     assert (2, 112) in store and (8, 112) in store  # cache_len 100 (> 30 + 40) rounded up to 2 * WIDTH_STEP
     ids = lambda: {w: id(s) for w, s in store[2, 112, (0.0, 1.0, 0), False, None].items()}
     before = ids()
-    assert data.generate(model, prompts[::-1], 40, stop, temperature=0.0, batch=2, cache_len=100) == want[::-1]
+    assert generate.generate(model, prompts[::-1], 40, stop, temperature=0.0, batch=2, cache_len=100) == want[::-1]
     assert ids() == before  # no new engine: reused
-    assert data.generate(model, prompts[:1], 1, set(), temperature=0.0) == [(free[0][0][:1], False)]  # a cap of 1
+    assert generate.generate(model, prompts[:1], 1, set(), temperature=0.0) == [(free[0][0][:1], False)]  # cap 1
     raises([((model, [[]], 4, set()), "empty prompt"), ((model, prompts, 4, set(), 1.0, 1.0, 0, None, print),
-            "batch 1")], data.generate)
+            "batch 1")], generate.generate)
     free, _ = greedy_reference(model, list(range(3, 20)), 30, set())
     for stop in (set(), {free[9]}):  # streaming: once per token, growing, ending at the stop
         seen, cut = [], free.index(free[9]) if stop else 30
-        out = data.generate(model, [list(range(3, 20))], 30, stop, 0.0, on_tokens=lambda ids: seen.append(list(ids)))
+        out = generate.generate(model, [list(range(3, 20))], 30, stop, 0.0,
+                                on_tokens=lambda ids: seen.append(list(ids)))
         assert out == [(free[:cut], bool(stop))] and seen == [free[:i + 1] for i in range(min(cut + 1, 30))]
     live = torch.tensor([[False, False, True, True, True], [True] * 5])  # the prefill mask (left padding)
-    m = data.prefill_mask(live)
+    m = generate.prefill_mask(live)
     assert m.any(-1).all()  # every query row sees a key: no NaN from SDPA
     for b, i, j in itertools.product(range(2), range(5), range(5)):  # real queries: causal over real keys; pads: self
         assert bool(m[b, i, j]) == ((j <= i and bool(live[b, j])) if live[b, i] else i == j)
@@ -1615,7 +1617,7 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
 
 def test_selfgen_engine_shrinking_batch_changes_nothing_but_the_work(monkeypatch):
     """Finished rows leave the batch: the same tokens (greedy and sampled), fewer row-steps, caches shared."""
-    monkeypatch.setattr(data, "CHECK_EVERY", 2)
+    monkeypatch.setattr(generate, "CHECK_EVERY", 2)
     model = tiny_target()
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in [2, 9, 4, 15, 6, 1, 11, 3] * 3]
@@ -1625,8 +1627,9 @@ def test_selfgen_engine_shrinking_batch_changes_nothing_but_the_work(monkeypatch
     for temperature in (0.0, 0.9):
         runs, work = {}, {False: {}, True: {}}
         for shrink in (False, True):
-            runs[shrink] = data.generate(model, prompts, 60, stop, temperature, 0.95, 0,
-                                         torch.Generator().manual_seed(5), batch=32, stats=work[shrink], shrink=shrink)
+            runs[shrink] = generate.generate(model, prompts, 60, stop, temperature, 0.95, 0,
+                                             torch.Generator().manual_seed(5), batch=32, stats=work[shrink],
+                                             shrink=shrink)
         assert runs[True] == runs[False] and {s for _, s in runs[True]} == {True, False}
         assert work[True]["tokens"] == work[False]["tokens"] and work[True]["row_steps"] < work[False]["row_steps"]
         assert temperature or runs[True] == [greedy_reference(model, p, 60, stop) for p in prompts]
@@ -1637,13 +1640,13 @@ def test_selfgen_engine_shrinking_batch_changes_nothing_but_the_work(monkeypatch
 
 
 def test_selfgen_sampling_is_seeded_and_follows_probs():
-    """data.generate samples seeded and as data.probs says; data.sample: the inverse CDF, argmax at the limits."""
+    """generate.generate samples seeded and as generate.probs says; sample: the inverse CDF, argmax at the limits."""
     model, prompt, n = tiny_target(), [5, 6, 7, 8], 4000
     logits, _ = model(torch.tensor([prompt]))
     for temperature, top_p, top_k in ((1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 6)):
-        want = data.probs(logits[0, -1], temperature, top_p, top_k)
-        run = lambda seed: data.generate(model, [prompt] * n, 2, set(), temperature, top_p, top_k,
-                                         torch.Generator().manual_seed(seed))
+        want = generate.probs(logits[0, -1], temperature, top_p, top_k)
+        run = lambda seed: generate.generate(model, [prompt] * n, 2, set(), temperature, top_p, top_k,
+                                             torch.Generator().manual_seed(seed))
         a = run(0)
         assert a == run(0) and a != run(1)
         first = torch.bincount(torch.tensor([t[0] for t, _ in a]), minlength=48).float() / n
@@ -1651,24 +1654,25 @@ def test_selfgen_sampling_is_seeded_and_follows_probs():
         assert first[want == 0].sum() == 0  # a token outside top-k / top-p is never drawn
     lg = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).log()  # u just below a cumulative step picks that token
     for u, tok in ((0.0, 0), (0.0999, 0), (0.1001, 2), (0.6999, 2), (0.7001, 3), (1 - 2 ** -24, 3)):
-        assert int(data.sample(lg, 1.0, u=torch.tensor([u]))) == tok
+        assert int(generate.sample(lg, 1.0, u=torch.tensor([u]))) == tok
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g)
-    assert torch.equal(data.sample(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
-    assert torch.equal(data.sample(logits, 1.0, top_p=1e-6, generator=g), logits.argmax(-1))
+    assert torch.equal(generate.sample(logits, 1.0, top_k=1, generator=g), logits.argmax(-1))
+    assert torch.equal(generate.sample(logits, 1.0, top_p=1e-6, generator=g), logits.argmax(-1))
 
 
 @GPU_ONLY
 def test_selfgen_engine_cuda_graphs_replay_the_eager_steps(monkeypatch):
     """GPU only: the captured engine gives the eager steps' tokens, greedy and sampled; graphs captured once."""
-    monkeypatch.setattr(data, "WIDTH_STEP", 16)
+    monkeypatch.setattr(generate, "WIDTH_STEP", 16)
     runs = {}
     for graph in (False, True):
         model = tiny_target().cuda()
         g = torch.Generator().manual_seed(6)
         prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in [2, 9, 4, 15, 6, 1, 11, 3] * 4]
-        runs[graph] = [data.generate(model, prompts, 50, {7}, temperature, 0.9, 0, torch.Generator(device="cuda")
-                                     .manual_seed(seed), batch=32, cache_len=64, graph=graph)
+        runs[graph] = [generate.generate(model, prompts, 50, {7}, temperature, 0.9, 0,
+                                         torch.Generator(device="cuda").manual_seed(seed), batch=32, cache_len=64,
+                                         graph=graph)
                        for temperature in (0.0, 0.8) for seed in (0, 1, 0)]
         steps = [s for k, v in model.generate_static.items() if k != "pool" and len(k) == 5 for s, _ in v.values()]
         assert any(s.graph is not None for s in steps) == graph
@@ -2081,7 +2085,7 @@ def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
 def test_decode_slow_compiled_step_equals_eager(capsys, monkeypatch):
     """torch.compile of a speculative iteration and plain step: the eager tokens, one compile each (width symbolic)."""
     monkeypatch.setattr(decode, "WIDTH", 16)
-    monkeypatch.setattr(data, "WIDTH_STEP", 16)
+    monkeypatch.setattr(generate, "WIDTH_STEP", 16)
     torch.manual_seed(0)  # (one layer: compiling takes a minute)
     target = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, hidden_dim=64,
                                    max_seq_len=96)).eval()
@@ -2207,7 +2211,7 @@ def test_graph_static_steps_one_per_setting_and_seeded(tiny):
         assert runs[True] == runs[False], (prompt, temperature)
     assert all(tokens == runs[True][0][0] for tokens, _ in runs[True])  # (greedy: speculative == plain)
     assert 0 in accepted and max(accepted) >= 3  # rejections and deep acceptances (KV moves) happened
-    store = target.decode_static  # (plain decoding's steps are data.py's engine's: not in this store)
+    store = target.decode_static  # (plain decoding's steps are generate.py's engine's: not in this store)
     assert {key[0] for key in store} == {target.args.max_seq_len} and len(store) == 2 * (len(settings) - 1)
 
 
@@ -2234,7 +2238,7 @@ def test_graph_widths_and_shapes(tiny, monkeypatch):
     assert mask.shape == (T, W) and torch.equal(mask, torch.cat([torch.ones(T, n, dtype=torch.bool), tree[3],
                                                                  torch.zeros(T, W - n - T, dtype=torch.bool)], 1))
     monkeypatch.setattr(decode, "WIDTH", 16)
-    monkeypatch.setattr(data, "WIDTH_STEP", 16)
+    monkeypatch.setattr(generate, "WIDTH_STEP", 16)
     target.__dict__.pop("decode_static", None), target.__dict__.pop("generate_static", None)
     shape = lambda c: tuple(tuple(a.shape) if torch.is_tensor(a) else a for a in c[:-1])  # (the result left out)
     for mode, extra in (("ar", 1), ("tree", 6)):  # (tree 3 / 2 / 5: root + 5 nodes verified, 5 draft queries)
@@ -2279,8 +2283,8 @@ def test_graph_steps_never_read_back_to_the_host(tiny, monkeypatch):
         assert len(steps) == (len(r.tokens) - 1 if mode == "ar" else len(r.accepted_lengths)) > 3
     for temperature, top_p, top_k in ((0.0, 1.0, 0), (0.8, 0.9, 5)):
         steps.clear()
-        data.generate(tiny_target(), [[1, 2, 3], [4] * 9], 20, {47}, temperature, top_p, top_k,
-                      torch.Generator().manual_seed(0))
+        generate.generate(tiny_target(), [[1, 2, 3], [4] * 9], 20, {47}, temperature, top_p, top_k,
+                          torch.Generator().manual_seed(0))
         assert len(steps) >= 8
 
 
@@ -2331,7 +2335,7 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
         with monkeypatch.context() as m:
             if name == "eager":
                 m.setattr(decode, "Graphed", GraphEager)
-                m.setattr(llama, "Graphed", GraphEager)  # (plain decoding: data.py's engine)
+                m.setattr(llama, "Graphed", GraphEager)  # (plain decoding: generate.py's engine)
             runs[name] = []
             for prompt, temperature in itertools.product([[1, 2, 3], list(range(5, 25))], (0.0, 0.8)):
                 for mode, depth, top_k, tree_tokens in (("ar", 0, 0, 0), ("chain", 3, 0, 0), ("tree", 4, 3, 10)):
@@ -2397,18 +2401,20 @@ MISUSE = [  # (script, argv, what the one line says)
     ("decode.py", "--bench b.jsonl --bench-out a_file", "--bench-out a_file is a file; give a directory"),
     ("decode.py", "--bench b.jsonl --bench-out a_file/x", "--bench-out a_file/x: a_file is a file, not a directory"),
     ("decode.py", "--bench b.jsonl --bench-out taken", "--bench-out taken/bench.json is a directory"),
-    ("data.py", "--n 0", "--n must be >= 1, got 0"), ("data.py", "--batch-size 0", "--batch-size must be >= 1, got 0"),
-    ("data.py", "--turns -1", "--turns must be >= 1"),
-    ("data.py", "--max-reply-tokens 0", "--max-reply-tokens must be >= 1"),
-    ("data.py", "--user-temperature nan", "--user-temperature must be a finite number >= 0"),
-    ("data.py", "--reply-temperature -0.5", "--reply-temperature must be a finite number >= 0"),
-    ("data.py", "--top-p 1.5", "--top-p must be in (0, 1], got 1.5"), ("data.py", "--top-k -1", "--top-k must be >= 0"),
-    ("data.py", "--seed 5000000000", "--seed must be in [0, 2^32)"),
-    ("data.py", "--compile reduce-overhead", "--compile must be default or max-autotune-no-cudagraphs"),
-    ("data.py", "--out taken", "--out taken is a directory; give a file name"),
-    ("data.py", "--out a_file/x.jsonl", "--out a_file/x.jsonl: a_file is a file, not a directory"),
-    ("data.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
-    ("data.py", "--dtype fp8", "--dtype must be auto or one of"),
+    ("generate.py", "--n 0", "--n must be >= 1, got 0"),
+    ("generate.py", "--batch-size 0", "--batch-size must be >= 1, got 0"),
+    ("generate.py", "--turns -1", "--turns must be >= 1"),
+    ("generate.py", "--max-reply-tokens 0", "--max-reply-tokens must be >= 1"),
+    ("generate.py", "--user-temperature nan", "--user-temperature must be a finite number >= 0"),
+    ("generate.py", "--reply-temperature -0.5", "--reply-temperature must be a finite number >= 0"),
+    ("generate.py", "--top-p 1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("generate.py", "--top-k -1", "--top-k must be >= 0"),
+    ("generate.py", "--seed 5000000000", "--seed must be in [0, 2^32)"),
+    ("generate.py", "--compile reduce-overhead", "--compile must be default or max-autotune-no-cudagraphs"),
+    ("generate.py", "--out taken", "--out taken is a directory; give a file name"),
+    ("generate.py", "--out a_file/x.jsonl", "--out a_file/x.jsonl: a_file is a file, not a directory"),
+    ("generate.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
+    ("generate.py", "--dtype fp8", "--dtype must be auto or one of"),
     ("beagle.py", f"--draft {MISUSE_DRAFT} --out taken", "--out taken is a directory; give a file name"),
     ("beagle.py", f"--draft {MISUSE_DRAFT} --out a_file/x.safetensors", "a_file is a file, not a directory"),
     ("beagle.py", f"--draft {MISUSE_DRAFT} --out x.safetensors --dtype int8", "--dtype must be one of"),
@@ -2459,7 +2465,7 @@ def test_misuse_real_entry_points(misuse_dir):
     """As real processes: stderr is the one line, exit code 1; invalid UTF-8 in --prompt as raw argv bytes; errors
     found after loading (the context's length, --top-k beyond the draft's vocabulary)."""
     cases = [([b"decode.py", b"--prompt", "caf\xe9".encode("latin-1")], "--prompt must be non-blank UTF-8 text"),
-             (["data.py", "--batch-size", "0"], "--batch-size must be >= 1"),
+             (["generate.py", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
              (["decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", "100000"], "longer than the context"),
              (["decode.py", "--prompt", "hi", "--draft-vocab", "5", "--top-k", "10", "--device", "cpu"],

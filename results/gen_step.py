@@ -1,5 +1,5 @@
 """
-Where the data generator's time goes on a GPU: one step of data.py's batched engine (the default 2,048 rows, the
+Where the data generator's time goes on a GPU: one step of generate.py's batched engine (the default 2,048 rows, the
 cache of the default generator: 768 slots), replayed from its CUDA graph at each attention width, then one eager
 step at the widest width under the profiler (GPU time by kernel).
 
@@ -20,14 +20,14 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import convert  # noqa: E402
-import data  # noqa: E402
+import generate  # noqa: E402
 from step_time import replay_ms  # noqa: E402
 
 
 @dataclass
 class Config:
     batch_size: int = 2048  # engine rows
-    cache_len: int = 768  # engine slots (data.py's default: one turn of 128 user + 512 reply tokens and the header)
+    cache_len: int = 768  # engine slots (generate.py's default: one turn of 128 user + 512 reply tokens and the header)
     temperature: float = 0.7  # the replies' sampling temperature
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -39,8 +39,8 @@ def main(cfg):
     device = torch.device(device)
     target, _ = convert.load_target(None, device, dtype)
     B = cfg.batch_size
-    shape = data._shape(target, B, cfg.cache_len, cfg.temperature, 1.0, 0, None)
-    bufs, steps = data._engine(target, *shape)
+    shape = generate._shape(target, B, cfg.cache_len, cfg.temperature, 1.0, 0, None)
+    bufs, steps = generate._engine(target, *shape)
     bufs["base"].zero_()
     bufs["start"].zero_()
     bytes_per_slot = 2 * target.args.n_kv_heads * target.args.head_dim * target.args.n_layers * dtype.itemsize
@@ -53,7 +53,7 @@ def main(cfg):
     if device.type != "cuda":
         return
     W = max(steps)
-    bufs2, eager = data._engine(target, *shape[:3], False)
+    bufs2, eager = generate._engine(target, *shape[:3], False)
     pos = torch.full_like(bufs2["base"], W - 2)
     eager[W][0](pos, eager[W][1])
     torch.cuda.synchronize()

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
 import common  # noqa: E402
-import data  # noqa: E402
 import decode  # noqa: E402
+import generate  # noqa: E402
 
 
 def replay_ms(fn, reps=200):
@@ -43,11 +43,11 @@ def replay_ms(fn, reps=200):
 
 
 def plain_step(target, cfg, n):
-    """The plain step (data.py's engine at batch 1, as decode.py uses it) at the width that holds a prefix of n."""
-    shape = data._shape(target, 1, decode.cache_slots(target, cfg), 0.0, 1.0, 0, cfg.cuda_graph)
-    bufs, steps = data._engine(target, *shape, compile=cfg.compile_mode if cfg.compile else None)
+    """The plain step (generate.py's engine at batch 1, as decode.py uses it) at the width that holds a prefix of n."""
+    shape = generate._shape(target, 1, decode.cache_slots(target, cfg), 0.0, 1.0, 0, cfg.cuda_graph)
+    bufs, steps = generate._engine(target, *shape, compile=cfg.compile_mode if cfg.compile else None)
     bufs["base"].fill_(n)
-    step, ar = steps[-(-(n + 1) // data.WIDTH_STEP) * data.WIDTH_STEP]
+    step, ar = steps[-(-(n + 1) // generate.WIDTH_STEP) * generate.WIDTH_STEP]
     pos = torch.tensor([n], device=cfg.device)
     return lambda: step(pos, ar)
 
