@@ -10,8 +10,9 @@ category and overall, written to --bench-out (default runs/bench) as bench.json 
 Honest timings: every step an answer replays, at every attention width, is made (captured, compiled) in warm_up
 before the first timed answer (the caches have one size, so no prompt makes a new one); prefills, whose shape
 follows the prompt, avoid the attention backend that pays a first call per shape (llama.any_length); a timed
-answer starts after its inputs are on the device and ends after a device synchronisation. Beside tokens/s and tau, the report gives the share of
-answers caught in a repetition loop (loops()), and tau without them: a loop is easy to draft, so it inflates tau.
+answer starts after its inputs are on the device and ends after a device synchronisation. Beside tokens/s and
+tau, the report gives the share of answers caught in a repetition loop (loops()), and tau without them: a loop is
+easy to draft, so it inflates tau.
 """
 import dataclasses
 import json

@@ -386,8 +386,8 @@ class CachedStates:
         except (OSError, json.JSONDecodeError):
             raise BeagleError(f"no complete state cache at {path} (index.json missing or corrupt)") from None
         where = self.index["examples"]
-        if len(where) != len(examples) or any(
-                w[1] != len(ids) or w[2] != zlib.crc32(json.dumps(ids).encode()) for w, (ids, _) in zip(where, examples)):
+        crc = lambda ids: zlib.crc32(json.dumps(ids).encode())
+        if len(where) != len(examples) or any(w[1:3] != [len(ids), crc(ids)] for w, (ids, _) in zip(where, examples)):
             raise BeagleError(f"the state cache at {path} was written for other examples")
         self.path, self.files = path, {}
 

@@ -554,7 +554,7 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
         while step < total:
             if batch >= per_epoch[epoch]:
                 epoch, batch = epoch + 1, 0
-            # one pass over the epoch's plan from the next unseen batch; step n of the epoch takes plan[n * world + rank]
+            # one pass over the epoch's plan from the next unseen batch; step n of an epoch takes plan[n * world + rank]
             plan = plan_of(epoch)
             while batch < per_epoch[epoch] and step < total:
                 idx = plan[batch * world + rank]

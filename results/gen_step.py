@@ -48,8 +48,8 @@ def main(cfg):
         pos = torch.full_like(bufs["base"], W - 2)
         ms = replay_ms(lambda: step(pos, ar), 50 if device.type == "cuda" else 2)
         gbs = B * W * bytes_per_slot / ms / 1e6
-        print(f"gen_step | B {B} | width {W:4d} | {ms:7.3f} ms | {B / ms * 1000:9.0f} rows/s | K/V read {gbs:6.0f} GB/s",
-              flush=True)
+        print(f"gen_step | B {B} | width {W:4d} | {ms:7.3f} ms | {B / ms * 1000:9.0f} rows/s | K/V read {gbs:6.0f} "
+              "GB/s", flush=True)
     if device.type != "cuda":
         return
     W = max(steps)
