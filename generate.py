@@ -495,6 +495,8 @@ def main(cfg):
         generate_conversations(cfg, model, tokenizer, rank=rank, world=world)
         if rank == 0:
             data.load_conversations(cfg.out)  # the summary line, from the file as train.py will read it
+        if world > 1:  # all ranks done before any tears its connections down
+            torch.distributed.barrier()
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()

@@ -701,6 +701,8 @@ def main(cfg):
             measure_memory(cfg, target, tokenizer, device)
         else:
             train(cfg, target, tokenizer, device, rank, world)
+        if world > 1:  # all ranks done before any tears its connections down (rank 0 saves and plots last)
+            torch.distributed.barrier()
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
