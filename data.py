@@ -39,7 +39,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 # reading ShareGPT: {"conversations": [{"from", "value"}]} or {"messages": [{"role", "content"}]}
 
 
-def _normalise(record):
+def normalise(record):
     """One record -> [{role, content}] or None when it is malformed or has nothing to learn from."""
     if not isinstance(record, dict):
         return None
@@ -90,7 +90,7 @@ def is_mtbench(messages, questions):
     return questions is not None and first is not None and " ".join(first.split()) in questions
 
 
-def _norm_text(s):
+def norm_text(s):  # whitespace runs as one space: how first user turns and MT-bench questions are compared
     return " ".join(s.split())
 
 
@@ -125,12 +125,12 @@ def load_conversations(path, verbose=True):
         r, b = _read_records(p)
         records.extend(r)
         bad += b
-    convs = [c for c in map(_normalise, records) if c is not None]
+    convs = [c for c in map(normalise, records) if c is not None]
     bad += len(records) - len(convs)
     questions = mtbench_questions()
     kept, firsts, mtb = [], set(), 0
     for c in convs:
-        first = _norm_text(next((m["content"] for m in c if m["role"] == "user"), ""))
+        first = norm_text(next((m["content"] for m in c if m["role"] == "user"), ""))
         if is_mtbench(c, questions):
             mtb += 1
         elif first not in firsts:

@@ -345,10 +345,10 @@ def _resume(path):
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        conv = data._normalise(record)
+        conv = data.normalise(record)
         if conv:
             count += 1
-            seen.add(data._norm_text(next(m["content"] for m in conv if m["role"] == "user")))
+            seen.add(data.norm_text(next(m["content"] for m in conv if m["role"] == "user")))
             last = record["batch"] if isinstance(record.get("batch"), int) else last
     return count, seen, last
 
@@ -379,7 +379,7 @@ def _batch(cfg, model, tokenizer, index, questions, special, cache_len):
             kept = []
             for i, (toks, stopped) in zip(rows, outs):
                 text = tokenizer.decode(toks).strip()
-                key = data._norm_text(text)
+                key = data.norm_text(text)
                 # a question cut by the cap is dropped; a reply cut by the cap is kept and ends the conversation:
                 # the draft learns the target's own distribution at every position (soft targets), so a
                 # truncated reply teaches nothing false, and dropping it wastes the compute
@@ -442,7 +442,7 @@ def generate_conversations(cfg, model, tokenizer, verbose=True, rank=0, world=1)
             drops += r["drops"]
             new = []
             for conv in r["convs"]:
-                key = data._norm_text(conv[0]["content"])
+                key = data.norm_text(conv[0]["content"])
                 if count + len(new) < cfg.n and key not in seen:
                     new.append(conv)
                     seen.add(key)

@@ -1545,7 +1545,7 @@ def test_generate_conversations(tmp_path, monkeypatch, capsys):
     assert open(cfg.out).read().split("\n")[:-1] == lines2
     first = json.loads(lines[0])["conversations"][0]["value"]
     with monkeypatch.context() as m:  # pretend the first question is an MT-bench one: a fresh run drops it
-        m.setattr(data, "mtbench_questions", lambda: {data._norm_text(first)})
+        m.setattr(data, "mtbench_questions", lambda: {data.norm_text(first)})
         cfg2 = gen_cfg("g2.jsonl", n=5, turns=1, seed=0)
         assert write(cfg2, model4)["mtbench"] == 1
     assert first not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
