@@ -6,7 +6,6 @@ Two-stage block-attention training of the Beagle draft against a frozen target (
     python train.py --stage 1 ... --max-steps 1000 ; python train.py --stage 1 ... --resume   # continue exactly
     torchrun --standalone --nproc-per-node 8 train.py --stage 1 ...     # DDP: rank 0 logs, evaluates and saves
     python train.py --stage 1 ... --batch-tokens 65536 --state-cache memory   # token-budget batches, states once
-    python train.py --measure-memory --data data/selfgen.jsonl --device cuda   # peak memory of stage 2, s = 1..6
 
 The run dir gets draft.safetensors (load with beagle.load_draft), state.pt (optimizer + counters, for
 --resume), train.csv (one row per log interval), eval.csv (top-1 agreement with the target at draft steps
@@ -48,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 import common
 import data
-from beagle import DRAFTS, Beagle, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
+from beagle import DRAFTS, DraftArgs, block_mask, check_fingerprint, load_draft, read_draft, save_draft, \
     simulation_mask, window_positions, window_start
 from common import DTYPES, BeagleError, check_output, cli, device_and_dtype, write_atomic
 from convert import load_target
@@ -99,7 +98,6 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # start afresh in an --out that holds a run (without it: refused)
     save_minutes: float = 0.0  # > 0: also checkpoint every this many minutes
-    measure_memory: bool = False
     progress: bool = True  # tqdm bar
 
 
@@ -404,9 +402,8 @@ def check_config(cfg):
         if not math.isfinite(value) or value < 0 or (name == "eval_frac" and value >= 1):
             raise BeagleError(f"--{name.replace('_', '-')} must be a finite number "
                               + ("in [0, 1)" if name == "eval_frac" else ">= 0") + f", got {value}")
-    if not cfg.measure_memory:
-        check_output(cfg.out, "--out", directory=True)
-    if cfg.stage == 2 and not cfg.init and not cfg.resume and not cfg.measure_memory:
+    check_output(cfg.out, "--out", directory=True)
+    if cfg.stage == 2 and not cfg.init and not cfg.resume:
         print("warning: stage 2 without --init starts from a random draft (the paper starts from stage 1)")
 
 
@@ -636,53 +633,6 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     return draft
 
 
-# -----------------------------------------------------------------------------
-
-def measure_memory(cfg, target, tokenizer, device):
-    """Peak memory of one training step (forward + backward) on one batch: stage 1, then stage 2 at s = 1..6.
-    The attention keys are 2T (true states + the draft-state buffer) whatever s is. With --recompute a step keeps
-    only its inputs, of which the out-of-place (B, Hkv, T, D) key/value buffers are new (written out of place so
-    gradients can flow through the draft states); without it, also the draft layer's activations. The loss keeps
-    no logits: SoftCrossEntropy holds a (rows, V) block for `--loss-chunk` rows at a time and keeps
-    only an (N, dim) gradient, so the peak should stay nearly flat in s. A self-attention training-time-test
-    draft (EAGLE-3 / HASS) would in addition attend over T * s keys at step s."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    window = max(cfg.window, 6)
-    examples = data.tokenize_all(tokenizer, data.load_conversations(cfg.data), cfg.max_len)
-    ids, loss_mask, valid = next(data.batches(examples, cfg.batch_size, True, cfg.seed, batch_tokens=cfg.batch_tokens))
-    target.requires_grad_(False).eval()
-    draft = Beagle(DraftArgs.from_target(target.args)).to(device)
-    model = DraftStep(draft, cfg.recompute)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    with torch.no_grad():
-        ids_d = ids.to(device)
-        _, h = target(ids_d, last_only=True)
-        emb = target.tok_embeddings(ids_d)
-    B, T = ids.shape
-    print(f"batch {B} x {T} tokens, window {window}; attention keys per query: 2T = {2 * T} in stage 2")
-    if not cuda:
-        print("peak memory is measured on cuda only (torch has no allocator statistics on cpu)")
-        return
-    mib = lambda x: f"{x / 2**20:8.1f} MiB"
-    for s in [0] + list(range(1, 7)):
-        plan = loss_plan(loss_mask, valid, window, 0, s, device)
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        with amp:
-            outs = model(emb, h, window, 0, s, [q for q, _, _, _ in plan] if s else None)
-            layer = torch.cuda.memory_allocated(device) - base  # what the draft layer keeps for backward
-            loss, _, _ = draft_loss(target.output, outs, h, plan, cfg.vloss_weight, cfg.loss_chunk)
-        kept = torch.cuda.memory_allocated(device) - base  # ... plus what the loss keeps
-        loss.backward()
-        peak = torch.cuda.max_memory_allocated(device) - base
-        draft.zero_grad(set_to_none=True)
-        del outs, loss
-        print(f"{'stage 1 (all queries)' if s == 0 else f'stage 2, s = {s}':>22}: kept for backward: draft "
-              f"{mib(layer)}, draft + loss {mib(kept)}; peak {mib(peak)}")
-
-
 def main(cfg):
     check_config(cfg)  # before the (possibly slow) target load
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
@@ -697,10 +647,7 @@ def main(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True  # the paper trains in TF32 / mixed precision
     target, tokenizer = load_target(cfg.target, device=device, dtype=dtype)
     try:
-        if cfg.measure_memory:
-            measure_memory(cfg, target, tokenizer, device)
-        else:
-            train(cfg, target, tokenizer, device, rank, world)
+        train(cfg, target, tokenizer, device, rank, world)
         if world > 1:  # all ranks done before any tears its connections down (rank 0 saves and plots last)
             torch.distributed.barrier()
     finally:
