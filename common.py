@@ -20,6 +20,7 @@ import sys
 import textwrap
 import tokenize
 import typing
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -142,6 +143,27 @@ def device_and_dtype(device="auto", dtype="auto"):
     if dtype not in DTYPES:
         raise BeagleError(f"--dtype must be auto or one of {', '.join(DTYPES)} (got {dtype!r})")
     return device, DTYPES[dtype]
+
+
+@contextmanager
+def ranks(device, backend=None):
+    """-> (rank, world, device) of this process. Under torchrun (WORLD_SIZE > 1): the process group (nccl on cuda,
+    gloo on the cpu, unless `backend` says) and on cuda this rank's GPU, cuda:LOCAL_RANK. On a normal exit the ranks
+    meet at a barrier before the group is destroyed, so none tears its connections down while another still uses
+    them (rank 0 saves and writes last; a 2-rank gloo test once died of SIGABRT at its end, likely this)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if world == 1:
+        yield 0, 1, device
+        return
+    torch.distributed.init_process_group(backend or ("nccl" if device.startswith("cuda") else "gloo"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    try:
+        yield rank, world, device
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def check_output(path, option, directory=False):

@@ -1307,7 +1307,7 @@ def _two_ranks(rank, path, gen_cfg):  # both ranks: DDP gradients (rank 0 saves 
 
 def test_train_two_ranks_equal_one_rank(tmp_path):
     """Two gloo ranks: DDP at batch B each == one process at 2B (stages 1, 2); Magpie's 2 ranks write what one does."""
-    base = dict(n=13, batch_size=8, turns=2, max_user_tokens=12, max_reply_tokens=12, seed=2)
+    base = dict(conversations=13, batch_size=8, turns=2, max_user_tokens=12, max_reply_tokens=12, seed=2)
     spawn_two_ranks(_two_ranks, str(tmp_path / "grads.pt"), generate.GenConfig(out=str(tmp_path / "two.jsonl"), **base))
     both = [torch.cat(x) for x in zip(ddp_batch(0), ddp_batch(1))]  # rank 0's rows, then rank 1's
     for steps, two in torch.load(tmp_path / "grads.pt").items():
@@ -1507,13 +1507,13 @@ def test_generate_conversations(tmp_path, monkeypatch, capsys):
     gen_cfg = lambda name, **kw: generate.GenConfig(**{**dict(out=str(tmp_path / name), batch_size=8, turns=2,
                                                               max_user_tokens=12, max_reply_tokens=12, seed=1), **kw})
     write = lambda cfg, model=model: generate.generate_conversations(cfg, model, tok, verbose=False)
-    whole = gen_cfg("whole.jsonl", n=11)
+    whole = gen_cfg("whole.jsonl", conversations=11)
     generate.generate_conversations(whole, model, tok)
     printed = capsys.readouterr()
     log = [x for x in (printed.out + printed.err).split("\n") if x.startswith("batch ")]
     assert len(log) >= 2 and all(" tok/s" in x and "idle rows" in x for x in log)
     for n in (3, 7, 11):  # the first stops inside batch 0, and a crash cuts its last line
-        part = gen_cfg("part.jsonl", n=n)
+        part = gen_cfg("part.jsonl", conversations=n)
         write(part)
         if n == 3:
             with open(part.out, "a") as f:
@@ -1521,21 +1521,21 @@ def test_generate_conversations(tmp_path, monkeypatch, capsys):
     assert open(part.out).read() == open(whole.out).read() and len(jsonl(whole.out)) == 11
     firsts = [c[0]["content"] for c in data.load_conversations(part.out, verbose=False)]
     assert len(firsts) == 11 == len(set(firsts))
-    cfg = gen_cfg("m.jsonl", n=12, turns=3, max_user_tokens=8, seed=0)  # later questions often run past the cap
+    cfg = gen_cfg("m.jsonl", conversations=12, turns=3, max_user_tokens=8, seed=0)  # later questions often run past the cap
     assert write(cfg)["nostop"] > 0
     convs = [r["conversations"] for r in jsonl(cfg.out)]
     lengths = Counter(len(c) for c in convs)
     assert len(convs) == 12 and lengths[6] > 0 and lengths[2] + lengths[4] > 0  # full and shortened ones
     assert all([m["from"] for m in c] == ["human", "gpt"] * (len(c) // 2) and len(c) >= 2 for c in convs)
     model4 = tiny_target(260, sharp=1.0, stopping=True, seed=4)  # a seed where some first turn runs long
-    cfg = gen_cfg("gen/self.jsonl", n=5, turns=1, seed=0)
+    cfg = gen_cfg("gen/self.jsonl", conversations=5, turns=1, seed=0)
     assert write(cfg, model4)["nostop"] > 0  # dropped
     lines = open(cfg.out).read().split("\n")[:-1]
     assert len(lines) == 5
     for conv in (json.loads(x)["conversations"] for x in lines):
         assert [t["from"] for t in conv] == ["human", "gpt"]
         assert all(t["value"] == t["value"].strip() != "" for t in conv)
-    cfg.n, cfg.turns = 9, 2
+    cfg.conversations, cfg.turns = 9, 2
     write(cfg, model4)
     lines2 = open(cfg.out).read().split("\n")[:-1]
     assert lines2[:5] == lines and len(lines2) == 9
@@ -1546,16 +1546,16 @@ def test_generate_conversations(tmp_path, monkeypatch, capsys):
     first = json.loads(lines[0])["conversations"][0]["value"]
     with monkeypatch.context() as m:  # pretend the first question is an MT-bench one: a fresh run drops it
         m.setattr(data, "mtbench_questions", lambda: {data.norm_text(first)})
-        cfg2 = gen_cfg("g2.jsonl", n=5, turns=1, seed=0)
+        cfg2 = gen_cfg("g2.jsonl", conversations=5, turns=1, seed=0)
         assert write(cfg2, model4)["mtbench"] == 1
     assert first not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
-    cfg = gen_cfg("t.jsonl", n=6, max_reply_tokens=2, seed=0)  # replies cut at the cap are kept, as the last message
+    cfg = gen_cfg("t.jsonl", conversations=6, max_reply_tokens=2, seed=0)  # replies cut at the cap are kept, as the last message
     write(cfg)
     convs = [r["conversations"] for r in jsonl(cfg.out)]
     full = lambda m: m["from"] == "gpt" and len(tok.encode(m["value"])) == 2  # a reply that reached the cap
     assert len(convs) == 6 and any(len(c) == 2 and full(c[1]) for c in convs)  # cut in turn 1: it ends there
     assert all(not full(m) for c in convs for m in c[:-1])
-    cfg = gen_cfg("x.jsonl", n=2, batch_size=2, turns=1, max_user_tokens=1, max_reply_tokens=1, user_temperature=0.0,
+    cfg = gen_cfg("x.jsonl", conversations=2, batch_size=2, turns=1, max_user_tokens=1, max_reply_tokens=1, user_temperature=0.0,
                   seed=0)  # random: no turn ends within 1 token
     raises([((cfg, tiny_target(260, sharp=1.0)), "no usable conversation")], write)
 
@@ -1566,9 +1566,9 @@ def test_generate_cli_end_to_end(tmp_path, monkeypatch, real, capsys):
     model = tiny_target(tok.vocab_size, sharp=1.0, stopping=True)
     monkeypatch.setattr(convert, "load_target", lambda path, device, dtype: (model, tok))
     out = tmp_path / "sg.jsonl"
-    cfg = common.cli(generate.GenConfig, ["--out", str(out), "--n=6", "--batch-size", "8", "--max-user-tokens", "10",
+    cfg = common.cli(generate.GenConfig, ["--out", str(out), "--conversations=6", "--batch-size", "8", "--max-user-tokens", "10",
                                          "--max-reply-tokens=10", "--device", "cpu", "--reply-temperature", "0"])
-    assert cfg.n == 6 and cfg.reply_temperature == 0.0 and cfg.target is None
+    assert cfg.conversations == 6 and cfg.reply_temperature == 0.0 and cfg.target is None
     generate.main(cfg)
     printed = capsys.readouterr()
     assert "batch    1 | kept" in printed.err + printed.out and f"{out}: 6 conversations" in printed.out
@@ -2401,7 +2401,7 @@ MISUSE = [  # (script, argv, what the one line says)
     ("decode.py", "--bench b.jsonl --bench-out a_file", "--bench-out a_file is a file; give a directory"),
     ("decode.py", "--bench b.jsonl --bench-out a_file/x", "--bench-out a_file/x: a_file is a file, not a directory"),
     ("decode.py", "--bench b.jsonl --bench-out taken", "--bench-out taken/bench.json is a directory"),
-    ("generate.py", "--n 0", "--n must be >= 1, got 0"),
+    ("generate.py", "--conversations 0", "--conversations must be >= 1, got 0"),
     ("generate.py", "--batch-size 0", "--batch-size must be >= 1, got 0"),
     ("generate.py", "--turns -1", "--turns must be >= 1"),
     ("generate.py", "--max-reply-tokens 0", "--max-reply-tokens must be >= 1"),

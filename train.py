@@ -635,24 +635,12 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
 
 def main(cfg):
     check_config(cfg)  # before the (possibly slow) target load
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device, dtype = device_and_dtype(cfg.device, cfg.dtype)
-    if world > 1:
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
+    with common.ranks(device) as (rank, world, device):  # DDP under torchrun
         if device.startswith("cuda"):
-            device = f"cuda:{local}"
-            torch.cuda.set_device(device)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # the paper trains in TF32 / mixed precision
-    target, tokenizer = load_target(cfg.target, device=device, dtype=dtype)
-    try:
+            torch.backends.cuda.matmul.allow_tf32 = True  # the paper trains in TF32 / mixed precision
+        target, tokenizer = load_target(cfg.target, device=device, dtype=dtype)
         train(cfg, target, tokenizer, device, rank, world)
-        if world > 1:  # all ranks done before any tears its connections down (rank 0 saves and plots last)
-            torch.distributed.barrier()
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
