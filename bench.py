@@ -127,11 +127,11 @@ def warm_up(target, draft, prompt, cfg, modes):
     for mode in modes:
         c = decode.spec_config(dataclasses.replace(cfg, mode=mode, max_new_tokens=min(8, cfg.max_new_tokens)))
         decode.run(target, draft, prompt, c, set(), mode=mode)
-        if not (cfg.compile or cfg.cuda_graph):  # (eager: nothing to make ahead)
+        if not (decode.compiled(cfg, mode, dev) or cfg.cuda_graph):  # (eager: nothing to make ahead)
             continue
         if mode == "ar":
             generate.warm(target, 1, decode.cache_slots(target, cfg), cfg.temperature, cfg.top_p, cfg.top_k_sample,
-                          cfg.cuda_graph, cfg.compile_mode if cfg.compile else None)
+                          cfg.cuda_graph, decode.compiled(cfg, "ar", dev))
             continue
         _, _, extra, steps = decode.spec_steps(target, draft, c, len(prompt))
         gen = torch.Generator(device=dev)
@@ -172,8 +172,9 @@ def bench(cfg):
                     top_k=1 if cfg.mode == "chain" else cfg.top_k,
                     tree_tokens=cfg.depth if cfg.mode == "chain" else cfg.tree_tokens,
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    top_k_sample=cfg.top_k_sample, seed=cfg.seed, cuda_graph=cfg.cuda_graph, compile=cfg.compile,
-                    compile_mode=cfg.compile_mode if cfg.compile else None, draft_vocab=cfg.draft_vocab,
+                    top_k_sample=cfg.top_k_sample, seed=cfg.seed, cuda_graph=cfg.cuda_graph,
+                    compile=decode.compiled(cfg, cfg.mode), compile_plain=decode.compiled(cfg, "ar"),
+                    draft_vocab=cfg.draft_vocab,
                     max_len=decode.check_length(target, cfg, 1, True)[0], loop_tail=LOOP_TAIL, loop_period=LOOP_PERIOD,
                     target=cfg.target or "default (SmolLM2-135M-Instruct)",
                     draft=str(decode.SHIPPED.get(cfg.draft, cfg.draft or decode.DEFAULT_DRAFT)), device=cfg.device,

@@ -7,7 +7,7 @@ Plain and speculative decoding with a Beagle (or EAGLE-2) draft, batch size 1.
     python decode.py --prompt "Hi" --compare                                   # + plain decoding, speedup, identical?
     python decode.py --prompt "Hi" --temperature 0.7 --top-p 0.9 --seed 1      # lossless speculative sampling
     python decode.py --bench mtbench --bench-limit 10 --bench-out runs/bench   # MT-bench, plain vs speculative
-    python decode.py --prompt "Hi" --device cuda --compile true                # torch.compile each step, then capture
+    python decode.py --prompt "Hi" --device cuda --compile false               # CUDA graphs without torch.compile
     python decode.py --prompt "Hi" --compare --draft eagle2                    # the EAGLE-2 baseline's draft
 
 One speculative iteration. The committed prefix t_0..t_{n-1} has true target states h_0..h_{n-1}, whose draft
@@ -22,14 +22,14 @@ keys/values sit in the draft cache. The bonus token t_n (the target's own choice
      exactly the target's distribution) plus one bonus token from the target; move the path's K/V into place;
      write the path's true states into the draft cache. --mode chain: the same tree with top-k 1.
 
-One static path on every device: the caches have one size (--max-len slots) whatever the prompt, the prefix
-length n lives on the device, slots past the prefix are masked out (rejected tokens need no undo), and random
-numbers are drawn before a step and passed in. A step (a plain token: generate.py's engine at batch 1; or a whole
-iteration) is a fixed sequence of kernels that reads nothing back to the host; its result is read once after it.
-It attends over the first W slots, the prefix and one tree rounded up to a multiple of WIDTH, so it reads few
-dead slots: one step per width, captured once as a CUDA graph on a GPU (llama.Graphed, maybe torch.compile'd
-first, one program for all widths) and replayed; on the CPU the same steps run eagerly. The CPU's tree shape and
-draft vocabulary fit the machine: calibrate.py times it once and chooses them.
+One static path on every device: the caches have one size (--max-len slots) whatever the prompt, the prefix length n
+lives on the device, slots past the prefix are masked out (rejected tokens need no undo), and random numbers are
+drawn before a step and passed in. A step (a plain token: generate.py's engine at batch 1; or a whole iteration) is
+a fixed sequence of kernels that reads nothing back to the host; its result is read once after it. It attends over
+the first W slots, the prefix and one tree rounded up to a multiple of WIDTH, so it reads few dead slots: one step
+per width, captured once as a CUDA graph on a GPU (llama.Graphed, torch.compile'd first by default: one program for
+all widths, minutes to compile on a machine's first run, then cached) and replayed; on the CPU the same steps run
+eagerly. The CPU's tree shape and draft vocabulary fit the machine: calibrate.py times it once and chooses them.
 """
 import dataclasses
 import json
@@ -52,8 +52,9 @@ from llama import Graphed, KVCache
 
 DEFAULT_DRAFT = Path(__file__).resolve().parent / "drafts" / "smollm2-135m-instruct.safetensors"
 SHIPPED = {"beagle": DEFAULT_DRAFT, "eagle2": DEFAULT_DRAFT.with_name("smollm2-135m-instruct-eagle2.safetensors")}
-# (depth, top-k, tree tokens). GPU: the paper's EAGLE-2 setting, one iteration = one graph.
-GPU_TREE = (5, 10, 60)
+# (depth, top-k, tree tokens). GPU: the best shapes of a measured sweep (results/README.md), greedy and sampled
+GPU_TREE = (4, 10, 60)
+GPU_TREE_SAMPLED = (3, 6, 20)
 # CPU: chosen per machine (calibrate.py); CPU_TREE where nothing is measured (train.py's tau; results/README.md)
 CPU_TREE = (2, 2, 3)
 CPU_DRAFT_VOCAB = 4096  # the subset the CPU may take (beagle.py, VOCAB); GPU: the whole vocabulary (its head is cheap)
@@ -71,11 +72,11 @@ class DecodeConfig:
     # EAGLE-2 baseline (drafts/); None: the shipped Beagle draft for the default target (no draft: plain decoding)
     draft: str | None = None
     mode: str = "tree"  # ar | chain | tree: plain decoding, a chain of --depth draft tokens, an EAGLE-2 dynamic tree
-    # chosen by device: GPU 5 / 10 / 60 and all tokens; CPU: for this machine's costs, measured on first use (a few
-    # seconds, then cached; calibrate.py), or plain decoding where no tree is predicted to pay
-    depth: int = 0  # draft steps per iteration, >= 1; 0: chosen by device (GPU 5, CPU per machine)
-    top_k: int = 0  # children per expanded node (tree), >= 1; 0: chosen by device (GPU 10, CPU per machine)
-    tree_tokens: int = 0  # draft tokens per verification (tree), >= 1; 0: chosen by device (GPU 60, CPU per machine)
+    # chosen by device: GPU 4 / 10 / 60 (sampling 3 / 6 / 20) and all tokens; CPU: for this machine's costs, measured
+    # on first use (a few seconds, then cached; calibrate.py), or plain decoding where no tree is predicted to pay
+    depth: int = 0  # draft steps per iteration, >= 1; 0: by device (GPU 4, sampled 3; CPU by machine)
+    top_k: int = 0  # children per expanded node (tree), >= 1; 0: by device (GPU 10, sampled 6; CPU by machine)
+    tree_tokens: int = 0  # draft tokens verified per iteration (tree), >= 1; 0: by device (GPU 60, sampled 20; CPU)
     # N > 0: the draft proposes from the N most frequent target tokens; 0: all; -1: chosen by device (GPU all, CPU per
     # machine: 4096 or all)
     draft_vocab: int = -1
@@ -99,10 +100,12 @@ class DecodeConfig:
     template: str | None = None
     system: str | None = None  # a system message before the first user turn
     cuda_graph: bool | None = None  # capture each step as a CUDA graph; None: on for cuda (the CPU runs steps eagerly)
-    compile: bool | None = None  # torch.compile each step (before its capture); None: off
+    # torch.compile each step (before its capture); None: a GPU's speculative steps (the first run on a machine takes
+    # minutes, then inductor's cache serves), not its plain step (compiled, it measured no faster: results/README.md)
+    compile: bool | None = None
     # torch.compile's mode: default | max-autotune-no-cudagraphs (reduce-overhead and max-autotune make CUDA graphs of
     # their own: only with --cuda-graph false)
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -198,7 +201,7 @@ def spec_steps(target, draft, cfg, n_prompt):
     draft.check_top_k(cfg.top_k)
     setting = (cfg.temperature, cfg.top_p, cfg.top_k_sample) if cfg.temperature else 0
     on = bool(cfg.cuda_graph) and dev.type == "cuda"
-    mode = cfg.compile_mode if cfg.compile else None
+    mode = compiled(cfg, "tree", dev)
     # the head is part of the key: a graph captured with one head would keep reading that head's weights
     key = (L, draft, draft.head, cfg.depth, cfg.top_k, cfg.tree_tokens, setting, on, mode)
     store = target.__dict__.setdefault("decode_static", {})  # the key keeps the draft (and its head) alive
@@ -233,7 +236,7 @@ def generate_ar(target, prompt, cfg, stop_ids, gen=None, on_tokens=None):
     sync(dev)
     t0 = time.perf_counter()
     generate.generate(target, [prompt], cfg.max_new_tokens, stop_ids, cfg.temperature, cfg.top_p, cfg.top_k_sample,
-                      gen, show, 1, L, cfg.cuda_graph, compile=cfg.compile_mode if cfg.compile else None)
+                      gen, show, 1, L, cfg.cuda_graph, compile=compiled(cfg, "ar", dev))
     sync(dev)
     return Result(out, time.perf_counter() - t0, len(out), [])  # one target forward per token
 
@@ -447,13 +450,19 @@ def resolve(cfg):
     cfg.dtype = str(dtype).removeprefix("torch.")  # resolved, and spelled one way in reports
     gpu = torch.device(cfg.device).type == "cuda"
     cfg.cuda_graph = gpu if cfg.cuda_graph is None else cfg.cuda_graph
-    cfg.compile = bool(cfg.compile)  # (None: off until measured)
-    if cfg.compile and gpu and cfg.cuda_graph and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+    if compiled(cfg, cfg.mode) and cfg.cuda_graph and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
         raise BeagleError(f"--compile-mode {cfg.compile_mode} makes CUDA graphs of its own: add --cuda-graph false "
                           "or take default | max-autotune-no-cudagraphs")
     if gpu:  # (the CPU's are chosen for the machine once the models are loaded: load, cpu_defaults)
         cfg.depth, cfg.top_k, cfg.tree_tokens = (mine or default for mine, default in
-                                                 zip((cfg.depth, cfg.top_k, cfg.tree_tokens), GPU_TREE))
+                                                 zip((cfg.depth, cfg.top_k, cfg.tree_tokens),
+                                                     GPU_TREE_SAMPLED if cfg.temperature > 0 else GPU_TREE))
+
+
+def compiled(cfg, mode, device=None):
+    """torch.compile's mode for the steps of decoding mode `mode` (ar | chain | tree) on `device` (default: cfg's)."""
+    on = cfg.compile if cfg.compile is not None else mode != "ar" and torch.device(device or cfg.device).type == "cuda"
+    return cfg.compile_mode if on else None
 
 
 def load(cfg):
@@ -508,7 +517,7 @@ def main(cfg):
     target, tokenizer, draft = load(cfg)
     stop = set(tokenizer.stop_ids)
     modes = (cfg.mode, "ar") if cfg.compare and cfg.mode != "ar" else (cfg.mode,)
-    if len(modes) > 1 or cfg.cuda_graph or cfg.compile:  # capture and compile out of the timings
+    if len(modes) > 1 or cfg.cuda_graph or any(compiled(cfg, m) for m in modes):  # capture, compile: not timed
         bench.warm_up(target, draft, tokenizer.conversation(convs[0][0][:1], [], cfg.system, cfg.template == "raw"),
                       cfg, modes)
     for turns, _ in convs:

@@ -852,7 +852,7 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     cfg = common.cli(DecodeConfig, ["--device", "cpu"])
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
-    assert cfg.cuda_graph is False and cfg.compile is False  # compile: off unless asked for
+    assert cfg.cuda_graph is False and decode.compiled(cfg, "tree") is None  # graphs and compile: for cuda only
 
 
 def test_llama_import_is_the_model_alone():
@@ -1949,7 +1949,7 @@ def test_decode_real_greedy_spec_equals_plain(real, real_hf, real_answers):
             draft.set_vocab(target, vocab)
             r = spec(target, draft, ids[1], ("tree", depth, top_k, tree_tokens), stop, max_new_tokens=30)
             assert r.tokens == answers[1], (kind, depth, top_k, tree_tokens, vocab)
-        assert r.tau > 1.5, (kind, r.accepted_lengths)  # 5 / 10 / 60: a random draft gets ~1.0
+        assert r.tau > 1.5, (kind, r.accepted_lengths)  # the GPU tree: a random draft gets ~1.0
 
 
 def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
@@ -2184,10 +2184,18 @@ def test_decode_cpu_costs_measured_once_cached_and_followed(tmp_path, monkeypatc
     for shape in (dict(depth=3, top_k=1, tree_tokens=2), dict(mode="chain", depth=4)):
         cfg, draft = load(draft_vocab=0, max_len=0, **shape)
         assert draft is not None and all(getattr(cfg, k) == v for k, v in shape.items())
-    cfg = DecodeConfig(device="cuda")
     monkeypatch.setattr(common, "device_and_dtype", lambda device, dtype: ("cuda", torch.bfloat16))
+    for temperature, tree in ((0.0, decode.GPU_TREE), (0.7, decode.GPU_TREE_SAMPLED)):
+        cfg = DecodeConfig(device="cuda", temperature=temperature)
+        decode.resolve(cfg)
+        assert (cfg.depth, cfg.top_k, cfg.tree_tokens) == tree and cfg.cuda_graph is True
+        assert decode.compiled(cfg, "tree") == "default" and decode.compiled(cfg, "ar") is None  # (measured no faster)
+    cfg = DecodeConfig(device="cuda", temperature=0.7, depth=5, compile=False)
+    decode.resolve(cfg)  # what is given is kept
+    assert (cfg.depth, cfg.top_k, cfg.tree_tokens) == (5, 6, 20) and decode.compiled(cfg, "tree") is None
+    cfg = DecodeConfig(device="cuda", mode="ar", compile=True)
     decode.resolve(cfg)
-    assert (cfg.depth, cfg.top_k, cfg.tree_tokens) == decode.GPU_TREE
+    assert decode.compiled(cfg, "ar") == "default"
 
 
 # the static steps (CUDA graphs on a GPU): one setting, one step, fixed shapes per width, no host reads

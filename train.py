@@ -295,7 +295,8 @@ def measured_tau(target, draft, prompts, stop_ids, max_new=64):
     dev, dtype = target.output.weight.device, target.output.weight.dtype
     depth, top_k, tree_tokens = decode.GPU_TREE if dev.type == "cuda" else decode.CPU_TREE
     cfg = decode.DecodeConfig(mode="tree", depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=max_new,
-                              device=str(dev), dtype=str(dtype).removeprefix("torch."), cuda_graph=False)
+                              device=str(dev), dtype=str(dtype).removeprefix("torch."), cuda_graph=False,
+                              compile=False)
     decode.resolve(cfg)
     d = copy.deepcopy(draft).to(dtype).eval()  # (its RoPE table too, rounded as load_draft rounds it)
     d.set_vocab(target, 0)  # the whole vocabulary

@@ -3,8 +3,9 @@ Time one decoding step on a GPU, apart from everything around it: the plain step
 iteration (draft + verification + acceptance + commit), each replayed many times from its CUDA graph, plus the
 number of GPU kernels one eager plain forward launches.
 
-    python results/step_time.py                      # the default target and draft, bf16, graphed steps
-    python results/step_time.py --compile true       # the same steps compiled by torch.compile before capture
+    python results/step_time.py                      # the default target and draft, bf16, decode.py's default steps
+    python results/step_time.py --compile false      # graphed only (no torch.compile)
+    python results/step_time.py --compile true       # both steps compiled by torch.compile before capture
 
 The prefix is a real prompt (about 100 tokens) plus --max-new-tokens (256) more, the middle of a long answer;
 every replay repeats the same step at the same position (the caches are rewritten in place). A step attends over
@@ -45,7 +46,7 @@ def replay_ms(fn, reps=200):
 def plain_step(target, cfg, n):
     """The plain step (generate.py's engine at batch 1, as decode.py uses it) at the width that holds a prefix of n."""
     shape = generate._shape(target, 1, decode.cache_slots(target, cfg), 0.0, 1.0, 0, cfg.cuda_graph)
-    bufs, steps = generate._engine(target, *shape, compile=cfg.compile_mode if cfg.compile else None)
+    bufs, steps = generate._engine(target, *shape, compile=decode.compiled(cfg, "ar"))
     bufs["base"].fill_(n)
     step, ar = steps[-(-(n + 1) // generate.WIDTH_STEP) * generate.WIDTH_STEP]
     pos = torch.tensor([n], device=cfg.device)
@@ -77,7 +78,8 @@ def main(cfg):
     nn_, root = torch.tensor([n], device=cfg.device), torch.tensor([prompt[-1]], device=cfg.device)
     tree_ms = replay_ms(lambda: step(ar, nn_, root), reps)
     k = kernels_per_forward(target, cfg, n) if torch.cuda.is_available() else 0
-    print(f"step_time | {bench.hardware(cfg.device)} | {cfg.dtype} | compile {cfg.compile} ({cfg.compile_mode}) | "
+    print(f"step_time | {bench.hardware(cfg.device)} | {cfg.dtype} | compiled: plain "
+          f"{decode.compiled(cfg, 'ar')}, tree {decode.compiled(cfg, 'tree')} | "
           f"prefix {n}, width {ar.numel()} of {decode.cache_slots(target, cfg)} slots | plain step {plain_ms:.3f} ms "
           f"| tree {cfg.depth}/{cfg.top_k}/{cfg.tree_tokens} iteration {tree_ms:.3f} ms = {tree_ms / plain_ms:.2f} "
           f"plain steps | {k} kernels per eager plain forward")

@@ -58,7 +58,8 @@ def main(cfg):
     prompts = [tokenizer.conversation(turns[:1], [], cfg.system) for turns, _ in convs]
     stop = set(tokenizer.stop_ids)
     print(f"tree_sweep | {bench.hardware(cfg.device)} | {cfg.dtype} | {len(prompts)} MT-bench first turns | "
-          f"{cfg.max_new_tokens} new tokens | compile {cfg.compile} | draft vocabulary {cfg.draft_vocab or 'all'}")
+          f"{cfg.max_new_tokens} new tokens | compiled: plain {decode.compiled(cfg, 'ar')}, "
+          f"tree {decode.compiled(cfg, 'tree')} | draft vocabulary {cfg.draft_vocab or 'all'}")
     for t in temps:
         base = dataclasses.replace(cfg, temperature=t)
         bench.warm_up(target, draft, prompts[0], base, ("ar",))
