@@ -8,47 +8,20 @@ The tests of Beagle, on the CPU in fp32, offline: tiny random models for most ch
 
 transformers is a test-only dependency: our model, tokenizer, chat template and GGUF loader are checked against it.
 """
-import contextlib
-import copy
-import dataclasses
-import functools
-import importlib.util
-import io
-import itertools
-import json
-import math
-import os
-import random
-import runpy
-import shutil
-import signal
-import socket
-import subprocess
-import sys
+import contextlib, copy, dataclasses, functools, importlib.util, io, itertools, json, math, os, random, runpy
+import shutil, signal, socket, subprocess, sys
 from collections import Counter
 from pathlib import Path
 
-import gguf
+import gguf, pytest, sentencepiece, torch
 import numpy as np
-import pytest
-import sentencepiece
-import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import beagle
-import bench
-import calibrate
-import common
-import convert
-import data
-import decode
-import generate
-import llama
-import train
+import beagle, bench, calibrate, common, convert, data, decode, generate, llama, train
 from beagle import Beagle, DraftArgs, DraftCache, block_mask, load_draft, save_draft, simulation_mask
 from common import BeagleError
 from decode import DecodeConfig, generate_spec
@@ -61,9 +34,8 @@ GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs
 # ---------------------------------------------------------------------------------------------------------------------
 # the fixtures: a tiny target, its tokenizer, a fitted draft, the real model loaded once
 
-torch.set_num_threads(1)  # tiny models are all per-op overhead, and on a busy 2-core box a second thread's spin-waits
-# cost 10x: the real model gets two threads (1.6x faster) if the box is idle when the session starts, decided once,
-# so that its fp32 sums (and so its near-tie argmaxes) are the same in every test of the session
+torch.set_num_threads(1)  # tiny models are per-op overhead; on a busy 2-core box a second thread's spin-waits cost 10x
+# the real model: two threads (1.6x) if idle at the session's start, decided once (its near-tie argmaxes stay put)
 REAL_THREADS = 2 if os.getloadavg()[0] < 1.5 else 1
 
 
@@ -131,8 +103,7 @@ def spec(target, draft, prompt, setting, stops=(), gen=None, **kw):  # setting: 
 
 
 class CharTokenizer:
-    """Stand-in for convert.Tokenizer: ChatML specials, one id per latin-1 character, SmolLM2's template; prefix_space
-    prepends a marker to every encode() as SentencePiece does (pieces encoded apart differ from the whole)."""
+    """convert.Tokenizer's stand-in: an id a latin-1 char, SmolLM2's template; prefix_space: SentencePiece's marker."""
     SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "\u2581"]
     vocab_size, eos_id, bos_id, pad_id, stop_ids = 256 + len(SPECIAL), 0, 1, 0, {0, 2}
 
@@ -215,8 +186,7 @@ def real_loads(monkeypatch, target, tok=None):  # convert.load_target (as decode
 
 
 class HostReads(TorchDispatchMode):
-    """Fails on any op that reads a device value to the host (.item(), nonzero, ...) or makes a host tensor (lift_fresh:
-    torch.tensor(...), t[i] = x: a synchronizing copy, an error under capture; write t[i].fill_(x))."""
+    """Fails on a device->host read (.item(), nonzero...) or a new host tensor (lift_fresh: torch.tensor, t[i] = x)."""
     SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "equal", "is_nonzero",
                "lift_fresh")
 
@@ -350,8 +320,7 @@ def test_llama_hf_dir_matches_transformers(case, tmp_path):
 
 
 def test_llama_fused_kv_cache_and_the_cpu_few_row_path():
-    """k, v view one buffer; the CPU few-row linear == F.linear, taken for few rows by the fused projections.
-    (Fused wqkv / w13 == HF's tensors concatenated: the GGUF round trip and the logits against transformers.)"""
+    """k, v view one buffer; the CPU few-row linear == F.linear, taken for few rows by the fused projections."""
     model = tiny_target(hidden_dim=96)
     cache = KVCache(model.args, 1, 8)
     assert cache.k.shape == cache.v.shape == (2, 1, 2, 8, 16)
@@ -379,15 +348,9 @@ def test_llama_fused_kv_cache_and_the_cpu_few_row_path():
     assert layer.weight.grad is not None
 
 
-def repeated_kv_attention(q, k, v, mask):  # the reference: each query head over its own copy of its kv head
-    r = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), attn_mask=mask)
-
-
 @torch.no_grad()
 def test_llama_cache_and_grouped_attention():
-    """Cached steps and last-only prefill: the full forward's numbers; grouped attention == repeated kv heads.
-    (A cached tree step + KVCache.move: test_decode_verification_logits_and_kv_compaction.)"""
+    """Cached steps and last-only prefill: the full forward's numbers; grouped attention == repeated kv heads."""
     model = tiny_target(97, sharp=1.0)
     close = functools.partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)
     ones = lambda *shape: torch.ones(*shape, dtype=torch.bool)
@@ -406,7 +369,9 @@ def test_llama_cache_and_grouped_attention():
         q, k, v = (torch.randn(B, h, t, 16, generator=g) for h, t in ((H, T), (Hkv, S), (Hkv, S)))
         mask = torch.rand(B, 1, T, S, generator=g) < 0.4
         mask[..., 0] = True
-        torch.testing.assert_close(llama.attention(q, k, v, mask), repeated_kv_attention(q, k, v, mask))
+        got = llama.attention(q, k, v, mask)
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)  # each query head: its kv head
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 def test_llama_rope_table_equals_hf_rotation():
@@ -1001,8 +966,7 @@ def fixed_batch(B=3, T=24, seed=0):  # (ids, loss_mask, valid): row 1 right-padd
 
 
 def draft_outs(target, draft, batch, stage_steps, offset=1, k=3, recompute=False, chunk=16, noise=0.0, step=None):
-    """One training step's forward: DraftStep (or `step`, its DDP wrapper) on the batch's target states, then the
-    chunked loss."""
+    """A training step's forward: DraftStep (or `step`, its DDP wrapper) on the target's states; the chunked loss."""
     ids, loss_mask, valid = batch
     with torch.no_grad():
         _, h = target(ids)
@@ -1231,8 +1195,7 @@ def test_train_draft_loss_by_hand():
 
 
 def test_train_labels_loss_plan_chain_tau_and_no_host_reads():
-    """Trained positions, chain_tau by enumeration; a step's device part reads nothing back. (The loss plan: the
-    chunked loss == its plain reference, test_train_chunked_loss_and_recompute_equal_references.)"""
+    """Trained positions, chain_tau by enumeration; a step's device part (the loss plan's use) reads nothing back."""
     loss_mask = torch.tensor([[False, False, True, True, True, False]])
     valid = torch.tensor([[True, True, True, True, True, False]])
     lab = train.label_positions(loss_mask, valid, 3, 1)  # position 0 sees no key
@@ -2462,8 +2425,8 @@ def test_misuse_is_one_line_error(script, argv, message, misuse_dir, monkeypatch
 
 
 def test_misuse_real_entry_points(misuse_dir):
-    """As real processes: stderr is the one line, exit code 1; invalid UTF-8 in --prompt as raw argv bytes; errors
-    found after loading (the context's length, --top-k beyond the draft's vocabulary)."""
+    """As processes: one stderr line, exit 1; Latin-1 bytes in argv; errors after loading (context, --top-k > vocab)."""
+
     cases = [([b"decode.py", b"--prompt", "caf\xe9".encode("latin-1")], "--prompt must be non-blank UTF-8 text"),
              (["generate.py", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
