@@ -137,8 +137,7 @@ class CharTokenizer:
 @pytest.fixture(scope="session")
 def tiny():
     """The decoding target (vocab 48), prompts of 1/5/12/30 tokens, a random and a fitted draft, the fitting seqs."""
-    target = tiny_target()
-    g = torch.Generator().manual_seed(5)
+    target, g = tiny_target(), torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 48, (L,), generator=g).tolist() for L in (1, 5, 12)]
     seqs = [torch.tensor(p + plain(target, p, max_new_tokens=48)) for p in prompts]
     seqs += [torch.randint(0, 48, (40,), generator=g) for _ in range(4)]
@@ -1016,8 +1015,8 @@ def train_cfg(tmp_path, out, **kw):
 def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     """Resumed runs (--max-steps, SIGINT) equal one run; run dirs guarded; eval schedule; stage 2, EAGLE-2, caches."""
     target, tok = train_target(), CharTokenizer(system=None)
-    full = train.train(train_cfg(tmp_path, "full", max_steps=7), target, tok)
-    randomness = train.step_randomness
+    run = lambda out, target=target, **kw: train.train(train_cfg(tmp_path, out, **kw), target, tok)
+    full, randomness = run("full", max_steps=7), train.step_randomness
 
     def interrupt_at_2(cfg, step, *a):
         if step == 1:  # SIGINT arrives during the 2nd step, before the first evaluation (after the 3rd)
@@ -1025,16 +1024,15 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
         return randomness(cfg, step, *a)
     with monkeypatch.context() as m:
         m.setattr(train, "step_randomness", interrupt_at_2)
-        for run, kw in (("sig", {}), ("cos", dict(schedule="cosine"))):
+        for name, kw in (("sig", {}), ("cos", dict(schedule="cosine"))):
             with pytest.raises(train.Interrupted, match="SIGINT at step 2"):
-                train.train(train_cfg(tmp_path, run, max_steps=7, **kw), target, tok)
+                run(name, max_steps=7, **kw)
     assert not (tmp_path / "sig" / "eval.csv").exists()
     raises([((train_cfg(tmp_path, "sig", window=4, max_steps=9, resume=True), target, tok), "different --window"),
             ((train_cfg(tmp_path, "full", max_steps=7), target, tok), "holds a run")], train.train)
-    assert_same_weights(full, train.train(train_cfg(tmp_path, "sig", max_steps=7, resume=True), target, tok))
-    cosine = train.train(train_cfg(tmp_path, "cfull", max_steps=7, schedule="cosine"), target, tok)
-    assert_same_weights(cosine, train.train(train_cfg(tmp_path, "cos", max_steps=7, resume=True, schedule="cosine"),
-                                            target, tok))
+    assert_same_weights(full, run("sig", max_steps=7, resume=True))
+    cosine = run("cfull", max_steps=7, schedule="cosine")
+    assert_same_weights(cosine, run("cos", max_steps=7, resume=True, schedule="cosine"))
     assert not torch.equal(cosine.wq.weight, full.wq.weight)
     c = train_cfg(tmp_path, "x", lr=1.0, warmup=2, schedule="cosine")  # warm-up, then a cosine down to 0 at step 6
     assert [round(train.lr_at(c, s, 6), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
@@ -1050,30 +1048,26 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
                                                    ["7", "2", "2.333"]]
     assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:9])
     assert float(rows[-1].split(",")[-1]) >= 1.0  # measured at the end: a tree decode's tau
-    train.train(train_cfg(tmp_path, "sig", max_steps=2, tau_interval=0, overwrite=True), target, tok)
+    run("sig", max_steps=2, tau_interval=0, overwrite=True)
     assert len((tmp_path / "sig" / "train.csv").read_text().splitlines()) == 2  # header + step 2
     ckpt = str(out / "draft.safetensors")  # stage 2 from the stage-1 draft: with lr 0 the checkpoint's weights
-    s2 = train.train(train_cfg(tmp_path, "s2", stage=2, init=ckpt, lr=0.0, max_steps=1), target, tok)
-    assert_same_weights(full, s2)
-    s2 = train.train(train_cfg(tmp_path, "s2b", stage=2, init=ckpt, max_steps=3), target, tok)
-    assert not torch.equal(s2.wq.weight, full.wq.weight)
-    raises([((train_cfg(tmp_path, "s2c", stage=2, init=ckpt, max_steps=1), train_target(seed=5), tok),
-             "another target")], train.train)
-    e2 = train.train(train_cfg(tmp_path, "e2", draft="eagle2", window=1, max_steps=4), target, tok)
-    assert type(e2) is beagle.Eagle2  # (its checkpoint names its kind: test_train_checkpoint_roundtrip_*)
+    assert_same_weights(full, run("s2", stage=2, init=ckpt, lr=0.0, max_steps=1))
+    assert not torch.equal(run("s2b", stage=2, init=ckpt, max_steps=3).wq.weight, full.wq.weight)
+    with pytest.raises(BeagleError, match="another target"):
+        run("s2c", train_target(seed=5), stage=2, init=ckpt, max_steps=1)
+    assert type(run("e2", draft="eagle2", window=1, max_steps=4)) is beagle.Eagle2  # (a checkpoint names its kind)
     rows = (tmp_path / "e2" / "eval.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,epochs,acc1,train_acc1,tau_chain,tau" and float(rows[-1].split(",")[-1]) >= 1.0
     raises([((train_cfg(tmp_path, "b", init=str(tmp_path / "e2" / "draft.safetensors"), max_steps=1), target, tok),
              "is not a beagle draft")], train.train)
     kw = dict(batch_tokens=160, eval_interval=100, tau_interval=0)
-    full = train.train(train_cfg(tmp_path, "tfull", max_steps=7, **kw), target, tok)
-    train.train(train_cfg(tmp_path, "tpart", max_steps=4, **kw), target, tok)
-    assert_same_weights(full, train.train(train_cfg(tmp_path, "tpart", max_steps=7, resume=True, **kw), target, tok))
+    full = run("tfull", max_steps=7, **kw)
+    run("tpart", max_steps=4, **kw)
+    assert_same_weights(full, run("tpart", max_steps=7, resume=True, **kw))
     raises([((train_cfg(tmp_path, "tpart", max_steps=9, resume=True, batch_tokens=200), target, tok),
              "different --batch-tokens")], train.train)
     for cache in ("memory", str(tmp_path / "states")):  # cached states, in memory or on disk: fp32 rounding apart
-        cached = train.train(train_cfg(tmp_path, f"c{len(cache)}", max_steps=7, state_cache=cache, **kw), target, tok)
-        assert_same_weights(full, cached, atol=1e-5)
+        assert_same_weights(full, run(f"c{len(cache)}", max_steps=7, state_cache=cache, **kw), atol=1e-5)
     assert (tmp_path / "states" / "index.json").exists()
 
 
@@ -1537,8 +1531,7 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
     """generate.generate is the plainest greedy decoding: left padding, dummy rows, stops, widths, reuse, streaming."""
     monkeypatch.setattr(generate, "WIDTH_STEP", 8)  # one answer crosses many widths
     monkeypatch.setattr(generate, "PREFILL_TOKENS", 64)  # prefills in groups of rows (2 rows of 30 tokens)
-    model = tiny_target()
-    g = torch.Generator().manual_seed(3)
+    model, g = tiny_target(), torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 30)]
     free = [greedy_reference(model, p, 40, set()) for p in prompts]
     cuts = lambda t: [f.index(t) if t in f else None for f, _ in free]
@@ -1575,8 +1568,7 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
 def test_selfgen_engine_shrinking_batch_changes_nothing_but_the_work(monkeypatch):
     """Finished rows leave the batch: the same tokens (greedy and sampled), fewer row-steps, caches shared."""
     monkeypatch.setattr(generate, "CHECK_EVERY", 2)
-    model = tiny_target()
-    g = torch.Generator().manual_seed(4)
+    model, g = tiny_target(), torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in [2, 9, 4, 15, 6, 1, 11, 3] * 3]
     free = [greedy_reference(model, p, 60, set())[0] for p in prompts]
     # the stop token: one that ends most rows (at many different steps) but not all of them
@@ -1859,8 +1851,7 @@ def test_decode_sampling_follows_target(kind, setting, temperature, top_p, top_k
             ctx = torch.cartesian_prod(*[torch.arange(V)] * step).view(-1, step) if step else torch.zeros(1, 0).long()
             x = torch.cat([torch.tensor(prompt).expand(ctx.shape[0], -1), ctx], 1)
             exact = (exact[:, None] * decode.probs_from_logits(target(x)[0][:, -1], cfg).double()).flatten()
-    exact = exact.view(V, V, V)
-    gen = torch.Generator().manual_seed(0)
+    exact, gen = exact.view(V, V, V), torch.Generator().manual_seed(0)
     counts, accepted = torch.zeros(V, V, V, dtype=torch.float64), []
     for _ in range(runs):
         r = spec(target, draft, prompt, setting, (), gen, **kw)
@@ -1932,8 +1923,7 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
                       "And a vegetable?"]}) + "\n" + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
     main("--bench", questions, "--draft", str(draft_path), "--mode", "chain", "--depth", "2", "--max-new-tokens", "6",
          "--bench-out", str(tmp_path / "b"))
-    out = capsys.readouterr().out
-    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    out, result = capsys.readouterr().out, json.loads((tmp_path / "b" / "bench.json").read_text())
     assert list(result["results"]) == ["writing", "math", "overall"]
     overall = result["results"]["overall"]
     assert overall["turns"] == 3 and overall["identical"] == 1.0 and len(overall["acceptance_by_depth"]) == 2
@@ -2445,8 +2435,7 @@ def test_eagle2_decoding_equals_its_training_forward_on_own_states():
     pos, slot = torch.arange(12), torch.arange(L)
     with torch.no_grad():
         _, h = target(x)
-        emb = target.tok_embeddings(x)
-        dcache = DraftCache(draft, L)
+        emb, dcache = target.tok_embeddings(x), DraftCache(draft, L)
         dcache.k.normal_(), dcache.v.normal_()  # unwritten slots hold junk that must never be read
         draft.commit(dcache, 0, h[:, :n], emb[:, 1:n])
         states, parent = h.clone(), None
