@@ -225,10 +225,8 @@ def raises(cases, fn, error=BeagleError):  # an error table: fn(*args) must rais
             fn(*args)
 
 
-def assert_same_weights(a, b, atol=0.0):
-    assert a.state_dict().keys() == b.state_dict().keys()
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=1e-5 if atol else 0.0, atol=atol, msg=name)  # (allclose, or equal)
+def assert_same_weights(a, b, atol=0.0):  # the same names, each tensor allclose (or equal); dicts: keys checked too
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=1e-5 if atol else 0.0, atol=atol)
 
 
 def script(*argv, cwd=HERE):
@@ -1159,8 +1157,7 @@ def test_train_chunked_loss_and_recompute_equal_references(stage, steps, offset)
     for steps in (1, 3):
         (l0, g0), (l1, g1) = results[False, steps], results[True, steps]
         torch.testing.assert_close(l1, l0)
-        for a, b in zip(g1, g0):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
     k_true = draft.kv(h, torch.arange(ids.shape[1]))[0]
     plan = train.loss_plan(batch[1], batch[2], 3, 1, 3, torch.device("cpu"))
     inputs = sum(2 * k_true.numel() * k_true.element_size() + (emb.shape[0] * emb.shape[2] * emb.element_size() +
@@ -1263,10 +1260,9 @@ def test_train_two_ranks_equal_one_rank(tmp_path):
     both = [torch.cat(x) for x in zip(ddp_batch(0), ddp_batch(1))]  # rank 0's rows, then rank 1's
     for steps, two in torch.load(tmp_path / "grads.pt").items():
         one = ddp_grads(both, steps)
-        assert one.keys() == two.keys()
-        for name in one:
-            torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=f"steps {steps}: {name}")
-        assert max(g.abs().max() for g in one.values()) > 0
+        torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-4)  # (dicts: the same names, each close)
+        assert max(g.abs().max() for g in one.values()) > 0, steps
+
     one = generate.GenConfig(out=str(tmp_path / "one.jsonl"), **base)
     generate.generate_conversations(one, tiny_target(260, sharp=1.0, stopping=True), CharTokenizer(), verbose=False)
     a, b = open(one.out).read().split("\n")[:-1], open(tmp_path / "two.jsonl").read().split("\n")[:-1]
