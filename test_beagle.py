@@ -408,7 +408,6 @@ def test_llama_ops_per_layer_bounded(T):
                       slots=n + torch.arange(T))
         ops.append(count.ops)
     # 2 norms, 4 matrices (3 ops each: few-row path), rotation, cache write, attention (+1: mask tiled), SwiGLU, 2 adds
-
     assert (ops[0] - ops[1]) / 2 <= 34, ops
 
 
@@ -766,13 +765,12 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     cli = lambda *argv: common.cli(LlamaKnobs, list(argv))
     assert cli() == LlamaKnobs()
     assert cli("--max-new-tokens", "5", "--temperature=0.7", "--out", "a b") == LlamaKnobs(5, 0.7, "a b")
-    assert cli("--prompt=--not-an-option", "--out=x=y").prompt == "--not-an-option"  # any value after '='
-    assert cli("--out=x=y").out == "x=y" and cli("--temperature", "-1.5").temperature == -1.5
+    assert cli("--prompt=--not-an-option", "--out=x=y") == LlamaKnobs(out="x=y", prompt="--not-an-option")  # after =
     assert cli("--compile").compile is True and cli("--compile", "--steps", "4") == LlamaKnobs(compile=True, steps=4)
     assert cli("--compile", "false").compile is False and cli("--compile=NO").compile is False
     assert cli("--cuda-graph").cuda_graph is True and cli("--cuda-graph", "None").cuda_graph is None
     assert cli("--prompt", "none").prompt is None and cli("--prompt", "None").prompt is None
-    assert cli("--out", "none").out == "none"  # str, not optional
+    assert cli("--out", "none").out == "none" and cli("--temperature", "-1.5").temperature == -1.5  # (str: no none)
     assert cli("--steps=none").steps is None and cli("--steps", "7").steps == 7
     for argv, message in [
             (["--max-new-tokens", "abc"], "error: --max-new-tokens expects an integer, got 'abc'"),
@@ -1262,7 +1260,6 @@ def test_train_two_ranks_equal_one_rank(tmp_path):
         one = ddp_grads(both, steps)
         torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-4)  # (dicts: the same names, each close)
         assert max(g.abs().max() for g in one.values()) > 0, steps
-
     one = generate.GenConfig(out=str(tmp_path / "one.jsonl"), **base)
     generate.generate_conversations(one, tiny_target(260, sharp=1.0, stopping=True), CharTokenizer(), verbose=False)
     a, b = open(one.out).read().split("\n")[:-1], open(tmp_path / "two.jsonl").read().split("\n")[:-1]
@@ -1379,12 +1376,11 @@ def test_data_tokenize_mask(tokenizer, request):
               {"role": "assistant", "content": "Six, évidemment 😀\n\n- item\n- item"}],
              [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "```python\nprint(1)\n```"},
               {"role": "user", "content": "thanks"}, {"role": "assistant", "content": ""}]]
-    for msgs in convs:
+    for msgs in convs:  # (the last has no system message: SmolLM2 inserts its default one, not in the loss)
         ids, mask = data.tokenize(tok, msgs, 4096)
         assert ids == tok.chat(msgs, add_generation_prompt=False)
         check_mask(tok, msgs, ids, mask)  # the header "<|im_start|>assistant\n" and the "\n" after are out
         assert sum(mask) == sum(len(tok.encode(m["content"])) + 1 for m in msgs if m["role"] == "assistant")
-    ids, mask = data.tokenize(tok, convs[0], 4096)  # the default system prompt SmolLM2 inserts is not in the loss
     assert "SmolLM" in tok.decode(ids) and "SmolLM" not in tok.decode([i for i, m in zip(ids, mask) if m])
     with pytest.raises(BeagleError, match="straddles"):  # a token across the header and the content: refused
         data.tokenize(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nx"}], 4096)
@@ -1437,7 +1433,6 @@ def test_data_batches_split_and_state_cache(tmp_path):
     assert len(states.index["shards"]) > 1
     for i, (ids, _) in enumerate(ex):
         torch.testing.assert_close(states[i], model(torch.tensor([ids]))[1][0], atol=1e-5, rtol=1e-5)  # (dtype too)
-
     disk, mem = data.StateCache(model, ex, "cpu", str(tmp_path / "c")), data.StateCache(model, ex, "cpu")
     for idx in data.batch_plan([len(i) for i, _ in ex], 4, seed=2):
         ids, _, v = data.collate([ex[i] for i in idx])
@@ -1514,7 +1509,6 @@ def test_generate_cli_end_to_end(tmp_path, monkeypatch, real, capsys):
     out = tmp_path / "sg.jsonl"
     cfg = common.cli(generate.GenConfig, ["--out", str(out), *("--conversations=6 --batch-size 8 --max-user-tokens 10 "
                                           "--max-reply-tokens=10 --device cpu --reply-temperature 0").split()])
-
     assert cfg.conversations == 6 and cfg.reply_temperature == 0.0 and cfg.target is None
     generate.main(cfg)
     printed = capsys.readouterr()
@@ -2161,8 +2155,7 @@ def test_graph_widths_and_shapes(tiny, monkeypatch):
     x = torch.tensor([prompts[2] + [3, 4, 5]])
     n, L = x.shape[1] - 1, 64
     W = n + 14  # the tree's 14 slots (1 + 10 nodes, 1 + 3 x 3 draft queries) fit, nothing more
-    spies = [spy(monkeypatch, target, "forward"), spy(monkeypatch, draft, "attend"), spy(monkeypatch, draft, "kv")]
-    fwd, att, kv = spies
+    fwd, att = spies = [spy(monkeypatch, target, "forward"), spy(monkeypatch, draft, "attend")]
     cache, dcache = KVCache(target.args, 1, L), DraftCache(draft, L)
     with torch.no_grad():
         _, h = target.forward(x[:, :n], torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
@@ -2403,7 +2396,6 @@ def test_misuse_is_one_line_error(script, argv, message, misuse_dir, monkeypatch
 
 def test_misuse_real_entry_points(misuse_dir):
     """As processes: one stderr line, exit 1; Latin-1 bytes in argv; errors after loading (context, --top-k > vocab)."""
-
     cases = [([b"decode.py", b"--prompt", "caf\xe9".encode("latin-1")], "--prompt must be non-blank UTF-8 text"),
              (["generate.py", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
