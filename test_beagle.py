@@ -148,10 +148,9 @@ def tiny():
 @pytest.fixture(scope="session")
 def real(tmp_path_factory):
     """The real default target, converted once from the pip GGUF into a fresh cache that subprocesses read too."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BEAGLE_CACHE", str(tmp_path_factory.mktemp("beagle_cache")))
-    yield convert.load_target()  # (model, tokenizer), converted into the fresh cache
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BEAGLE_CACHE", str(tmp_path_factory.mktemp("beagle_cache")))
+        yield convert.load_target()  # (model, tokenizer), converted into the fresh cache
 
 
 @pytest.fixture(scope="session")
