@@ -1403,11 +1403,10 @@ def test_data_batches_split_and_state_cache(tmp_path):
     seen = []
     for ids, loss_mask, valid in epoch0:
         assert ids.dtype == torch.long and loss_mask.dtype == valid.dtype == torch.bool
-        assert ids.shape == loss_mask.shape == valid.shape and ids.shape[0] <= 8
-        assert valid[:, 0].all() and valid.sum(1).max() == ids.shape[1]  # padded to the longest only
+        assert ids.shape == loss_mask.shape == valid.shape and ids.shape[0] <= 8 and valid.sum(1).max() == ids.shape[1]
         for b in range(ids.shape[0]):
             n = int(valid[b].sum())
-            assert valid[b, :n].all() and not valid[b, n:].any()  # right padding
+            assert valid[b, :n].all() and not valid[b, n:].any()  # right padding (to the longest row only)
             assert (ids[b, n:] == -1).all() and not loss_mask[b, n:].any()
             x, m = ex[int(ids[b, 0])]
             assert ids[b, :n].tolist() == x and loss_mask[b, :n].tolist() == m
