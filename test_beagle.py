@@ -8,47 +8,20 @@ The tests of Beagle, on the CPU in fp32, offline: tiny random models for most ch
 
 transformers is a test-only dependency: our model, tokenizer, chat template and GGUF loader are checked against it.
 """
-import contextlib
-import copy
-import dataclasses
-import functools
-import importlib.util
-import io
-import itertools
-import json
-import math
-import os
-import random
-import runpy
-import shutil
-import signal
-import socket
-import subprocess
-import sys
+import contextlib, copy, dataclasses, functools, importlib.util, io, itertools, json, math, os, random, runpy
+import shutil, signal, socket, subprocess, sys
 from collections import Counter
 from pathlib import Path
 
-import gguf
+import gguf, pytest, sentencepiece, torch
 import numpy as np
-import pytest
-import sentencepiece
-import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import beagle
-import bench
-import calibrate
-import common
-import convert
-import data
-import decode
-import generate
-import llama
-import train
+import beagle, bench, calibrate, common, convert, data, decode, generate, llama, train
 from beagle import Beagle, DraftArgs, DraftCache, block_mask, load_draft, save_draft, simulation_mask
 from common import BeagleError
 from decode import DecodeConfig, generate_spec
@@ -61,9 +34,8 @@ GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs
 # ---------------------------------------------------------------------------------------------------------------------
 # the fixtures: a tiny target, its tokenizer, a fitted draft, the real model loaded once
 
-torch.set_num_threads(1)  # tiny models are all per-op overhead, and on a busy 2-core box a second thread's spin-waits
-# cost 10x: the real model gets two threads (1.6x faster) if the box is idle when the session starts, decided once,
-# so that its fp32 sums (and so its near-tie argmaxes) are the same in every test of the session
+torch.set_num_threads(1)  # tiny models are per-op overhead; on a busy 2-core box a second thread's spin-waits cost 10x
+# the real model: two threads (1.6x) if idle at the session's start, decided once (its near-tie argmaxes stay put)
 REAL_THREADS = 2 if os.getloadavg()[0] < 1.5 else 1
 
 
@@ -131,8 +103,7 @@ def spec(target, draft, prompt, setting, stops=(), gen=None, **kw):  # setting: 
 
 
 class CharTokenizer:
-    """Stand-in for convert.Tokenizer: ChatML specials, one id per latin-1 character, SmolLM2's template; prefix_space
-    prepends a marker to every encode() as SentencePiece does (pieces encoded apart differ from the whole)."""
+    """convert.Tokenizer's stand-in: an id a latin-1 char, SmolLM2's template; prefix_space: SentencePiece's marker."""
     SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "\u2581"]
     vocab_size, eos_id, bos_id, pad_id, stop_ids = 256 + len(SPECIAL), 0, 1, 0, {0, 2}
 
@@ -166,8 +137,7 @@ class CharTokenizer:
 @pytest.fixture(scope="session")
 def tiny():
     """The decoding target (vocab 48), prompts of 1/5/12/30 tokens, a random and a fitted draft, the fitting seqs."""
-    target = tiny_target()
-    g = torch.Generator().manual_seed(5)
+    target, g = tiny_target(), torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 48, (L,), generator=g).tolist() for L in (1, 5, 12)]
     seqs = [torch.tensor(p + plain(target, p, max_new_tokens=48)) for p in prompts]
     seqs += [torch.randint(0, 48, (40,), generator=g) for _ in range(4)]
@@ -178,10 +148,9 @@ def tiny():
 @pytest.fixture(scope="session")
 def real(tmp_path_factory):
     """The real default target, converted once from the pip GGUF into a fresh cache that subprocesses read too."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BEAGLE_CACHE", str(tmp_path_factory.mktemp("beagle_cache")))
-    yield convert.load_target()  # (model, tokenizer), converted into the fresh cache
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BEAGLE_CACHE", str(tmp_path_factory.mktemp("beagle_cache")))
+        yield convert.load_target()  # (model, tokenizer), converted into the fresh cache
 
 
 @pytest.fixture(scope="session")
@@ -215,8 +184,7 @@ def real_loads(monkeypatch, target, tok=None):  # convert.load_target (as decode
 
 
 class HostReads(TorchDispatchMode):
-    """Fails on any op that reads a device value to the host (.item(), nonzero, ...) or makes a host tensor (lift_fresh:
-    torch.tensor(...), t[i] = x: a synchronizing copy, an error under capture; write t[i].fill_(x))."""
+    """Fails on a device->host read (.item(), nonzero...) or a new host tensor (lift_fresh: torch.tensor, t[i] = x)."""
     SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "equal", "is_nonzero",
                "lift_fresh")
 
@@ -256,10 +224,8 @@ def raises(cases, fn, error=BeagleError):  # an error table: fn(*args) must rais
             fn(*args)
 
 
-def assert_same_weights(a, b, atol=0.0):
-    assert a.state_dict().keys() == b.state_dict().keys()
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=1e-5 if atol else 0.0, atol=atol, msg=name)  # (allclose, or equal)
+def assert_same_weights(a, b, atol=0.0):  # the same names, each tensor allclose (or equal); dicts: keys checked too
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=1e-5 if atol else 0.0, atol=atol)
 
 
 def script(*argv, cwd=HERE):
@@ -335,13 +301,11 @@ def test_llama_hf_dir_matches_transformers(case, tmp_path):
     assert not model.args.tie_embeddings or model.output.weight is model.tok_embeddings.weight  # still one tensor
     assert case != "legacy" or (model.args.rope_theta == 500000.0 and model.args.n_kv_heads == 4)
     tokens = torch.randint(0, 128, (2, 100))
-    logits, h = model(tokens)
-    expected = ref(tokens).logits
+    (logits, h), expected = model(tokens), ref(tokens).logits
     llama_close(logits, expected)
     assert h.shape == (2, 100, 64) and model.rope.device.type == "cpu"
     if case == "gqa":
-        (tmp_path / "bin").mkdir()
-        (tmp_path / "bin" / "config.json").write_text((d / "config.json").read_text())
+        shutil.copytree(d, tmp_path / "bin", ignore=shutil.ignore_patterns("model*"))  # config.json alone
         torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # (Vicuna ships these)
         llama_close(llama.load_hf(tmp_path / "bin")(tokens)[0], expected)
         half = llama.load_hf(d, dtype=torch.bfloat16)
@@ -350,8 +314,7 @@ def test_llama_hf_dir_matches_transformers(case, tmp_path):
 
 
 def test_llama_fused_kv_cache_and_the_cpu_few_row_path():
-    """k, v view one buffer; the CPU few-row linear == F.linear, taken for few rows by the fused projections.
-    (Fused wqkv / w13 == HF's tensors concatenated: the GGUF round trip and the logits against transformers.)"""
+    """k, v view one buffer; the CPU few-row linear == F.linear, taken for few rows by the fused projections."""
     model = tiny_target(hidden_dim=96)
     cache = KVCache(model.args, 1, 8)
     assert cache.k.shape == cache.v.shape == (2, 1, 2, 8, 16)
@@ -379,15 +342,9 @@ def test_llama_fused_kv_cache_and_the_cpu_few_row_path():
     assert layer.weight.grad is not None
 
 
-def repeated_kv_attention(q, k, v, mask):  # the reference: each query head over its own copy of its kv head
-    r = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), attn_mask=mask)
-
-
 @torch.no_grad()
 def test_llama_cache_and_grouped_attention():
-    """Cached steps and last-only prefill: the full forward's numbers; grouped attention == repeated kv heads.
-    (A cached tree step + KVCache.move: test_decode_verification_logits_and_kv_compaction.)"""
+    """Cached steps and last-only prefill: the full forward's numbers; grouped attention == repeated kv heads."""
     model = tiny_target(97, sharp=1.0)
     close = functools.partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)
     ones = lambda *shape: torch.ones(*shape, dtype=torch.bool)
@@ -406,7 +363,9 @@ def test_llama_cache_and_grouped_attention():
         q, k, v = (torch.randn(B, h, t, 16, generator=g) for h, t in ((H, T), (Hkv, S), (Hkv, S)))
         mask = torch.rand(B, 1, T, S, generator=g) < 0.4
         mask[..., 0] = True
-        torch.testing.assert_close(llama.attention(q, k, v, mask), repeated_kv_attention(q, k, v, mask))
+        got = llama.attention(q, k, v, mask)
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)  # each query head: its kv head
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 def test_llama_rope_table_equals_hf_rotation():
@@ -447,8 +406,7 @@ def test_llama_ops_per_layer_bounded(T):
                 model(torch.randint(0, 97, (1, T)), n + torch.arange(T) % 6, cache, torch.rand(1, 1, T, 128) < 0.5,
                       slots=n + torch.arange(T))
         ops.append(count.ops)
-    # 2 norms, 4 matrices (3 ops each on the CPU's few-row path), rotation, cache write, attention (+1: the mask tiled
-    # for grouped query rows on the CPU), SwiGLU, 2 adds
+    # 2 norms, 4 matrices (3 ops each: few-row path), rotation, cache write, attention (+1: mask tiled), SwiGLU, 2 adds
     assert (ops[0] - ops[1]) / 2 <= 34, ops
 
 
@@ -590,7 +548,6 @@ def test_llama_gguf_round_trip_and_llama31_rope(gguf_file, sp_model, tmp_path):
     torch.testing.assert_close(wk, theirs["model.layers.0.self_attn.k_proj.weight"], rtol=1e-2, atol=1e-3)
     q8 = gguf.quants.quantize(theirs["model.embed_tokens.weight"].numpy(), Q.Q8_0)
     torch.testing.assert_close(ours["tok_embeddings.weight"], torch.from_numpy(gguf.quants.dequantize(q8, Q.Q8_0)))
-    assert model.args.tie_embeddings is False and model.args.n_kv_heads == 2
     with accelerate_free():
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     tokens = torch.randint(0, 400, (1, 40))
@@ -733,8 +690,7 @@ def test_llama_slow_smollm2_matches_transformers(real, real_hf, tmp_path, capsys
     with torch.no_grad():
         llama_close(logits, real_hf(ids).logits)
     assert h.shape == (1, ids.shape[1], 576)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, 49152)
-    assert tok.stop_ids == {0, 2}  # <|im_end|> (eos) and <|endoftext|>
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tok.stop_ids) == (1, 2, 2, 49152, {0, 2})
     ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     ref.save_pretrained(tmp_path)
     saved = convert.Tokenizer(tmp_path)
@@ -808,13 +764,12 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     cli = lambda *argv: common.cli(LlamaKnobs, list(argv))
     assert cli() == LlamaKnobs()
     assert cli("--max-new-tokens", "5", "--temperature=0.7", "--out", "a b") == LlamaKnobs(5, 0.7, "a b")
-    assert cli("--prompt=--not-an-option", "--out=x=y").prompt == "--not-an-option"  # any value after '='
-    assert cli("--out=x=y").out == "x=y" and cli("--temperature", "-1.5").temperature == -1.5
+    assert cli("--prompt=--not-an-option", "--out=x=y") == LlamaKnobs(out="x=y", prompt="--not-an-option")  # after =
     assert cli("--compile").compile is True and cli("--compile", "--steps", "4") == LlamaKnobs(compile=True, steps=4)
     assert cli("--compile", "false").compile is False and cli("--compile=NO").compile is False
     assert cli("--cuda-graph").cuda_graph is True and cli("--cuda-graph", "None").cuda_graph is None
     assert cli("--prompt", "none").prompt is None and cli("--prompt", "None").prompt is None
-    assert cli("--out", "none").out == "none"  # str, not optional
+    assert cli("--out", "none").out == "none" and cli("--temperature", "-1.5").temperature == -1.5  # (str: no none)
     assert cli("--steps=none").steps is None and cli("--steps", "7").steps == 7
     for argv, message in [
             (["--max-new-tokens", "abc"], "error: --max-new-tokens expects an integer, got 'abc'"),
@@ -1001,8 +956,7 @@ def fixed_batch(B=3, T=24, seed=0):  # (ids, loss_mask, valid): row 1 right-padd
 
 
 def draft_outs(target, draft, batch, stage_steps, offset=1, k=3, recompute=False, chunk=16, noise=0.0, step=None):
-    """One training step's forward: DraftStep (or `step`, its DDP wrapper) on the batch's target states, then the
-    chunked loss."""
+    """A training step's forward: DraftStep (or `step`, its DDP wrapper) on the target's states; the chunked loss."""
     ids, loss_mask, valid = batch
     with torch.no_grad():
         _, h = target(ids)
@@ -1056,8 +1010,8 @@ def train_cfg(tmp_path, out, **kw):
 def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     """Resumed runs (--max-steps, SIGINT) equal one run; run dirs guarded; eval schedule; stage 2, EAGLE-2, caches."""
     target, tok = train_target(), CharTokenizer(system=None)
-    full = train.train(train_cfg(tmp_path, "full", max_steps=7), target, tok)
-    randomness = train.step_randomness
+    run = lambda out, target=target, **kw: train.train(train_cfg(tmp_path, out, **kw), target, tok)
+    full, randomness = run("full", max_steps=7), train.step_randomness
 
     def interrupt_at_2(cfg, step, *a):
         if step == 1:  # SIGINT arrives during the 2nd step, before the first evaluation (after the 3rd)
@@ -1065,16 +1019,15 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
         return randomness(cfg, step, *a)
     with monkeypatch.context() as m:
         m.setattr(train, "step_randomness", interrupt_at_2)
-        for run, kw in (("sig", {}), ("cos", dict(schedule="cosine"))):
+        for name, kw in (("sig", {}), ("cos", dict(schedule="cosine"))):
             with pytest.raises(train.Interrupted, match="SIGINT at step 2"):
-                train.train(train_cfg(tmp_path, run, max_steps=7, **kw), target, tok)
+                run(name, max_steps=7, **kw)
     assert not (tmp_path / "sig" / "eval.csv").exists()
     raises([((train_cfg(tmp_path, "sig", window=4, max_steps=9, resume=True), target, tok), "different --window"),
             ((train_cfg(tmp_path, "full", max_steps=7), target, tok), "holds a run")], train.train)
-    assert_same_weights(full, train.train(train_cfg(tmp_path, "sig", max_steps=7, resume=True), target, tok))
-    cosine = train.train(train_cfg(tmp_path, "cfull", max_steps=7, schedule="cosine"), target, tok)
-    assert_same_weights(cosine, train.train(train_cfg(tmp_path, "cos", max_steps=7, resume=True, schedule="cosine"),
-                                            target, tok))
+    assert_same_weights(full, run("sig", max_steps=7, resume=True))
+    cosine = run("cfull", max_steps=7, schedule="cosine")
+    assert_same_weights(cosine, run("cos", max_steps=7, resume=True, schedule="cosine"))
     assert not torch.equal(cosine.wq.weight, full.wq.weight)
     c = train_cfg(tmp_path, "x", lr=1.0, warmup=2, schedule="cosine")  # warm-up, then a cosine down to 0 at step 6
     assert [round(train.lr_at(c, s, 6), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
@@ -1082,9 +1035,7 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     rows = lambda run, f: [r.split(",")[0] for r in (tmp_path / run / f).read_text().splitlines()[1:]]
     for f in ("train.csv", "eval.csv"):  # the resumed run's rows continue the interrupted run's, none twice
         assert rows("sig", f) == rows("full", f) and len(set(rows("sig", f))) == len(rows("sig", f))
-    out = tmp_path / "full"
-    for f in ("draft.safetensors", "state.pt", "train.csv", "eval.csv", "curves.png"):
-        assert (out / f).stat().st_size > 0, f
+    out = tmp_path / "full"  # (the five files a run writes: test_train_cli_end_to_end)
     rows = (out / "eval.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3,tau_chain,tau"
     # 3 steps an epoch: evaluated at every epoch's end (3, 6), every 5 steps (5) and at the end (7)
@@ -1092,30 +1043,26 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
                                                    ["7", "2", "2.333"]]
     assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:9])
     assert float(rows[-1].split(",")[-1]) >= 1.0  # measured at the end: a tree decode's tau
-    train.train(train_cfg(tmp_path, "sig", max_steps=2, tau_interval=0, overwrite=True), target, tok)
+    run("sig", max_steps=2, tau_interval=0, overwrite=True)
     assert len((tmp_path / "sig" / "train.csv").read_text().splitlines()) == 2  # header + step 2
     ckpt = str(out / "draft.safetensors")  # stage 2 from the stage-1 draft: with lr 0 the checkpoint's weights
-    s2 = train.train(train_cfg(tmp_path, "s2", stage=2, init=ckpt, lr=0.0, max_steps=1), target, tok)
-    assert_same_weights(full, s2)
-    s2 = train.train(train_cfg(tmp_path, "s2b", stage=2, init=ckpt, max_steps=3), target, tok)
-    assert not torch.equal(s2.wq.weight, full.wq.weight)
-    raises([((train_cfg(tmp_path, "s2c", stage=2, init=ckpt, max_steps=1), train_target(seed=5), tok),
-             "another target")], train.train)
-    e2 = train.train(train_cfg(tmp_path, "e2", draft="eagle2", window=1, max_steps=4), target, tok)
-    assert type(e2) is beagle.Eagle2  # (its checkpoint names its kind: test_train_checkpoint_roundtrip_*)
+    assert_same_weights(full, run("s2", stage=2, init=ckpt, lr=0.0, max_steps=1))
+    assert not torch.equal(run("s2b", stage=2, init=ckpt, max_steps=3).wq.weight, full.wq.weight)
+    with pytest.raises(BeagleError, match="another target"):
+        run("s2c", train_target(seed=5), stage=2, init=ckpt, max_steps=1)
+    assert type(run("e2", draft="eagle2", window=1, max_steps=4)) is beagle.Eagle2  # (a checkpoint names its kind)
     rows = (tmp_path / "e2" / "eval.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,epochs,acc1,train_acc1,tau_chain,tau" and float(rows[-1].split(",")[-1]) >= 1.0
     raises([((train_cfg(tmp_path, "b", init=str(tmp_path / "e2" / "draft.safetensors"), max_steps=1), target, tok),
              "is not a beagle draft")], train.train)
     kw = dict(batch_tokens=160, eval_interval=100, tau_interval=0)
-    full = train.train(train_cfg(tmp_path, "tfull", max_steps=7, **kw), target, tok)
-    train.train(train_cfg(tmp_path, "tpart", max_steps=4, **kw), target, tok)
-    assert_same_weights(full, train.train(train_cfg(tmp_path, "tpart", max_steps=7, resume=True, **kw), target, tok))
+    full = run("tfull", max_steps=7, **kw)
+    run("tpart", max_steps=4, **kw)
+    assert_same_weights(full, run("tpart", max_steps=7, resume=True, **kw))
     raises([((train_cfg(tmp_path, "tpart", max_steps=9, resume=True, batch_tokens=200), target, tok),
              "different --batch-tokens")], train.train)
     for cache in ("memory", str(tmp_path / "states")):  # cached states, in memory or on disk: fp32 rounding apart
-        cached = train.train(train_cfg(tmp_path, f"c{len(cache)}", max_steps=7, state_cache=cache, **kw), target, tok)
-        assert_same_weights(full, cached, atol=1e-5)
+        assert_same_weights(full, run(f"c{len(cache)}", max_steps=7, state_cache=cache, **kw), atol=1e-5)
     assert (tmp_path / "states" / "index.json").exists()
 
 
@@ -1207,8 +1154,7 @@ def test_train_chunked_loss_and_recompute_equal_references(stage, steps, offset)
     for steps in (1, 3):
         (l0, g0), (l1, g1) = results[False, steps], results[True, steps]
         torch.testing.assert_close(l1, l0)
-        for a, b in zip(g1, g0):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
     k_true = draft.kv(h, torch.arange(ids.shape[1]))[0]
     plan = train.loss_plan(batch[1], batch[2], 3, 1, 3, torch.device("cpu"))
     inputs = sum(2 * k_true.numel() * k_true.element_size() + (emb.shape[0] * emb.shape[2] * emb.element_size() +
@@ -1231,8 +1177,7 @@ def test_train_draft_loss_by_hand():
 
 
 def test_train_labels_loss_plan_chain_tau_and_no_host_reads():
-    """Trained positions, chain_tau by enumeration; a step's device part reads nothing back. (The loss plan: the
-    chunked loss == its plain reference, test_train_chunked_loss_and_recompute_equal_references.)"""
+    """Trained positions, chain_tau by enumeration; a step's device part (the loss plan's use) reads nothing back."""
     loss_mask = torch.tensor([[False, False, True, True, True, False]])
     valid = torch.tensor([[True, True, True, True, True, False]])
     lab = train.label_positions(loss_mask, valid, 3, 1)  # position 0 sees no key
@@ -1312,10 +1257,8 @@ def test_train_two_ranks_equal_one_rank(tmp_path):
     both = [torch.cat(x) for x in zip(ddp_batch(0), ddp_batch(1))]  # rank 0's rows, then rank 1's
     for steps, two in torch.load(tmp_path / "grads.pt").items():
         one = ddp_grads(both, steps)
-        assert one.keys() == two.keys()
-        for name in one:
-            torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=f"steps {steps}: {name}")
-        assert max(g.abs().max() for g in one.values()) > 0
+        torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-4)  # (dicts: the same names, each close)
+        assert max(g.abs().max() for g in one.values()) > 0, steps
     one = generate.GenConfig(out=str(tmp_path / "one.jsonl"), **base)
     generate.generate_conversations(one, tiny_target(260, sharp=1.0, stopping=True), CharTokenizer(), verbose=False)
     a, b = open(one.out).read().split("\n")[:-1], open(tmp_path / "two.jsonl").read().split("\n")[:-1]
@@ -1432,12 +1375,11 @@ def test_data_tokenize_mask(tokenizer, request):
               {"role": "assistant", "content": "Six, évidemment 😀\n\n- item\n- item"}],
              [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "```python\nprint(1)\n```"},
               {"role": "user", "content": "thanks"}, {"role": "assistant", "content": ""}]]
-    for msgs in convs:
+    for msgs in convs:  # (the last has no system message: SmolLM2 inserts its default one, not in the loss)
         ids, mask = data.tokenize(tok, msgs, 4096)
         assert ids == tok.chat(msgs, add_generation_prompt=False)
         check_mask(tok, msgs, ids, mask)  # the header "<|im_start|>assistant\n" and the "\n" after are out
         assert sum(mask) == sum(len(tok.encode(m["content"])) + 1 for m in msgs if m["role"] == "assistant")
-    ids, mask = data.tokenize(tok, convs[0], 4096)  # the default system prompt SmolLM2 inserts is not in the loss
     assert "SmolLM" in tok.decode(ids) and "SmolLM" not in tok.decode([i for i, m in zip(ids, mask) if m])
     with pytest.raises(BeagleError, match="straddles"):  # a token across the header and the content: refused
         data.tokenize(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nx"}], 4096)
@@ -1461,11 +1403,10 @@ def test_data_batches_split_and_state_cache(tmp_path):
     seen = []
     for ids, loss_mask, valid in epoch0:
         assert ids.dtype == torch.long and loss_mask.dtype == valid.dtype == torch.bool
-        assert ids.shape == loss_mask.shape == valid.shape and ids.shape[0] <= 8
-        assert valid[:, 0].all() and valid.sum(1).max() == ids.shape[1]  # padded to the longest only
+        assert ids.shape == loss_mask.shape == valid.shape and ids.shape[0] <= 8 and valid.sum(1).max() == ids.shape[1]
         for b in range(ids.shape[0]):
             n = int(valid[b].sum())
-            assert valid[b, :n].all() and not valid[b, n:].any()  # right padding
+            assert valid[b, :n].all() and not valid[b, n:].any()  # right padding (to the longest row only)
             assert (ids[b, n:] == -1).all() and not loss_mask[b, n:].any()
             x, m = ex[int(ids[b, 0])]
             assert ids[b, :n].tolist() == x and loss_mask[b, :n].tolist() == m
@@ -1489,8 +1430,7 @@ def test_data_batches_split_and_state_cache(tmp_path):
     states = data.CachedStates(str(tmp_path / "c"), ex)
     assert len(states.index["shards"]) > 1
     for i, (ids, _) in enumerate(ex):
-        assert states[i].dtype == torch.float32 and states[i].shape == (len(ids), 64)  # the target's dtype
-        torch.testing.assert_close(states[i], model(torch.tensor([ids]))[1][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(states[i], model(torch.tensor([ids]))[1][0], atol=1e-5, rtol=1e-5)  # (dtype too)
     disk, mem = data.StateCache(model, ex, "cpu", str(tmp_path / "c")), data.StateCache(model, ex, "cpu")
     for idx in data.batch_plan([len(i) for i, _ in ex], 4, seed=2):
         ids, _, v = data.collate([ex[i] for i in idx])
@@ -1521,7 +1461,7 @@ def test_generate_conversations(tmp_path, monkeypatch, capsys):
     assert open(part.out).read() == open(whole.out).read() and len(jsonl(whole.out)) == 11
     firsts = [c[0]["content"] for c in data.load_conversations(part.out, verbose=False)]
     assert len(firsts) == 11 == len(set(firsts))
-    cfg = gen_cfg("m.jsonl", conversations=12, turns=3, max_user_tokens=8, seed=0)  # later questions often run past the cap
+    cfg = gen_cfg("m.jsonl", conversations=12, turns=3, max_user_tokens=8, seed=0)  # later questions pass the cap
     assert write(cfg)["nostop"] > 0
     convs = [r["conversations"] for r in jsonl(cfg.out)]
     lengths = Counter(len(c) for c in convs)
@@ -1531,10 +1471,9 @@ def test_generate_conversations(tmp_path, monkeypatch, capsys):
     cfg = gen_cfg("gen/self.jsonl", conversations=5, turns=1, seed=0)
     assert write(cfg, model4)["nostop"] > 0  # dropped
     lines = open(cfg.out).read().split("\n")[:-1]
-    assert len(lines) == 5
-    for conv in (json.loads(x)["conversations"] for x in lines):
-        assert [t["from"] for t in conv] == ["human", "gpt"]
-        assert all(t["value"] == t["value"].strip() != "" for t in conv)
+    convs = [json.loads(x)["conversations"] for x in lines]
+    assert len(lines) == 5 and all([t["from"] for t in c] == ["human", "gpt"] for c in convs)
+    assert all(t["value"] == t["value"].strip() != "" for c in convs for t in c)
     cfg.conversations, cfg.turns = 9, 2
     write(cfg, model4)
     lines2 = open(cfg.out).read().split("\n")[:-1]
@@ -1549,14 +1488,14 @@ def test_generate_conversations(tmp_path, monkeypatch, capsys):
         cfg2 = gen_cfg("g2.jsonl", conversations=5, turns=1, seed=0)
         assert write(cfg2, model4)["mtbench"] == 1
     assert first not in [c[0]["content"] for c in data.load_conversations(cfg2.out, verbose=False)]
-    cfg = gen_cfg("t.jsonl", conversations=6, max_reply_tokens=2, seed=0)  # replies cut at the cap are kept, as the last message
+    cfg = gen_cfg("t.jsonl", conversations=6, max_reply_tokens=2, seed=0)  # replies cut at the cap: kept, last
     write(cfg)
     convs = [r["conversations"] for r in jsonl(cfg.out)]
     full = lambda m: m["from"] == "gpt" and len(tok.encode(m["value"])) == 2  # a reply that reached the cap
     assert len(convs) == 6 and any(len(c) == 2 and full(c[1]) for c in convs)  # cut in turn 1: it ends there
     assert all(not full(m) for c in convs for m in c[:-1])
-    cfg = gen_cfg("x.jsonl", conversations=2, batch_size=2, turns=1, max_user_tokens=1, max_reply_tokens=1, user_temperature=0.0,
-                  seed=0)  # random: no turn ends within 1 token
+    cfg = gen_cfg("x.jsonl", conversations=2, batch_size=2, turns=1, max_user_tokens=1, max_reply_tokens=1,
+                  user_temperature=0.0, seed=0)  # random: no turn ends within 1 token
     raises([((cfg, tiny_target(260, sharp=1.0)), "no usable conversation")], write)
 
 
@@ -1566,8 +1505,8 @@ def test_generate_cli_end_to_end(tmp_path, monkeypatch, real, capsys):
     model = tiny_target(tok.vocab_size, sharp=1.0, stopping=True)
     monkeypatch.setattr(convert, "load_target", lambda path, device, dtype: (model, tok))
     out = tmp_path / "sg.jsonl"
-    cfg = common.cli(generate.GenConfig, ["--out", str(out), "--conversations=6", "--batch-size", "8", "--max-user-tokens", "10",
-                                         "--max-reply-tokens=10", "--device", "cpu", "--reply-temperature", "0"])
+    cfg = common.cli(generate.GenConfig, ["--out", str(out), *("--conversations=6 --batch-size 8 --max-user-tokens 10 "
+                                          "--max-reply-tokens=10 --device cpu --reply-temperature 0").split()])
     assert cfg.conversations == 6 and cfg.reply_temperature == 0.0 and cfg.target is None
     generate.main(cfg)
     printed = capsys.readouterr()
@@ -1580,8 +1519,7 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
     """generate.generate is the plainest greedy decoding: left padding, dummy rows, stops, widths, reuse, streaming."""
     monkeypatch.setattr(generate, "WIDTH_STEP", 8)  # one answer crosses many widths
     monkeypatch.setattr(generate, "PREFILL_TOKENS", 64)  # prefills in groups of rows (2 rows of 30 tokens)
-    model = tiny_target()
-    g = torch.Generator().manual_seed(3)
+    model, g = tiny_target(), torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in (1, 7, 3, 12, 30)]
     free = [greedy_reference(model, p, 40, set()) for p in prompts]
     cuts = lambda t: [f.index(t) if t in f else None for f, _ in free]
@@ -1618,8 +1556,7 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
 def test_selfgen_engine_shrinking_batch_changes_nothing_but_the_work(monkeypatch):
     """Finished rows leave the batch: the same tokens (greedy and sampled), fewer row-steps, caches shared."""
     monkeypatch.setattr(generate, "CHECK_EVERY", 2)
-    model = tiny_target()
-    g = torch.Generator().manual_seed(4)
+    model, g = tiny_target(), torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 48, (n,), generator=g).tolist() for n in [2, 9, 4, 15, 6, 1, 11, 3] * 3]
     free = [greedy_reference(model, p, 60, set())[0] for p in prompts]
     # the stop token: one that ends most rows (at many different steps) but not all of them
@@ -1843,9 +1780,8 @@ def test_decode_verification_logits_and_kv_compaction(tiny, monkeypatch):
             fresh = KVCache(target.args, 1, 200)
             forward(torch.tensor([seq]), torch.arange(n), fresh, torch.ones(n, n, dtype=torch.bool).tril())
             close(cache.kv[..., :n, :], fresh.kv[..., :n, :])
-            k, v = draft.kv(full_h, torch.arange(n))
-            close(dcache.k[:, :, :n], k)
-            close(dcache.v[:, :, :n], v)
+            for cached, want in zip((dcache.k, dcache.v), draft.kv(full_h, torch.arange(n))):
+                close(cached[:, :, :n], want)
             root = torch.tensor(new[-1])
     assert moved  # some accepted path was not already in place
 
@@ -1903,8 +1839,7 @@ def test_decode_sampling_follows_target(kind, setting, temperature, top_p, top_k
             ctx = torch.cartesian_prod(*[torch.arange(V)] * step).view(-1, step) if step else torch.zeros(1, 0).long()
             x = torch.cat([torch.tensor(prompt).expand(ctx.shape[0], -1), ctx], 1)
             exact = (exact[:, None] * decode.probs_from_logits(target(x)[0][:, -1], cfg).double()).flatten()
-    exact = exact.view(V, V, V)
-    gen = torch.Generator().manual_seed(0)
+    exact, gen = exact.view(V, V, V), torch.Generator().manual_seed(0)
     counts, accepted = torch.zeros(V, V, V, dtype=torch.float64), []
     for _ in range(runs):
         r = spec(target, draft, prompt, setting, (), gen, **kw)
@@ -1976,8 +1911,7 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
                       "And a vegetable?"]}) + "\n" + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
     main("--bench", questions, "--draft", str(draft_path), "--mode", "chain", "--depth", "2", "--max-new-tokens", "6",
          "--bench-out", str(tmp_path / "b"))
-    out = capsys.readouterr().out
-    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    out, result = capsys.readouterr().out, json.loads((tmp_path / "b" / "bench.json").read_text())
     assert list(result["results"]) == ["writing", "math", "overall"]
     overall = result["results"]["overall"]
     assert overall["turns"] == 3 and overall["identical"] == 1.0 and len(overall["acceptance_by_depth"]) == 2
@@ -1996,8 +1930,7 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
 def test_decode_prompts_streamer_loops_and_bench_report(tmp_path, capsys):
     """Prompt files, --bench-limit's spread; the streamer holds partial UTF-8; bench.loops; bench_report's tau."""
     convs = common.read_prompt_file(bench.mtbench_path())  # MT-bench: 80 questions of 2 turns, 8 categories
-    assert len(convs) == 80 and all(len(turns) == 2 for turns, _ in convs)
-    assert len({category for _, category in convs}) == 8
+    assert len(convs) == 80 and all(len(turns) == 2 for turns, _ in convs) and len({c for _, c in convs}) == 8
     for limit in (8, 20):  # --bench-limit: a subset with every category, equally often
         assert Counter(category for _, category in bench.spread(convs, limit)).most_common()[-1][1] == limit // 8
     assert bench.spread(convs, 0) == convs == bench.spread(convs, 100)
@@ -2078,8 +2011,7 @@ def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
         made.clear(), first.clear()
         for prompt, mode in itertools.product(prompts[:3], ("ar", "tree", "chain")):
             decode.run(target, draft, prompt, cfg, {prompt[0]}, mode=mode)
-        assert not made and not first
-        assert {k[0] for k in target.decode_static} == {200}
+        assert not made and not first and {k[0] for k in target.decode_static} == {200}
 
 
 def test_decode_slow_compiled_step_equals_eager(capsys, monkeypatch):
@@ -2229,8 +2161,7 @@ def test_graph_widths_and_shapes(tiny, monkeypatch):
     x = torch.tensor([prompts[2] + [3, 4, 5]])
     n, L = x.shape[1] - 1, 64
     W = n + 14  # the tree's 14 slots (1 + 10 nodes, 1 + 3 x 3 draft queries) fit, nothing more
-    spies = [spy(monkeypatch, target, "forward"), spy(monkeypatch, draft, "attend"), spy(monkeypatch, draft, "kv")]
-    fwd, att, kv = spies
+    fwd, att = spies = [spy(monkeypatch, target, "forward"), spy(monkeypatch, draft, "attend")]
     cache, dcache = KVCache(target.args, 1, L), DraftCache(draft, L)
     with torch.no_grad():
         _, h = target.forward(x[:, :n], torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
@@ -2470,8 +2401,7 @@ def test_misuse_is_one_line_error(script, argv, message, misuse_dir, monkeypatch
 
 
 def test_misuse_real_entry_points(misuse_dir):
-    """As real processes: stderr is the one line, exit code 1; invalid UTF-8 in --prompt as raw argv bytes; errors
-    found after loading (the context's length, --top-k beyond the draft's vocabulary)."""
+    """As processes: one stderr line, exit 1; Latin-1 bytes in argv; errors after loading (context, --top-k > vocab)."""
     cases = [([b"decode.py", b"--prompt", "caf\xe9".encode("latin-1")], "--prompt must be non-blank UTF-8 text"),
              (["generate.py", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
@@ -2499,8 +2429,7 @@ def test_eagle2_decoding_equals_its_training_forward_on_own_states():
     pos, slot = torch.arange(12), torch.arange(L)
     with torch.no_grad():
         _, h = target(x)
-        emb = target.tok_embeddings(x)
-        dcache = DraftCache(draft, L)
+        emb, dcache = target.tok_embeddings(x), DraftCache(draft, L)
         dcache.k.normal_(), dcache.v.normal_()  # unwritten slots hold junk that must never be read
         draft.commit(dcache, 0, h[:, :n], emb[:, 1:n])
         states, parent = h.clone(), None
