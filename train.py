@@ -74,7 +74,7 @@ class TrainConfig:
     #                        into the training device's memory; DIR: once into shards on disk, read a batch at a time
     lr: float = 1e-4  # the paper's 3e-5 / 2000 warm-up steps are for 7B targets and 68K conversations
     warmup: int = 500  # linear warm-up steps
-    # after the warm-up: constant | cosine (down to 0 at the run's last step: min(--max-steps, the epochs' steps))
+    # after the warm-up: constant | cosine (to 0 at the run's end: min(--max-steps, the epochs' steps))
     schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 0.5
@@ -410,7 +410,7 @@ def check_config(cfg):
 
 def lr_at(cfg, step, total):
     """The learning rate of optimizer step `step` (from 0) of `total`: a linear warm-up, then constant or a cosine
-    down to 0 at the last step. A function of the step alone, so --resume continues the same schedule."""
+    that reaches 0 at step `total`, just past the last. A function of the step alone: --resume keeps the curve."""
     lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
     if cfg.schedule == "cosine" and step >= cfg.warmup:
         lr *= 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, total - cfg.warmup)))
