@@ -858,8 +858,7 @@ def ref_simulation_mask(T, k, eps, step):  # keys: T true states (those before t
     for w in windows(T, k, eps):
         for p, i in enumerate(w, 1):  # p: 1-based window position of query i
             m[i, :w[0]] = True
-            for q in range(1, min(step, len(w) + 1) if p >= step else 1):  # own draft states at window positions < step
-                m[i, T + w[q - 1]] = True
+            m[i, [T + j for j in w[:step - 1]]] = p >= step  # own draft states at window positions < step, from step on
     return m
 
 
@@ -872,41 +871,31 @@ def draft_by_hand(draft, emb, h, w):  # window w drafted: query i over the true 
     return hats
 
 
-def test_train_masks_equal_references():
-    """The paper's example (T 7, window 3, offset 1) drawn out; every mask == the slow reference; offset < window."""
-    x = [".......", "x......", "x......", "x......", "xxxx...", "xxxx...", "xxxx..."]
+def test_train_masks_and_draft_equal_references():
+    """Masks == the slow reference; keyless rows finite; a row == attention by hand; stage 2's step m == m drafts."""
+    x = [".......", "x......", "x......", "x......", "xxxx...", "xxxx...", "xxxx..."]  # the paper's T 7, k 3, eps 1
     assert torch.equal(block_mask(7, 3, 1), torch.tensor([[c == "x" for c in row] for row in x]))
     assert beagle.window_positions(7, 3, 1).tolist() == [1, 1, 2, 3, 1, 2, 3]
     for T, k in itertools.product((1, 2, 5, 7, 13, 20), (1, 2, 3, 5)):
-        for eps in range(k):
-            assert torch.equal(block_mask(T, k, eps), ref_simulation_mask(T, k, eps, 1)[:, :T]), (T, k, eps)
-            for step in range(1, k + 1):  # (step 1: the block mask, no draft state)
-                assert torch.equal(simulation_mask(T, k, eps, step), ref_simulation_mask(T, k, eps, step)), (T, k, step)
-    with pytest.raises(AssertionError):
-        block_mask(8, 3, 3)
-
-
-def test_train_draft_by_hand_and_simulation_equals_drafting():
-    """Keyless rows finite, attending to nothing; a row == attention by hand; stage 2's step m == drafting m steps."""
+        for eps, step in itertools.product(range(k), range(1, k + 1)):
+            ref = ref_simulation_mask(T, k, eps, step)
+            assert torch.equal(simulation_mask(T, k, eps, step), ref), (T, k, eps, step)
+            assert step > 1 or torch.equal(block_mask(T, k, eps), ref[:, :T]), (T, k, eps)  # step 1: no draft state
+    raises([((8, 3, 3), None)], block_mask, AssertionError)  # offset < window
     target = train_target()
-    draft = tiny_draft(target)
-    tok, pos = torch.randint(0, 262, (2, 9)), torch.arange(9)
-    _, h = target(tok)
-    emb = target.tok_embeddings(tok).detach().requires_grad_()
+    draft, tok, pos = tiny_draft(target), torch.randint(0, 262, (2, 9)), torch.arange(9)
+    h, emb = target(tok)[1], target.tok_embeddings(tok).detach().requires_grad_()
     mask = block_mask(9, 3, 2)[None, None]  # rows 0, 1 (partial window) see nothing
     hat = draft(emb, pos, h, pos, mask)
     hat.square().sum().backward()
-    assert torch.isfinite(hat).all() and torch.isfinite(emb.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in draft.parameters())
+    assert all(torch.isfinite(t).all() for t in [hat, emb.grad] + [p.grad for p in draft.parameters()])
     y = emb[:, :2]  # no key: attention contributes exactly 0, hat_h = FFN(norm(e)) + e
     assert torch.allclose(hat[:, :2], draft.feed_forward(draft.ffn_norm(y)) + y, atol=1e-6)
     assert torch.allclose(draft(emb[:, 4:5], pos[4:5], h, pos, mask[:, :, 4:5]), hat[:, 4:5], atol=1e-6)  # alone
 
     def rope(x, pos):  # x (B, H, T, D): HF's rotate_half RoPE, written out
-        angles = pos.float()[:, None] / draft.args.rope_theta ** (torch.arange(0, 8, 2).float() / 8)  # (T, D/2)
-        angles = torch.cat([angles, angles], -1)
-        x1, x2 = x.chunk(2, -1)
-        return x * angles.cos() + torch.cat([-x2, x1], -1) * angles.sin()
+        angles = (pos.float()[:, None] / draft.args.rope_theta ** (torch.arange(0, 8, 2).float() / 8)).repeat(1, 2)
+        return x * angles.cos() + torch.cat([-x[..., 4:], x[..., :4]], -1) * angles.sin()
 
     with torch.no_grad():  # row 6 sees keys 0..4: GQA head g reads kv head g // 2
         x, kx = emb[:, 6:7], draft.kv_norm(h[:, :5])
@@ -917,21 +906,18 @@ def test_train_draft_by_hand_and_simulation_equals_drafting():
         att = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1) @ v  # (B, H, 1, D)
         y = draft.wo(att.transpose(1, 2).reshape(2, 1, 32)) + x
         assert torch.allclose(hat[:, 6:7], draft.feed_forward(draft.ffn_norm(y)) + y, atol=1e-5)
-        T, k, eps = 14, 4, 2
-        tok = torch.randint(0, 262, (2, T))
-        _, h = target(tok)
-        emb = target.tok_embeddings(tok)
-        outs = train.DraftStep(draft)(emb, h, k, eps, k)
-        for w in windows(T, k, eps)[1:]:  # full windows after the partial one
-            for m, (i, hat) in enumerate(zip(w, draft_by_hand(draft, emb, h, w)), 1):  # draft step m
-                idx, sim = outs[m - 1]
-                assert torch.allclose(sim[:, idx.tolist().index(i)], hat[:, 0], atol=1e-5), (w, m)
+        tok = torch.randint(0, 262, (2, 14))
+        h, emb = target(tok)[1], target.tok_embeddings(tok)
+        outs = train.DraftStep(draft)(emb, h, 4, 2, 4)  # T 14, window 4, offset 2: 4 draft steps
+        for w in windows(14, 4, 2)[1:]:  # full windows after the partial one
+            for (idx, sim), i, hat in zip(outs, w, draft_by_hand(draft, emb, h, w)):  # outs[m - 1]: draft step m
+                assert torch.allclose(sim[:, idx.tolist().index(i)], hat[:, 0], atol=1e-5), (w, i)
 
 
 def test_train_checkpoint_roundtrip_export_and_errors(tmp_path, monkeypatch):
     """Draft checkpoints round-trip (ranking or none, both kinds), check the target across dtypes, export to bf16."""
     target = train_target()
-    draft, path = tiny_draft(target), str(tmp_path / "d.safetensors")
+    draft, path, dst = tiny_draft(target), str(tmp_path / "d.safetensors"), str(tmp_path / "ship" / "d16.safetensors")
     save_draft(path, draft, target, extra={"stage": 1})
     assert_same_weights(draft, load_draft(path, target))
     bf = load_draft(path, train_target().to(torch.bfloat16), dtype=torch.bfloat16)
@@ -947,8 +933,7 @@ def test_train_checkpoint_roundtrip_export_and_errors(tmp_path, monkeypatch):
              "another target: dim"), ((str(tmp_path / "missing.safetensors"), target), "no draft checkpoint"),
             ((str(tmp_path / "bad.safetensors"), target), "corrupt"),
             ((str(tmp_path / "other.safetensors"), target), "not a Beagle draft")], load_draft)
-    dst = str(tmp_path / "ship" / "d16.safetensors")  # the shipped bf16 copy, through beagle.py's __main__
-    save_draft(path, draft, target, extra={"stage": 2})
+    save_draft(path, draft, target, extra={"stage": 2})  # the shipped bf16 copy, through beagle.py's __main__
     monkeypatch.setattr(sys, "argv", ["beagle.py", "--draft", path, "--out", dst])
     runpy.run_path(str(HERE / "beagle.py"), run_name="__main__")
     assert os.path.getsize(dst) < 0.6 * os.path.getsize(path)
@@ -956,23 +941,22 @@ def test_train_checkpoint_roundtrip_export_and_errors(tmp_path, monkeypatch):
     assert all(v.dtype == torch.bfloat16 for v in tensors.values()) and json.loads(meta["extra"]) == {"stage": 2}
     assert all(torch.equal(a.to(torch.bfloat16).float(), b) for a, b in
                zip(draft.state_dict().values(), load_draft(dst, target).state_dict().values()))
-    raises([((dst, train_target(seed=1)), "another target")], load_draft)
     examples = [([5, 3, 3, 7], [False, True, True, True]), ([5, 5, 7, 1], [True, False, True, False])]
     assert data.token_ranking(examples, 9).tolist() == [3, 7, 5, 0, 1, 2, 4, 6, 8]  # assistant counts; ties by id
     for vocab in (torch.randperm(target.args.vocab_size), None):  # (a draft without a ranking still loads)
         draft.vocab = vocab
         save_draft(path, draft, target)
-        loaded = load_draft(path, target).vocab
-        assert loaded is None if vocab is None else torch.equal(loaded, vocab)
-    beagle.export_draft(path, path, torch.float32, vocab=torch.arange(5))
-    raises([((path, target), "token ranking has shape")], load_draft)
+        torch.testing.assert_close(load_draft(path, target).vocab, vocab)
+    beagle.export_draft(path, str(tmp_path / "v.safetensors"), torch.float32, vocab=torch.arange(5))
     e2 = tiny_draft(target, cls=beagle.Eagle2)  # a draft names its own kind
     save_draft(path, e2, target)
     assert type(load_draft(path, target)) is beagle.Eagle2 and not isinstance(draft, beagle.Eagle2)
     assert_same_weights(e2, load_draft(path, target))
     beagle.write_safetensors(tmp_path / "odd.safetensors", beagle.read_draft(path)[0],
                              {**beagle.read_draft(path)[1], "draft": "medusa"})
-    raises([((tmp_path / "odd.safetensors", target), "unknown draft kind 'medusa'")], load_draft)
+    raises([((dst, train_target(seed=1)), "another target"), ((tmp_path / "v.safetensors", target),
+            "token ranking has shape"), ((tmp_path / "odd.safetensors", target), "unknown draft kind 'medusa'")],
+           load_draft)
 
 
 def fixed_batch(B=3, T=24, seed=0):  # (ids, loss_mask, valid): row 1 right-padded
@@ -994,16 +978,19 @@ def draft_outs(target, draft, batch, stage_steps, offset=1, k=3, recompute=False
     return train.draft_loss(target.output, outs, h, plan, 10.0, chunk=chunk)
 
 
+def grads_of(draft, loss):  # (the loss, the draft's gradients by name) after one backward from zero
+    draft.zero_grad()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in draft.named_parameters()}
+
+
 def overfit(draft, target, steps_sim, n_steps, k=3):  # losses of n_steps AdamW steps on the fixed batch
     opt, losses = torch.optim.AdamW(draft.parameters(), lr=3e-3, betas=(0.9, 0.95)), []
     for s in range(n_steps):
-        loss, _, _ = draft_outs(target, draft, fixed_batch(), steps_sim, s % k, k, noise=0.01)
-        assert math.isfinite(loss.item())
-        opt.zero_grad()
-        loss.backward()
+        losses.append(grads_of(draft, draft_outs(target, draft, fixed_batch(), steps_sim, s % k, k, noise=0.01)[0])[0])
+        assert math.isfinite(losses[-1].item())
         opt.step()
-        losses.append(loss.item())
-    return losses
+    return [loss.item() for loss in losses]
 
 
 def test_train_overfit_one_batch_stage1_stage2_and_eagle2():
@@ -1037,21 +1024,18 @@ def train_cfg(tmp_path, out, **kw):
 def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     """Resumed runs (--max-steps, SIGINT) equal one run; run dirs guarded; eval schedule; stage 2, EAGLE-2, caches."""
     target, tok = train_target(), CharTokenizer(system=None)
-    run = lambda out, target=target, **kw: train.train(train_cfg(tmp_path, out, **kw), target, tok)
+    run = lambda out, **kw: train.train(train_cfg(tmp_path, out, **kw), target, tok)
     full, randomness = run("full", max_steps=7), train.step_randomness
 
-    def interrupt_at_2(cfg, step, *a):
-        if step == 1:  # SIGINT arrives during the 2nd step, before the first evaluation (after the 3rd)
+    def interrupt_at_2(cfg, step, *a):  # SIGINT during the 2nd step, before the first evaluation (after the 3rd)
+        if step == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return randomness(cfg, step, *a)
     with monkeypatch.context() as m:
         m.setattr(train, "step_randomness", interrupt_at_2)
-        for name, kw in (("sig", {}), ("cos", dict(schedule="cosine"))):
-            with pytest.raises(train.Interrupted, match="SIGINT at step 2"):
-                run(name, max_steps=7, **kw)
+        raises([((train_cfg(tmp_path, name, max_steps=7, **kw), target, tok), "SIGINT at step 2")
+                for name, kw in (("sig", {}), ("cos", dict(schedule="cosine")))], train.train, train.Interrupted)
     assert not (tmp_path / "sig" / "eval.csv").exists()
-    raises([((train_cfg(tmp_path, "sig", window=4, max_steps=9, resume=True), target, tok), "different --window"),
-            ((train_cfg(tmp_path, "full", max_steps=7), target, tok), "holds a run")], train.train)
     assert_same_weights(full, run("sig", max_steps=7, resume=True))
     cosine = run("cfull", max_steps=7, schedule="cosine")
     assert_same_weights(cosine, run("cos", max_steps=7, resume=True, schedule="cosine"))
@@ -1059,38 +1043,46 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     c = train_cfg(tmp_path, "x", lr=1.0, warmup=2, schedule="cosine")  # warm-up, then a cosine down to 0 at step 6
     assert [round(train.lr_at(c, s, 6), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
     assert [train.lr_at(train_cfg(tmp_path, "x", lr=1.0, warmup=2), s, 6) for s in range(4)] == [0.5, 1, 1, 1]
-    rows = lambda run, f: [r.split(",")[0] for r in (tmp_path / run / f).read_text().splitlines()[1:]]
+    rows = lambda run, f: (tmp_path / run / f).read_text().splitlines()
     for f in ("train.csv", "eval.csv"):  # the resumed run's rows continue the interrupted run's, none twice
-        assert rows("sig", f) == rows("full", f) and len(set(rows("sig", f))) == len(rows("sig", f))
-    out = tmp_path / "full"  # (the five files a run writes: test_train_cli_end_to_end)
-    rows = (out / "eval.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3,tau_chain,tau"
-    # 3 steps an epoch: evaluated at every epoch's end (3, 6), every 5 steps (5) and at the end (7)
-    assert [r.split(",")[:3] for r in rows[1:]] == [["3", "0", "1.0"], ["5", "1", "1.667"], ["6", "1", "2.0"],
-                                                   ["7", "2", "2.333"]]
-    assert all(0.0 <= float(x) <= 1.0 for x in rows[-1].split(",")[3:9])
-    assert float(rows[-1].split(",")[-1]) >= 1.0  # measured at the end: a tree decode's tau
+        steps = [r.split(",")[0] for r in rows("sig", f)[1:]]
+        assert steps == [r.split(",")[0] for r in rows("full", f)[1:]] and len(set(steps)) == len(steps)
+    # (the five files a run writes: test_train_cli_end_to_end) 3 steps an epoch: evaluated at every epoch's end (3, 6),
+    # every 5 steps (5) and at the end (7)
+    head = "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3,tau_chain,tau"
+    assert rows("full", "eval.csv")[0] == head
+    assert [r.split(",")[:3] for r in rows("full", "eval.csv")[1:]] == [["3", "0", "1.0"], ["5", "1", "1.667"],
+                                                                        ["6", "1", "2.0"], ["7", "2", "2.333"]]
+    last = rows("full", "eval.csv")[-1].split(",")
+    assert all(0.0 <= float(x) <= 1.0 for x in last[3:9]) and float(last[-1]) >= 1.0  # at the end: a tree decode's tau
     run("sig", max_steps=2, tau_interval=0, overwrite=True)
-    assert len((tmp_path / "sig" / "train.csv").read_text().splitlines()) == 2  # header + step 2
-    ckpt = str(out / "draft.safetensors")  # stage 2 from the stage-1 draft: with lr 0 the checkpoint's weights
+    assert len(rows("sig", "train.csv")) == 2  # header + step 2
+    ckpt = str(tmp_path / "full" / "draft.safetensors")  # stage 2 from the stage-1 draft: with lr 0 its weights
     assert_same_weights(full, run("s2", stage=2, init=ckpt, lr=0.0, max_steps=1))
     assert not torch.equal(run("s2b", stage=2, init=ckpt, max_steps=3).wq.weight, full.wq.weight)
-    with pytest.raises(BeagleError, match="another target"):
-        run("s2c", train_target(seed=5), stage=2, init=ckpt, max_steps=1)
     assert type(run("e2", draft="eagle2", window=1, max_steps=4)) is beagle.Eagle2  # (a checkpoint names its kind)
-    rows = (tmp_path / "e2" / "eval.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,epochs,acc1,train_acc1,tau_chain,tau" and float(rows[-1].split(",")[-1]) >= 1.0
-    raises([((train_cfg(tmp_path, "b", init=str(tmp_path / "e2" / "draft.safetensors"), max_steps=1), target, tok),
-             "is not a beagle draft")], train.train)
+    assert rows("e2", "eval.csv")[0] == "step,epoch,epochs,acc1,train_acc1,tau_chain,tau"
+    assert float(rows("e2", "eval.csv")[-1].split(",")[-1]) >= 1.0
     kw = dict(batch_tokens=160, eval_interval=100, tau_interval=0)
-    full = run("tfull", max_steps=7, **kw)
+    full_tokens = run("tfull", max_steps=7, **kw)
     run("tpart", max_steps=4, **kw)
-    assert_same_weights(full, run("tpart", max_steps=7, resume=True, **kw))
-    raises([((train_cfg(tmp_path, "tpart", max_steps=9, resume=True, batch_tokens=200), target, tok),
-             "different --batch-tokens")], train.train)
+    assert_same_weights(full_tokens, run("tpart", max_steps=7, resume=True, **kw))
     for cache in ("memory", str(tmp_path / "states")):  # cached states, in memory or on disk: fp32 rounding apart
-        assert_same_weights(full, run(f"c{len(cache)}", max_steps=7, state_cache=cache, **kw), atol=1e-5)
+        assert_same_weights(full_tokens, run(f"c{len(cache)}", max_steps=7, state_cache=cache, **kw), atol=1e-5)
     assert (tmp_path / "states" / "index.json").exists()
+    raises([((train_cfg(tmp_path, "sig", window=4, max_steps=9, resume=True), target, tok), "different --window"),
+            ((train_cfg(tmp_path, "full", max_steps=7), target, tok), "holds a run"),
+            ((train_cfg(tmp_path, "s2c", stage=2, init=ckpt, max_steps=1), train_target(seed=5), tok),
+             "another target"),
+            ((train_cfg(tmp_path, "b", init=str(tmp_path / "e2" / "draft.safetensors"), max_steps=1), target, tok),
+             "is not a beagle draft"),
+            ((train_cfg(tmp_path, "tpart", max_steps=9, resume=True, batch_tokens=200), target, tok),
+             "different --batch-tokens")], train.train)
+    chats = [tok.chat([{"role": "user", "content": f"hi {i}"}]) for i in range(3)]  # measured tau: greedy tree decoding
+    prompts = train.first_prompts([(c + [9, 9], [False] * len(c) + [True] * 2) for c in chats], 2)
+    assert len(prompts) == 2 and prompts[0][-1] == tok.encode("\n")[0]  # up to the generation prompt
+    assert 1.0 <= train.measured_tau(target, full, prompts, tok.stop_ids, max_new=16) <= 1 + decode.CPU_TREE[0]
+    assert full.wq.weight.dtype == torch.float32  # the training draft itself is untouched
 
 
 def test_train_cli_end_to_end(real, tmp_path):
@@ -1120,19 +1112,16 @@ def test_train_cli_end_to_end(real, tmp_path):
     train.check_config(train.TrainConfig(stage=1, window=1))  # stage 1 ignores --sim-steps (k = 1: next token only)
 
 
-def ref_loss(output, outs, logits, h, labels, window, stage, vloss_weight):
-    """The loss written the plain way: (N, V) target logits kept, every trained row at once."""
+def ref_loss(output, outs, logits, h, labels, stage):  # the loss the plain way: (N, V) target logits, all rows at once
     total, w_sum = 0.0, 0.0
-    for m, (idx, hat) in enumerate(outs, 1):
+    for m, (idx, hat) in enumerate(outs, 1):  # draft step m: weight 1 in stage 1, window - m + 1 in stage 2 (window 3)
         b, j = labels[:, idx].nonzero(as_tuple=True)
-        if len(b) == 0:
-            continue
-        hh = hat[b, j]
-        ce = -(logits[b, idx[j]].float().softmax(-1) * output(hh).float().log_softmax(-1)).sum(-1).mean()
-        vl = F.smooth_l1_loss(hh.float(), h[b, idx[j]].float(), reduction="none").mean(-1).mean()
-        w = 1.0 if stage == 1 else float(window - m + 1)
-        total, w_sum = total + w * (ce + vloss_weight * vl), w_sum + w
-    return total / (w_sum or 1.0)
+        hh, i = hat[b, j], idx[j]
+        ce = -(logits[b, i].float().softmax(-1) * output(hh).float().log_softmax(-1)).sum(-1).mean()
+        vl = F.smooth_l1_loss(hh.float(), h[b, i].float(), reduction="none").mean(-1).mean()
+        w = 1.0 if stage == 1 else 4.0 - m
+        total, w_sum = total + w * (ce + 10.0 * vl), w_sum + w  # value-loss weight 10
+    return total / w_sum
 
 
 @pytest.mark.parametrize("stage,steps,offset", [(1, 0, 2), (2, 3, 0)])
@@ -1146,69 +1135,51 @@ def test_train_chunked_loss_and_recompute_equal_references(stage, steps, offset)
     with torch.no_grad():
         logits, h = target(ids)
         emb = target.tok_embeddings(ids)
-    grads = []
-    for chunked in (False, True):
-        if chunked:
-            loss, ce, vl = draft_outs(target, draft, batch, steps, offset, chunk=5)
-            assert not ce.requires_grad and torch.allclose(loss, ce + 10.0 * vl, atol=1e-5)
-        else:
-            loss = ref_loss(target.output, train.DraftStep(draft)(emb, h, 3, offset, steps), logits, h,
-                            train.label_positions(loss_mask, valid, 3, offset), 3, stage, 10.0)
-        draft.zero_grad()
-        loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in draft.parameters()]))
-    (ref, g_ref), (got, g_got) = grads
-    assert torch.allclose(ref, got, rtol=1e-5, atol=1e-6), (ref, got)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_ref, g_got))
-    assert any(a.abs().sum() > 0 for a in g_got)
+    ref = grads_of(draft, ref_loss(target.output, train.DraftStep(draft)(emb, h, 3, offset, steps), logits, h,
+                                   train.label_positions(loss_mask, valid, 3, offset), stage))
+    loss, ce, vl = draft_outs(target, draft, batch, steps, offset, chunk=5)
+    assert not ce.requires_grad and torch.allclose(loss, ce + 10.0 * vl, atol=1e-5)
+    got = grads_of(draft, loss)
+    torch.testing.assert_close(ref[0], got[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref[1], got[1], rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in got[1].values())
     if stage == 1:
         return
-    kept, results, batch = {}, {}, fixed_batch()
+    kept, results = {}, {}
     for recompute, steps in itertools.product((False, True), (1, 3)):
         seen = {}
 
         def pack(t):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
-        plan = train.loss_plan(batch[1], batch[2], 3, 1, steps, torch.device("cpu"))
+        plan = train.loss_plan(*fixed_batch()[1:], 3, 1, steps, torch.device("cpu"))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # (what the draft's steps keep)
             outs = train.DraftStep(draft, recompute)(emb, h, 3, 1, steps, [q for q, _, _, _ in plan])
-        loss, _, _ = train.draft_loss(target.output, outs, h, plan, 10.0, chunk=7)
-        draft.zero_grad()
-        loss.backward()
+        results[recompute, steps] = grads_of(draft, train.draft_loss(target.output, outs, h, plan, 10.0, chunk=7)[0])
         kept[recompute, steps] = sum(seen.values())
-        results[recompute, steps] = loss.detach(), [p.grad.clone() for p in draft.parameters()]
     for steps in (1, 3):
-        (l0, g0), (l1, g1) = results[False, steps], results[True, steps]
-        torch.testing.assert_close(l1, l0)
-        torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
-    k_true = draft.kv(h, torch.arange(ids.shape[1]))[0]
-    plan = train.loss_plan(batch[1], batch[2], 3, 1, 3, torch.device("cpu"))
+        torch.testing.assert_close(results[True, steps][0], results[False, steps][0])
+        torch.testing.assert_close(results[True, steps][1], results[False, steps][1], atol=1e-6, rtol=1e-5)
+    k_true = draft.kv(h, torch.arange(ids.shape[1]))[0]  # (plan: the last one, 3 steps)
     inputs = sum(2 * k_true.numel() * k_true.element_size() + (emb.shape[0] * emb.shape[2] * emb.element_size() +
                  2 * ids.shape[1] + 8) * len(q) for q, _, _, _ in plan[1:])  # per query: embedding, mask row, position
     assert kept[True, 3] - kept[True, 1] <= inputs < kept[False, 3] - kept[False, 1]
 
 
-def test_train_draft_loss_by_hand():
-    """V 3, dim 2: hat 0 gives q uniform, h (ln 2, 0) gives p (2, 1, 2) / 5: CE log 3, smooth-L1 (ln 2)^2 / 4."""
-    head = torch.nn.Linear(2, 3, bias=False)
+def test_train_loss_by_hand_labels_chain_tau_and_no_host_reads():
+    """draft_loss by hand; trained positions, chain_tau by enumeration; a step's device part reads nothing back."""
+    head = torch.nn.Linear(2, 3, bias=False)  # V 3, dim 2: hat 0 gives q uniform, h (ln 2, 0) gives p (2, 1, 2) / 5
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
     hat = torch.zeros(1, 2, 2, requires_grad=True)  # (B, T, dim); only row 1 is trained
     h = torch.tensor([[[5.0, 5.0], [math.log(2), 0.0]]])
     plan = [(None, torch.tensor([1]), torch.tensor([1]), 1.0)]
     loss, ce, vl = train.draft_loss(head, [(torch.arange(2), hat)], h, plan, 10.0, chunk=1)
-    assert math.isclose(ce.item(), math.log(3), rel_tol=1e-6)
+    assert math.isclose(ce.item(), math.log(3), rel_tol=1e-6)  # CE log 3, smooth-L1 (ln 2)^2 / 4
     assert math.isclose(vl.item(), 0.25 * math.log(2) ** 2, rel_tol=1e-6)
     assert math.isclose(loss.item(), math.log(3) + 2.5 * math.log(2) ** 2, rel_tol=1e-6)
-
-
-def test_train_labels_loss_plan_chain_tau_and_no_host_reads():
-    """Trained positions, chain_tau by enumeration; a step's device part (the loss plan's use) reads nothing back."""
-    loss_mask = torch.tensor([[False, False, True, True, True, False]])
-    valid = torch.tensor([[True, True, True, True, True, False]])
-    lab = train.label_positions(loss_mask, valid, 3, 1)  # position 0 sees no key
-    # position i is trained when token i+1 is a label: i = 1, 2, 3; i = 4 predicts padding
+    lab = train.label_positions(torch.tensor([[0, 0, 1, 1, 1, 0]]).bool(), torch.tensor([[1] * 5 + [0]]).bool(), 3, 1)
+    # position i is trained when token i+1 is a label: i = 1, 2, 3; i = 4 predicts padding; position 0 sees no key
     assert lab.tolist() == [[False, True, True, True, False, False]]
     assert train.chain_tau([1.0, 1.0, 1.0]) == 4.0 and train.chain_tau([0.0, 1.0]) == 1.0
     acc, want = [0.9, 0.6, 0.3], 0.0  # step d is accepted when steps 1..d all agree (independently, prob a_d)
@@ -1217,42 +1188,16 @@ def test_train_labels_loss_plan_chain_tau_and_no_host_reads():
         want += pr * (1 + next((d for d, o in enumerate(outcome) if not o), 3))
     assert math.isclose(train.chain_tau(acc), want)
     target = train_target()
-    draft, ids, batch = tiny_draft(target), *fixed_batch()[:1], fixed_batch()
+    draft, (ids, loss_mask, valid) = tiny_draft(target), fixed_batch()
     with torch.no_grad():
         h, emb = target(ids, last_only=True)[1], target.tok_embeddings(ids)
     for steps in (0, 3):
-        plan = train.loss_plan(batch[1], batch[2], 3, 2, steps, torch.device("cpu"))  # (the host's work, before)
+        plan = train.loss_plan(loss_mask, valid, 3, 2, steps, torch.device("cpu"))  # (the host's work, before)
         with HostReads():
             outs = train.DraftStep(draft)(emb, h, 3, 2, steps, [q for q, _, _, _ in plan] if steps else None)
             loss, ce, vl = train.draft_loss(target.output, outs, h, plan, 10.0, chunk=7)
             loss.backward()
             torch.stack([loss.detach(), ce, vl])
-
-
-def test_train_batch_tokens_plan_and_measured_tau():
-    """Token-budget batches (each example once, in budget, seeded, dense, resumable); measured tau in [1, 1 + depth]."""
-    rng = random.Random(0)
-    lengths = [rng.randint(1, 300) for _ in range(500)] + [1500]  # one longer than the budget: a batch alone
-    plan = data.batch_plan(lengths, 1, True, 3, 1, batch_tokens=1024)
-    assert sorted(i for b in plan for i in b) == list(range(501))
-    assert all(len(b) * max(lengths[i] for i in b) <= 1024 for b in plan if b != [500]) and [500] in plan
-    assert plan == data.batch_plan(lengths, 1, True, 3, 1, batch_tokens=1024)
-    assert plan != data.batch_plan(lengths, 1, True, 3, 2, batch_tokens=1024)
-    fill = sum(lengths[:500]) / sum(len(b) * max(lengths[i] for i in b) for b in plan if b != [500])
-    assert fill > 0.8, fill  # length grouping: little padding
-    examples = [([5] * n, [True] * n) for n in lengths[:60]]
-    plan = data.batch_plan(lengths[:60], 1, True, 0, 0, batch_tokens=700)
-    got = list(data.batches(examples, 1, True, 0, 0, skip=2, batch_tokens=700))
-    assert len(got) == len(plan) - 2 and all(g[0].shape == (len(b), max(lengths[i] for i in b))
-                                             for g, b in zip(got, plan[2:]))
-    assert all(g[0].numel() <= 700 for g in got)
-    target, tok = train_target(), CharTokenizer(system=None)
-    draft = tiny_draft(target)
-    chats = [tok.chat([{"role": "user", "content": f"hi {i}"}]) for i in range(3)]
-    prompts = train.first_prompts([(c + [9, 9], [False] * len(c) + [True] * 2) for c in chats], 2)
-    assert len(prompts) == 2 and prompts[0][-1] == tok.encode("\n")[0]  # up to the generation prompt
-    assert 1.0 <= train.measured_tau(target, draft, prompts, tok.stop_ids, max_new=16) <= 1 + decode.CPU_TREE[0]
-    assert draft.wq.weight.dtype == torch.float32  # the training draft itself is untouched
 
 
 def ddp_batch(seed):  # no padding, labels from position 6 in every row: each rank trains as many positions
@@ -1265,8 +1210,7 @@ def ddp_grads(batch, steps, world=1):
     target = train_target()
     draft = tiny_draft(target, seed=1)
     step = torch.nn.parallel.DistributedDataParallel(train.DraftStep(draft)) if world > 1 else None
-    draft_outs(target, draft, batch, steps, step=step)[0].backward()  # (with `step` alive: DDP's hooks fire)
-    return {n: p.grad.clone() for n, p in draft.named_parameters()}
+    return grads_of(draft, draft_outs(target, draft, batch, steps, step=step)[0])[1]  # (`step` alive: DDP's hooks)
 
 
 def _two_ranks(rank, path, gen_cfg):  # both ranks: DDP gradients (rank 0 saves them), then a Magpie shard
@@ -1288,9 +1232,8 @@ def test_train_two_ranks_equal_one_rank(tmp_path):
         assert max(g.abs().max() for g in one.values()) > 0, steps
     one = generate.GenConfig(out=str(tmp_path / "one.jsonl"), **base)
     generate.generate_conversations(one, tiny_target(260, sharp=1.0, stopping=True), CharTokenizer(), verbose=False)
-    a, b = open(one.out).read().split("\n")[:-1], open(tmp_path / "two.jsonl").read().split("\n")[:-1]
-    assert a == b and len(a) == 13
-    assert len({json.loads(x)["batch"] for x in a}) >= 2  # batches of both ranks are in the file
+    assert open(one.out).read() == open(tmp_path / "two.jsonl").read() and len(jsonl(one.out)) == 13
+    assert len({x["batch"] for x in jsonl(one.out)}) >= 2  # batches of both ranks are in the file
 
 
 @torch.no_grad()
@@ -1329,10 +1272,10 @@ def write(path, text):
 
 def test_data_load_conversations(tmp_path, capsys):
     """ShareGPT/messages (.jsonl, .json, globs): roles mapped, turns trimmed; bad, repeated, MT-bench ones dropped."""
+    msgs = lambda *turns: [{"role": r, "content": c} for r, c in zip(turns[::2], turns[1::2])]
     conv = lambda *turns: {"conversations": [{"from": f, "value": v} for f, v in zip(turns[::2], turns[1::2])]}
     recs = [conv("system", "Be brief.", "human", "Hi", "gpt", "Hello!"),
-            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-                          {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]},
+            {"messages": msgs("user", "2+2?", "assistant", "4", "user", "and 3+3?", "assistant", "6")},
             conv("gpt", "greeting", "human", "q\u2028\x85q", "chatgpt", "a", "human", "unanswered"),
             conv("human", " a ", "gpt", "b\n", "human", "c", "human", "d", "gpt", "e")]  # a repeated role: the prefix
     bad = ['{"conversations": [{"from": "alien", "value": "x"}]}', '{"conversations": [{"from": "human", "value": 3}]}',
@@ -1340,12 +1283,9 @@ def test_data_load_conversations(tmp_path, capsys):
            'not json at all', '']
     jl = write(tmp_path / "a.jsonl", "\n".join([json.dumps(r, ensure_ascii=False) for r in recs] + bad) + "\n")
     for path in (jl, write(tmp_path / "a.json", json.dumps(recs + [{"conversations": "nope"}]))):
-        convs = data.load_conversations(path, verbose=False)
-        assert len(convs) == 4 and [m["role"] for m in convs[1]] == ["user", "assistant", "user", "assistant"]
-        assert convs[3] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-        assert convs[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                            {"role": "assistant", "content": "Hello!"}]
-        assert convs[2] == [{"role": "user", "content": "q\u2028\x85q"}, {"role": "assistant", "content": "a"}]
+        assert data.load_conversations(path, verbose=False) == [
+            msgs("system", "Be brief.", "user", "Hi", "assistant", "Hello!"), recs[1]["messages"],
+            msgs("user", "q\u2028\x85q", "assistant", "a"), msgs("user", "a", "assistant", "b")]
     raises([((str(tmp_path / "missing.jsonl"),), "not found"), ((str(tmp_path / "nothing-*.jsonl"),), "not found"),
             ((write(tmp_path / "b.jsonl", '{"x": 1}\nbroken\n'),), "no usable conversation"),
             ((write(tmp_path / "c.json", '[{"conversations": '),), "not valid JSON")], data.load_conversations)
@@ -1423,7 +1363,7 @@ def examples(n, seed=0):  # n (ids, loss mask) of 3-39 tokens; example i starts 
 
 
 def test_data_batches_split_and_state_cache(tmp_path):
-    """Batches (each example once, right-padded, seeded, resumable, grouped), the split, cached states == online."""
+    """Batches (each example once, right-padded, seeded, resumable, grouped, budgeted), the split, cached states."""
     ex = examples(203)
     epoch0 = list(data.batches(ex, 8, seed=1, epoch=0, pad_id=-1))
     assert len(epoch0) == len(data.batch_plan([len(i) for i, _ in ex], 8, seed=1, epoch=0)) == 26
@@ -1445,6 +1385,18 @@ def test_data_batches_split_and_state_cache(tmp_path):
     assert first_ids(data.batches(ex, 8, seed=1, epoch=1, pad_id=-1)) != first_ids(epoch0)
     pad = sum(int((~v).sum()) for _, _, v in epoch0)  # length grouping: much less padding than a random order
     assert pad < sum(int((~v).sum()) for _, _, v in data.batches(ex, 8, shuffle=False)) / 2
+    rng = random.Random(0)  # token budgets: each example once, in budget (but one longer than it, alone), dense
+    lengths = [rng.randint(1, 300) for _ in range(500)] + [1500]
+    plan = data.batch_plan(lengths, 1, True, 3, 1, batch_tokens=1024)
+    padded = lambda plan: [len(b) * max(lengths[i] for i in b) for b in plan if b != [500]]  # tokens a batch takes
+    assert sorted(i for b in plan for i in b) == list(range(501)) and [500] in plan and max(padded(plan)) <= 1024
+    assert sum(lengths[:500]) / sum(padded(plan)) > 0.8  # length grouping: little padding
+    assert plan == data.batch_plan(lengths, 1, True, 3, 1, batch_tokens=1024)
+    assert plan != data.batch_plan(lengths, 1, True, 3, 2, batch_tokens=1024)
+    plan = data.batch_plan(lengths[:60], 1, True, 0, 0, batch_tokens=700)
+    got = list(data.batches([([5] * n, [True] * n) for n in lengths[:60]], 1, True, 0, 0, skip=2, batch_tokens=700))
+    assert len(got) == len(plan) - 2 and all(g[0].shape == (len(b), max(lengths[i] for i in b)) and g[0].numel() <= 700
+                                             for g, b in zip(got, plan[2:]))
     ex = ex[:100]  # the held-out split: deterministic, at least min_eval, at most a fifth
     tr, ho = data.split(ex, 0.1, seed=3)
     assert len(ho) == 10 and len(tr) == 90 and sorted(e[0][0] for e in tr + ho) == list(range(100))
@@ -1528,10 +1480,8 @@ def test_generate_conversations(tmp_path, monkeypatch, capsys):
 
 def test_generate_cli_end_to_end(tmp_path, monkeypatch, real, capsys):
     """python generate.py --out ... through common.cli, with a tiny random target behind the real tokenizer."""
-    tok = real[1]
-    model = tiny_target(tok.vocab_size, sharp=1.0, stopping=True)
-    monkeypatch.setattr(convert, "load_target", lambda path, device, dtype: (model, tok))
-    out = tmp_path / "sg.jsonl"
+    tok, out = real[1], tmp_path / "sg.jsonl"
+    real_loads(monkeypatch, tiny_target(tok.vocab_size, sharp=1.0, stopping=True), tok)
     cfg = common.cli(generate.GenConfig, ["--out", str(out), *("--conversations=6 --batch-size 8 --max-user-tokens 10 "
                                           "--max-reply-tokens=10 --device cpu --reply-temperature 0").split()])
     assert cfg.conversations == 6 and cfg.reply_temperature == 0.0 and cfg.target is None
@@ -1558,8 +1508,8 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
     assert generate.generate(model, prompts, 40, stop, temperature=0.0) == want
     for batch in (2, 8):  # cut into engine batches of 2 (the last padded), or one batch padded to 8
         assert generate.generate(model, prompts, 40, stop, temperature=0.0, batch=batch, cache_len=100) == want
-    store = model.generate_static
-    assert (2, 112) in store and (8, 112) in store  # cache_len 100 (> 30 + 40) rounded up to 2 * WIDTH_STEP
+    store = model.generate_static  # cache_len 100 (> 30 + 40) rounded up to 2 * WIDTH_STEP:
+    assert (2, 112) in store and (8, 112) in store
     ids = lambda: {w: id(s) for w, s in store[2, 112, (0.0, 1.0, 0), False, None].items()}
     before = ids()
     assert generate.generate(model, prompts[::-1], 40, stop, temperature=0.0, batch=2, cache_len=100) == want[::-1]
@@ -1570,8 +1520,7 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
     free, _ = greedy_reference(model, list(range(3, 20)), 30, set())
     for stop in (set(), {free[9]}):  # streaming: once per token, growing, ending at the stop
         seen, cut = [], free.index(free[9]) if stop else 30
-        out = generate.generate(model, [list(range(3, 20))], 30, stop, 0.0,
-                                on_tokens=lambda ids: seen.append(list(ids)))
+        out = generate.generate(model, [list(range(3, 20))], 30, stop, 0.0, on_tokens=lambda t: seen.append(list(t)))
         assert out == [(free[:cut], bool(stop))] and seen == [free[:i + 1] for i in range(min(cut + 1, 30))]
     live = torch.tensor([[False, False, True, True, True], [True] * 5])  # the prefill mask (left padding)
     m = generate.prefill_mask(live)
