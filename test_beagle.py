@@ -968,11 +968,8 @@ def fixed_batch(B=3, T=24, seed=0):  # (ids, loss_mask, valid): row 1 right-padd
 
 def draft_outs(target, draft, batch, stage_steps, offset=1, k=3, recompute=False, chunk=16, noise=0.0, step=None):
     """A training step's forward: DraftStep (or `step`, its DDP wrapper) on the target's states; the chunked loss."""
-    ids, loss_mask, valid = batch
-    with torch.no_grad():
-        _, h = target(ids)
-        emb = target.tok_embeddings(ids)
-    plan = train.loss_plan(loss_mask, valid, k, offset, stage_steps, torch.device("cpu"))
+    h, emb = target(batch[0])[1], target.tok_embeddings(batch[0])  # (the target is frozen: no graph)
+    plan = train.loss_plan(*batch[1:], k, offset, stage_steps, torch.device("cpu"))
     outs = (step or train.DraftStep(draft, recompute))(emb, h + noise * torch.randn_like(h), k, offset, stage_steps,
                                                        [q for q, _, _, _ in plan] if stage_steps else None)
     return train.draft_loss(target.output, outs, h, plan, 10.0, chunk=chunk)
@@ -1024,7 +1021,8 @@ def train_cfg(tmp_path, out, **kw):
 def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     """Resumed runs (--max-steps, SIGINT) equal one run; run dirs guarded; eval schedule; stage 2, EAGLE-2, caches."""
     target, tok = train_target(), CharTokenizer(system=None)
-    run = lambda out, **kw: train.train(train_cfg(tmp_path, out, **kw), target, tok)
+    cfg = functools.partial(train_cfg, tmp_path)
+    run = lambda out, **kw: train.train(cfg(out, **kw), target, tok)
     full, randomness = run("full", max_steps=7), train.step_randomness
 
     def interrupt_at_2(cfg, step, *a):  # SIGINT during the 2nd step, before the first evaluation (after the 3rd)
@@ -1033,27 +1031,25 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
         return randomness(cfg, step, *a)
     with monkeypatch.context() as m:
         m.setattr(train, "step_randomness", interrupt_at_2)
-        raises([((train_cfg(tmp_path, name, max_steps=7, **kw), target, tok), "SIGINT at step 2")
+        raises([((cfg(name, max_steps=7, **kw), target, tok), "SIGINT at step 2")
                 for name, kw in (("sig", {}), ("cos", dict(schedule="cosine")))], train.train, train.Interrupted)
     assert not (tmp_path / "sig" / "eval.csv").exists()
     assert_same_weights(full, run("sig", max_steps=7, resume=True))
     cosine = run("cfull", max_steps=7, schedule="cosine")
     assert_same_weights(cosine, run("cos", max_steps=7, resume=True, schedule="cosine"))
     assert not torch.equal(cosine.wq.weight, full.wq.weight)
-    c = train_cfg(tmp_path, "x", lr=1.0, warmup=2, schedule="cosine")  # warm-up, then a cosine down to 0 at step 6
+    c = cfg("x", lr=1.0, warmup=2, schedule="cosine")  # warm-up, then a cosine down to 0 at step 6
     assert [round(train.lr_at(c, s, 6), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
-    assert [train.lr_at(train_cfg(tmp_path, "x", lr=1.0, warmup=2), s, 6) for s in range(4)] == [0.5, 1, 1, 1]
+    assert [train.lr_at(cfg("x", lr=1.0, warmup=2), s, 6) for s in range(4)] == [0.5, 1, 1, 1]
     rows = lambda run, f: (tmp_path / run / f).read_text().splitlines()
     for f in ("train.csv", "eval.csv"):  # the resumed run's rows continue the interrupted run's, none twice
         steps = [r.split(",")[0] for r in rows("sig", f)[1:]]
         assert steps == [r.split(",")[0] for r in rows("full", f)[1:]] and len(set(steps)) == len(steps)
-    # (the five files a run writes: test_train_cli_end_to_end) 3 steps an epoch: evaluated at every epoch's end (3, 6),
-    # every 5 steps (5) and at the end (7)
-    head = "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3,tau_chain,tau"
-    assert rows("full", "eval.csv")[0] == head
-    assert [r.split(",")[:3] for r in rows("full", "eval.csv")[1:]] == [["3", "0", "1.0"], ["5", "1", "1.667"],
-                                                                        ["6", "1", "2.0"], ["7", "2", "2.333"]]
-    last = rows("full", "eval.csv")[-1].split(",")
+    ev = rows("full", "eval.csv")  # evaluated at each epoch's end (3 steps: 3, 6), every 5 steps (5), at the end (7)
+    assert ev[0] == "step,epoch,epochs,acc1,acc2,acc3,train_acc1,train_acc2,train_acc3,tau_chain,tau"
+    assert [r.split(",")[:3] for r in ev[1:]] == [["3", "0", "1.0"], ["5", "1", "1.667"], ["6", "1", "2.0"],
+                                                  ["7", "2", "2.333"]]  # (the five files a run writes: test_train_cli)
+    last = ev[-1].split(",")
     assert all(0.0 <= float(x) <= 1.0 for x in last[3:9]) and float(last[-1]) >= 1.0  # at the end: a tree decode's tau
     run("sig", max_steps=2, tau_interval=0, overwrite=True)
     assert len(rows("sig", "train.csv")) == 2  # header + step 2
@@ -1070,14 +1066,13 @@ def test_train_loop_resume_sigint_stage2_init_and_eagle2(tmp_path, monkeypatch):
     for cache in ("memory", str(tmp_path / "states")):  # cached states, in memory or on disk: fp32 rounding apart
         assert_same_weights(full_tokens, run(f"c{len(cache)}", max_steps=7, state_cache=cache, **kw), atol=1e-5)
     assert (tmp_path / "states" / "index.json").exists()
-    raises([((train_cfg(tmp_path, "sig", window=4, max_steps=9, resume=True), target, tok), "different --window"),
-            ((train_cfg(tmp_path, "full", max_steps=7), target, tok), "holds a run"),
-            ((train_cfg(tmp_path, "s2c", stage=2, init=ckpt, max_steps=1), train_target(seed=5), tok),
-             "another target"),
-            ((train_cfg(tmp_path, "b", init=str(tmp_path / "e2" / "draft.safetensors"), max_steps=1), target, tok),
+    raises([((cfg("sig", window=4, max_steps=9, resume=True), target, tok), "different --window"),
+            ((cfg("full", max_steps=7), target, tok), "holds a run"),
+            ((cfg("s2c", stage=2, init=ckpt, max_steps=1), train_target(seed=5), tok), "another target"),
+            ((cfg("b", init=str(tmp_path / "e2" / "draft.safetensors"), max_steps=1), target, tok),
              "is not a beagle draft"),
-            ((train_cfg(tmp_path, "tpart", max_steps=9, resume=True, batch_tokens=200), target, tok),
-             "different --batch-tokens")], train.train)
+            ((cfg("tpart", max_steps=9, resume=True, batch_tokens=200), target, tok), "different --batch-tokens")],
+           train.train)
     chats = [tok.chat([{"role": "user", "content": f"hi {i}"}]) for i in range(3)]  # measured tau: greedy tree decoding
     prompts = train.first_prompts([(c + [9, 9], [False] * len(c) + [True] * 2) for c in chats], 2)
     assert len(prompts) == 2 and prompts[0][-1] == tok.encode("\n")[0]  # up to the generation prompt
@@ -1132,9 +1127,7 @@ def test_train_chunked_loss_and_recompute_equal_references(stage, steps, offset)
     draft = tiny_draft(target, seed=1)
     ids, loss_mask, valid = batch = fixed_batch()
     loss_mask[0, :7] = False  # a user turn: no labels there
-    with torch.no_grad():
-        logits, h = target(ids)
-        emb = target.tok_embeddings(ids)
+    (logits, h), emb = target(ids), target.tok_embeddings(ids)
     ref = grads_of(draft, ref_loss(target.output, train.DraftStep(draft)(emb, h, 3, offset, steps), logits, h,
                                    train.label_positions(loss_mask, valid, 3, offset), stage))
     loss, ce, vl = draft_outs(target, draft, batch, steps, offset, chunk=5)
@@ -1189,8 +1182,7 @@ def test_train_loss_by_hand_labels_chain_tau_and_no_host_reads():
     assert math.isclose(train.chain_tau(acc), want)
     target = train_target()
     draft, (ids, loss_mask, valid) = tiny_draft(target), fixed_batch()
-    with torch.no_grad():
-        h, emb = target(ids, last_only=True)[1], target.tok_embeddings(ids)
+    h, emb = target(ids, last_only=True)[1], target.tok_embeddings(ids)
     for steps in (0, 3):
         plan = train.loss_plan(loss_mask, valid, 3, 2, steps, torch.device("cpu"))  # (the host's work, before)
         with HostReads():
@@ -1270,12 +1262,15 @@ def write(path, text):
     return str(path)
 
 
+def chat(*turns):  # role, content, role, content, ... -> messages
+    return [{"role": r, "content": c} for r, c in zip(turns[::2], turns[1::2])]
+
+
 def test_data_load_conversations(tmp_path, capsys):
     """ShareGPT/messages (.jsonl, .json, globs): roles mapped, turns trimmed; bad, repeated, MT-bench ones dropped."""
-    msgs = lambda *turns: [{"role": r, "content": c} for r, c in zip(turns[::2], turns[1::2])]
     conv = lambda *turns: {"conversations": [{"from": f, "value": v} for f, v in zip(turns[::2], turns[1::2])]}
     recs = [conv("system", "Be brief.", "human", "Hi", "gpt", "Hello!"),
-            {"messages": msgs("user", "2+2?", "assistant", "4", "user", "and 3+3?", "assistant", "6")},
+            {"messages": chat("user", "2+2?", "assistant", "4", "user", "and 3+3?", "assistant", "6")},
             conv("gpt", "greeting", "human", "q\u2028\x85q", "chatgpt", "a", "human", "unanswered"),
             conv("human", " a ", "gpt", "b\n", "human", "c", "human", "d", "gpt", "e")]  # a repeated role: the prefix
     bad = ['{"conversations": [{"from": "alien", "value": "x"}]}', '{"conversations": [{"from": "human", "value": 3}]}',
@@ -1284,8 +1279,8 @@ def test_data_load_conversations(tmp_path, capsys):
     jl = write(tmp_path / "a.jsonl", "\n".join([json.dumps(r, ensure_ascii=False) for r in recs] + bad) + "\n")
     for path in (jl, write(tmp_path / "a.json", json.dumps(recs + [{"conversations": "nope"}]))):
         assert data.load_conversations(path, verbose=False) == [
-            msgs("system", "Be brief.", "user", "Hi", "assistant", "Hello!"), recs[1]["messages"],
-            msgs("user", "q\u2028\x85q", "assistant", "a"), msgs("user", "a", "assistant", "b")]
+            chat("system", "Be brief.", "user", "Hi", "assistant", "Hello!"), recs[1]["messages"],
+            chat("user", "q\u2028\x85q", "assistant", "a"), chat("user", "a", "assistant", "b")]
     raises([((str(tmp_path / "missing.jsonl"),), "not found"), ((str(tmp_path / "nothing-*.jsonl"),), "not found"),
             ((write(tmp_path / "b.jsonl", '{"x": 1}\nbroken\n'),), "no usable conversation"),
             ((write(tmp_path / "c.json", '[{"conversations": '),), "not valid JSON")], data.load_conversations)
@@ -1316,9 +1311,7 @@ def check_mask(tok, msgs, ids, mask):  # the masked runs decode to exactly the a
 @pytest.mark.parametrize("tokenizer", ["chars", "chars-prefix-space", "smollm2"])
 def test_data_tokenize_mask(tokenizer, request):
     """The loss mask is the assistant contents + end-of-turn (stand-in, real tokenizer); unstable templates refused."""
-    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hello"},
-            {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "more"},
-            {"role": "assistant", "content": "ok\nsure"}]
+    msgs = chat("system", "sys", "user", "hello", "assistant", "hi there", "user", "more", "assistant", "ok\nsure")
     if tokenizer != "smollm2":
         tok = CharTokenizer(tokenizer == "chars-prefix-space")
         ids, mask = data.tokenize(tok, msgs, max_len=1000)
@@ -1336,20 +1329,18 @@ def test_data_tokenize_mask(tokenizer, request):
         raises([((Reordering(), [msgs[1:3]], 100, False), "no conversation survived")], data.tokenize_all)
         return
     tok = request.getfixturevalue("real")[1]
-    convs = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
-             [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "2+2?"},
-              {"role": "assistant", "content": "Quatre."}, {"role": "user", "content": "Et 3+3 ?"},
-              {"role": "assistant", "content": "Six, évidemment 😀\n\n- item\n- item"}],
-             [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "```python\nprint(1)\n```"},
-              {"role": "user", "content": "thanks"}, {"role": "assistant", "content": ""}]]
+    convs = [chat("user", "Hi there", "assistant", "Hello! How can I help?"),
+             chat("system", "Answer in French.", "user", "2+2?", "assistant", "Quatre.", "user", "Et 3+3 ?",
+                  "assistant", "Six, évidemment 😀\n\n- item\n- item"),
+             chat("user", "code?", "assistant", "```python\nprint(1)\n```", "user", "thanks", "assistant", "")]
     for msgs in convs:  # (the last has no system message: SmolLM2 inserts its default one, not in the loss)
         ids, mask = data.tokenize(tok, msgs, 4096)
         assert ids == tok.chat(msgs, add_generation_prompt=False)
         check_mask(tok, msgs, ids, mask)  # the header "<|im_start|>assistant\n" and the "\n" after are out
         assert sum(mask) == sum(len(tok.encode(m["content"])) + 1 for m in msgs if m["role"] == "assistant")
     assert "SmolLM" in tok.decode(ids) and "SmolLM" not in tok.decode([i for i, m in zip(ids, mask) if m])
-    with pytest.raises(BeagleError, match="straddles"):  # a token across the header and the content: refused
-        data.tokenize(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nx"}], 4096)
+    # a token across the header and the content: refused
+    raises([((tok, chat("user", "q", "assistant", "\n\nx"), 4096), "straddles")], data.tokenize)
     assert generate.user_prefix(tok, []).endswith("<|im_end|>\n<|im_start|>user\n")
 
 
@@ -1371,13 +1362,11 @@ def test_data_batches_split_and_state_cache(tmp_path):
     for ids, loss_mask, valid in epoch0:
         assert ids.dtype == torch.long and loss_mask.dtype == valid.dtype == torch.bool
         assert ids.shape == loss_mask.shape == valid.shape and ids.shape[0] <= 8 and valid.sum(1).max() == ids.shape[1]
-        for b in range(ids.shape[0]):
-            n = int(valid[b].sum())
-            assert valid[b, :n].all() and not valid[b, n:].any()  # right padding (to the longest row only)
-            assert (ids[b, n:] == -1).all() and not loss_mask[b, n:].any()
-            x, m = ex[int(ids[b, 0])]
+        for b in range(ids.shape[0]):  # right padding (to the longest row only)
+            n, (x, m) = int(valid[b].sum()), ex[int(ids[b, 0])]
+            assert valid[b, :n].all() and not (valid[b, n:] | loss_mask[b, n:]).any() and (ids[b, n:] == -1).all()
             assert ids[b, :n].tolist() == x and loss_mask[b, :n].tolist() == m
-            seen.append(int(ids[b, 0]))
+        seen += ids[:, 0].tolist()
     assert sorted(seen) == list(range(203))
     first_ids = lambda batches: [b[0].tolist() for b in batches]
     assert first_ids(data.batches(ex, 8, seed=1, epoch=0, pad_id=-1)) == first_ids(epoch0)  # deterministic
@@ -1428,8 +1417,7 @@ def test_generate_conversations(tmp_path, monkeypatch, capsys):
     write = lambda cfg, model=model: generate.generate_conversations(cfg, model, tok, verbose=False)
     whole = gen_cfg("whole.jsonl", conversations=11)
     generate.generate_conversations(whole, model, tok)
-    printed = capsys.readouterr()
-    log = [x for x in (printed.out + printed.err).split("\n") if x.startswith("batch ")]
+    log = [x for x in "".join(capsys.readouterr()).split("\n") if x.startswith("batch ")]  # (out, then err)
     assert len(log) >= 2 and all(" tok/s" in x and "idle rows" in x for x in log)
     for n in (3, 7, 11):  # the first stops inside batch 0, and a crash cuts its last line
         part = gen_cfg("part.jsonl", conversations=n)
