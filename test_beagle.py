@@ -984,10 +984,11 @@ def grads_of(draft, loss):  # (the loss, the draft's gradients by name) after on
 def overfit(draft, target, steps_sim, n_steps, k=3):  # losses of n_steps AdamW steps on the fixed batch
     opt, losses = torch.optim.AdamW(draft.parameters(), lr=3e-3, betas=(0.9, 0.95)), []
     for s in range(n_steps):
-        losses.append(grads_of(draft, draft_outs(target, draft, fixed_batch(), steps_sim, s % k, k, noise=0.01)[0])[0])
-        assert math.isfinite(losses[-1].item())
+        loss = draft_outs(target, draft, fixed_batch(), steps_sim, s % k, k, noise=0.01)[0]
+        losses.append(grads_of(draft, loss)[0].item())
+        assert math.isfinite(losses[-1])
         opt.step()
-    return [loss.item() for loss in losses]
+    return losses
 
 
 def test_train_overfit_one_batch_stage1_stage2_and_eagle2():
@@ -1496,8 +1497,8 @@ def test_selfgen_engine_greedy_equals_reference(monkeypatch):
     assert generate.generate(model, prompts, 40, stop, temperature=0.0) == want
     for batch in (2, 8):  # cut into engine batches of 2 (the last padded), or one batch padded to 8
         assert generate.generate(model, prompts, 40, stop, temperature=0.0, batch=batch, cache_len=100) == want
-    store = model.generate_static  # cache_len 100 (> 30 + 40) rounded up to 2 * WIDTH_STEP:
-    assert (2, 112) in store and (8, 112) in store
+    store = model.generate_static
+    assert (2, 112) in store and (8, 112) in store  # cache_len 100 (> 30 + 40) rounded up to 2 * WIDTH_STEP
     ids = lambda: {w: id(s) for w, s in store[2, 112, (0.0, 1.0, 0), False, None].items()}
     before = ids()
     assert generate.generate(model, prompts[::-1], 40, stop, temperature=0.0, batch=2, cache_len=100) == want[::-1]
