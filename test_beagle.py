@@ -2053,7 +2053,8 @@ def test_decode_cpu_costs_measured_once_cached_and_followed(tmp_path, monkeypatc
     """CPU costs measured once, cached per machine and target, overridable; where no tree pays: plain decoding."""
     monkeypatch.setenv("BEAGLE_CACHE", str(tmp_path))
     monkeypatch.delenv("BEAGLE_CPU_COSTS", raising=False)
-    calls, target, saved = [], tiny_target(), lambda: json.loads((tmp_path / "cpu-costs.json").read_text())
+    calls, target = [], tiny_target()
+    saved = lambda: json.loads((tmp_path / "cpu-costs.json").read_text())  # the cache file's entries
     monkeypatch.setattr(calibrate, "median_ms", lambda fn, reps=5: (fn(), calls.append(1), 10.0 + len(calls))[-1])
     draft = tiny_draft(target, seed=1)
     costs, source = calibrate.cpu_costs(target, draft, 64)
@@ -2103,12 +2104,14 @@ def test_decode_cpu_costs_measured_once_cached_and_followed(tmp_path, monkeypatc
         cfg, draft = load(draft_vocab=0, max_len=0, **shape)
         assert draft is not None and all(getattr(cfg, k) == v for k, v in shape.items())
     monkeypatch.setattr(common, "device_and_dtype", lambda device, dtype: ("cuda", torch.bfloat16))
-    for given, tree, compiled in ((dict(), decode.GPU_TREE, "default"), (dict(temperature=0.7), decode.GPU_TREE_SAMPLED,
-                                  "default"), (dict(temperature=0.7, depth=5, compile=False), (5, 6, 20), None)):
-        decode.resolve(cfg := DecodeConfig(device="cuda", **given))  # what is given is kept
+    for given, tree, compiled in [({}, decode.GPU_TREE, "default"), (dict(temperature=0.7), decode.GPU_TREE_SAMPLED,
+                                   "default"), (dict(temperature=0.7, depth=5, compile=False), (5, 6, 20), None)]:
+        cfg = DecodeConfig(device="cuda", **given)
+        decode.resolve(cfg)  # what is given is kept
         assert (cfg.depth, cfg.top_k, cfg.tree_tokens) == tree and decode.compiled(cfg, "tree") == compiled
         assert cfg.cuda_graph is True and decode.compiled(cfg, "ar") is None  # (plain: measured no faster)
-    decode.resolve(cfg := DecodeConfig(device="cuda", mode="ar", compile=True))
+    cfg = DecodeConfig(device="cuda", mode="ar", compile=True)
+    decode.resolve(cfg)
     assert decode.compiled(cfg, "ar") == "default"
 
 
