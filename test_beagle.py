@@ -1761,8 +1761,8 @@ def test_decode_verification_logits_and_kv_compaction(tiny, monkeypatch):
     target, prompts, _, draft, _ = tiny
     forward, calls = target.forward, spy(monkeypatch, target, "forward")
     close = lambda a, b, tol=1e-5: torch.testing.assert_close(a, b, atol=tol, rtol=tol)
-    cfg, seq, moved = decode_cfg(depth=4, top_k=3, tree_tokens=12), list(prompts[1]), 0
-    n = len(seq)
+    cfg, seq = decode_cfg(depth=4, top_k=3, tree_tokens=12), list(prompts[1])
+    n, moved = len(seq), 0
     with torch.no_grad():
         cache, dcache = KVCache(target.args, 1, 200), DraftCache(draft, 200)
         logits, h = forward(torch.tensor([seq]), torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
@@ -1874,12 +1874,12 @@ def test_decode_real_greedy_spec_equals_plain(real, real_hf, real_answers):
     assert 0 in accepted  # rejections too (a random draft's, on tiny targets: test_decode_greedy_spec_equals_plain)
     for kind in ("beagle", "eagle2"):
         draft = beagle.load_draft(str(decode.SHIPPED[kind]), target)
-        assert type(draft) is beagle.DRAFTS[kind] and sorted(draft.vocab.tolist()) == list(range(len(draft.vocab)))
-        assert len(draft.vocab) == target.args.vocab_size
-        for tree, vocab in ((decode.CPU_TREE, decode.CPU_DRAFT_VOCAB), (decode.GPU_TREE, 0)):
+        assert type(draft) is beagle.DRAFTS[kind]
+        assert draft.vocab is not None and sorted(draft.vocab.tolist()) == list(range(target.args.vocab_size))
+        for (depth, top_k, tree_tokens), vocab in ((decode.CPU_TREE, decode.CPU_DRAFT_VOCAB), (decode.GPU_TREE, 0)):
             draft.set_vocab(target, vocab)
-            r = spec(target, draft, ids[1], ("tree", *tree), stop, max_new_tokens=30)
-            assert r.tokens == answers[1], (kind, tree, vocab)
+            r = spec(target, draft, ids[1], ("tree", depth, top_k, tree_tokens), stop, max_new_tokens=30)
+            assert r.tokens == answers[1], (kind, depth, top_k, tree_tokens, vocab)
         assert r.tau > 1.5, (kind, r.accepted_lengths)  # the GPU tree: a random draft gets ~1.0
 
 
@@ -1900,18 +1900,18 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["turn"] for r in rows] == [1, 2, 1] and all(r["identical"] for r in rows) and rows[2]["new_tokens"] == 8
     for r in rows:
-        assert r["mode"] == "tree" and r["new_tokens"] == len(r["tokens"]) <= 8 and r["tau"] >= 1
-        assert r["target_forwards"] == 1 + len(r["accepted_lengths"])
+        assert r["mode"] == "tree" and r["new_tokens"] == len(r["tokens"]) <= 8
+        assert r["target_forwards"] == 1 + len(r["accepted_lengths"]) and r["tau"] >= 1
         assert r["text"] == tok.decode([t for t in r["tokens"] if t not in tok.stop_ids])
     questions = write(tmp_path / "bench.jsonl", json.dumps({"category": "writing", "turns": ["Name a fruit.",
                       "And a vegetable?"]}) + "\n" + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
     main("--bench", questions, "--draft", str(draft_path), *"--mode chain --depth 2 --max-new-tokens 6".split(),
          "--bench-out", str(tmp_path / "b"))
     out, result = capsys.readouterr().out, json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert list(result["results"]) == ["writing", "math", "overall"]
     overall = result["results"]["overall"]
-    assert list(result["results"]) == ["writing", "math", "overall"] and overall["turns"] == 3
-    assert overall["identical"] == 1.0 and len(overall["acceptance_by_depth"]) == 2 and overall["tau"] >= 1
-    assert overall["tokens_per_s"] > 0 and overall["plain_tokens_per_s"] > 0
+    assert overall["turns"] == 3 and overall["identical"] == 1.0 and len(overall["acceptance_by_depth"]) == 2
+    assert overall["tokens_per_s"] > 0 and overall["plain_tokens_per_s"] > 0 and overall["tau"] >= 1
     assert result["settings"]["temperature"] == 0 and result["settings"]["hardware"]
     assert (tmp_path / "b" / "bench.md").read_text().strip() == out.strip() and "| overall | 3 |" in out
     ids, answers = real_answers
@@ -1969,8 +1969,8 @@ def test_decode_head_is_part_of_the_step(tiny, monkeypatch):
             assert self.head is draft.head, "a step replayed with another head"
             return super().__call__(*inputs)
     monkeypatch.setattr(decode, "Graphed", Frozen)
-    fwd, cfg = spy(monkeypatch, target, "forward"), decode_cfg(mode="tree", depth=3, top_k=3, tree_tokens=6,
-                                                               max_new_tokens=20)
+    fwd = spy(monkeypatch, target, "forward")
+    cfg = decode_cfg(mode="tree", depth=3, top_k=3, tree_tokens=6, max_new_tokens=20)
     want, proposed = plain(target, prompts[1], max_new_tokens=20), {}
     for n in (0, 16, 8, 0):
         draft.set_vocab(target, n)
@@ -2246,7 +2246,8 @@ class GraphEager(Graphed):  # the steps run eagerly, CUDA's sync debug mode rais
 def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
     """GPU only: graphs (compiled or not) give the eager steps' tokens, which never sync; captured once a setting."""
     target = tiny_target().cuda()
-    draft, runs = tiny_draft(target, seed=1).cuda(), {}
+    draft = tiny_draft(target, seed=1).cuda()
+    runs = {}
     for name in ("eager", "graphs", "compiled graphs"):
         cfg = DecodeConfig(max_new_tokens=40, cuda_graph=name != "eager", compile=name == "compiled graphs",
                            compile_mode="default", seed=3)
@@ -2255,12 +2256,11 @@ def test_graph_cuda_graphs_replay_the_eager_steps(monkeypatch):
                 m.setattr(decode, "Graphed", GraphEager)
                 m.setattr(llama, "Graphed", GraphEager)  # (plain decoding: generate.py's engine)
             runs[name] = []
-            settings = [("ar", 0, 0, 0), ("chain", 3, 0, 0), ("tree", 4, 3, 10)]
-            for prompt, temperature, (mode, depth, top_k, tree_tokens) in itertools.product(
-                    [[1, 2, 3], list(range(5, 25))], (0.0, 0.8), settings):
-                c = dataclasses.replace(cfg, temperature=temperature, mode=mode, depth=depth, top_k=top_k,
-                                        tree_tokens=tree_tokens)
-                runs[name].append(decode.run(target, draft, prompt, c, set()).tokens)
+            for prompt, temperature in itertools.product([[1, 2, 3], list(range(5, 25))], (0.0, 0.8)):
+                for mode, depth, top_k, tree_tokens in (("ar", 0, 0, 0), ("chain", 3, 0, 0), ("tree", 4, 3, 10)):
+                    c = dataclasses.replace(cfg, temperature=temperature, mode=mode, depth=depth, top_k=top_k,
+                                            tree_tokens=tree_tokens)
+                    runs[name].append(decode.run(target, draft, prompt, c, set()).tokens)
         store = target.__dict__.pop("decode_static", {})  # fresh caches and graphs for the next variant
         plain_store = target.__dict__.pop("generate_static", {})
         # plain, chain, tree, each greedy and sampled: reused across the prompts
