@@ -1584,40 +1584,36 @@ def test_selfgen_engine_cuda_graphs_replay_the_eager_steps(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 # decoding (decode.py): speculative == plain greedy, lossless sampling, static steps, the CLI, the CPU's defaults
 
-SETTINGS = [  # (mode, depth, top_k, tree_tokens); top-k 48: the whole vocabulary
-    ("chain", 1, 0, 0), ("chain", 3, 0, 0), ("chain", 6, 0, 0),
-    ("tree", 1, 3, 3), ("tree", 2, 2, 3), ("tree", 4, 3, 10), ("tree", 5, 10, 60), ("tree", 3, 48, 200)]
+SETTINGS = [("chain", 1, 0, 0), ("chain", 3, 0, 0), ("chain", 6, 0, 0), ("tree", 1, 3, 3), ("tree", 2, 2, 3),
+            ("tree", 4, 3, 10), ("tree", 5, 10, 60), ("tree", 3, 48, 200)]  # (mode, depth, top_k, tree_tokens)
 
 
 @pytest.mark.parametrize("kind", ["beagle", "eagle2"])
 def test_decode_greedy_spec_equals_plain(tiny, kind, monkeypatch):
     """Greedy speculative == plain greedy: prompts of 1-12 tokens, 1 or 37 new, stops, every setting, 2 drafts."""
     target, prompts, random_draft, trained, seqs = tiny
-    drafts = {"random": random_draft, "trained": trained} if kind == "beagle" else {
-        "random": tiny_draft(target, seed=1, cls=beagle.Eagle2), "trained": tiny_draft(target, seqs, seed=1,
-                                                                                        cls=beagle.Eagle2)}
-    moves, move = [], KVCache.move
-    monkeypatch.setattr(KVCache, "move", lambda self, src, dst: (moves.append(1), move(self, src, dst)))
+    if kind == "eagle2":
+        random_draft, trained = [tiny_draft(target, s, seed=1, cls=beagle.Eagle2) for s in ((), seqs)]
+    drafts, moves = {"random": random_draft, "trained": trained}, spy(monkeypatch, KVCache, "move")
     accepted, mid_stops = {"random": [], "trained": []}, 0
     for prompt, max_new in itertools.product(prompts[:3], (1, 37)):
         free = plain(target, prompt, max_new_tokens=max_new)
-        assert len(free) == max_new
         late = [t for i, t in enumerate(free) if i >= 5 and t not in free[:i]]  # a stop first met at index >= 5
+        assert len(free) == max_new
         mid_stops += bool(late)
         for stops in [set()] + [{t} for t in late[:1]]:
             want = plain(target, prompt, stops, max_new_tokens=max_new)
             assert want == (free[:free.index(late[0]) + 1] if stops else free)
-            for setting, name in itertools.product(SETTINGS, drafts):
+            for setting, name in itertools.product(SETTINGS, drafts):  # (top-k 48: the whole vocabulary)
                 r = spec(target, drafts[name], prompt, setting, stops, max_new_tokens=max_new)
-                assert r.tokens == want, (name, setting, prompt, stops)
-                assert r.target_forwards == 1 + len(r.accepted_lengths)
+                assert r.tokens == want and r.target_forwards == 1 + len(r.accepted_lengths), (name, setting, stops)
                 assert all(0 <= m <= setting[1] for m in r.accepted_lengths)
                 accepted[name] += r.accepted_lengths
     for name in accepted if kind == "beagle" else ["trained"]:  # (a random EAGLE-2 draft is rarely accepted deeply)
         assert 0 in accepted[name] and max(accepted[name]) >= 3, (name, accepted[name])
     # training the draft did something (EAGLE-2's fused inputs line up with the states it was trained on)
-    assert sum(accepted["trained"]) > (2 if kind == "eagle2" else 1) * sum(accepted["random"])
-    assert moves and mid_stops >= 2
+    assert sum(accepted["trained"]) > (2 if kind == "eagle2" else 1) * sum(accepted["random"]) and moves
+    assert mid_stops >= 2
 
 
 def test_decode_draft_vocab_subset_is_lossless(tiny):
@@ -1625,26 +1621,19 @@ def test_decode_draft_vocab_subset_is_lossless(tiny):
     target, prompts, _, trained, _ = tiny
     answers = [plain(target, p) for p in prompts[:3]]
     written = Counter(t for a in answers for t in a)  # a ranking as train.py builds one: the most written first
-    ranking = torch.tensor(sorted(range(48), key=lambda t: -written[t]))
-    draft = copy.deepcopy(trained)
-    draft.vocab = ranking
-    with pytest.raises(BeagleError, match="token ranking"):
-        trained.set_vocab(target, 16)
+    draft, ranking = copy.deepcopy(trained), torch.tensor(sorted(range(48), key=lambda t: -written[t]))
+    raises([((target, 16), "token ranking")], trained.set_vocab)
     trained.set_vocab(target, 16, explicit=False)
-    assert trained.head is None
+    draft.vocab, hat = ranking, torch.randn(5, 64)
     draft.set_vocab(target, 16)
-    hat = torch.randn(5, 64)
     values, ids = draft.top(target, hat, 3)
     assert set(ids.flatten().tolist()) <= set(ranking[:16].tolist())
     assert torch.allclose(values, target.output(hat)[:, ranking[:16]].log_softmax(-1).topk(3).values, atol=1e-5)
-    accepted = []
-    for (prompt, want), setting in itertools.product(zip(prompts, answers), SETTINGS[:7]):
-        r = spec(target, draft, prompt, setting)
-        assert r.tokens == want, setting
-        accepted += r.accepted_lengths
-    assert max(accepted) >= 2  # drafts from the subset do get accepted
+    runs = [spec(target, draft, p, s) for (p, _), s in itertools.product(zip(prompts, answers), SETTINGS[:7])]
+    assert [r.tokens for r in runs] == [want for want in answers for _ in SETTINGS[:7]]
+    assert max(m for r in runs for m in r.accepted_lengths) >= 2  # drafts from the subset do get accepted
     draft.set_vocab(target, 0)
-    assert draft.head is None
+    assert draft.head is None and trained.head is None
 
 
 def ref_tree(target, draft, h, n, root, depth, top_k, keep):
@@ -1652,12 +1641,11 @@ def ref_tree(target, draft, h, n, root, depth, top_k, keep):
     tk, tv = draft.kv(h[:, :n], torch.arange(n))
     nodes, hats = [dict(token=root, score=0.0, parent=-1, depth=0)], {}  # the pool, in creation order
 
+    def path(i):  # node i's ancestors, the root first, then i
+        return path(nodes[i]["parent"]) + [i] if i >= 0 else []
+
     def expand(i):  # node i queries; its top-k children join the pool
-        anc, j = [], nodes[i]["parent"]
-        while j >= 0:
-            anc.append(j)
-            j = nodes[j]["parent"]
-        kvs = [(tk, tv)] + [draft.kv(hats[a], torch.tensor([n + nodes[a]["depth"]])) for a in reversed(anc)]
+        kvs = [(tk, tv)] + [draft.kv(hats[a], torch.tensor([n + nodes[a]["depth"]])) for a in path(i)[:-1]]
         k, v = torch.cat([kv[0] for kv in kvs], 2), torch.cat([kv[1] for kv in kvs], 2)
         emb = target.tok_embeddings(torch.tensor([[nodes[i]["token"]]]))
         hats[i] = draft.attend(emb, torch.tensor([n + nodes[i]["depth"]]), k, v,
@@ -1681,9 +1669,8 @@ def ref_tree(target, draft, h, n, root, depth, top_k, keep):
 def test_decode_draft_tree_equals_reference(tiny):
     """decode.draft_tree equals the reference (stale scratch unread); on exact ties parents, shallower, first."""
     target, prompts, _, draft, _ = tiny
-    x = torch.tensor([prompts[2] + [3, 4, 5]])
-    _, h = target(x)
-    n = x.shape[1] - 1
+    x, n = torch.tensor([prompts[2] + [3, 4, 5]]), len(prompts[2]) + 2  # x[0, n]: the root
+    h = target(x)[1]
     for depth, top_k, keep in [(1, 4, 4), (3, 2, 6), (4, 3, 12), (5, 4, 20)]:
         dcache = DraftCache(draft, n + 100)
         dcache.write(0, *draft.kv(h[:, :n], torch.arange(n)))
@@ -1691,20 +1678,17 @@ def test_decode_draft_tree_equals_reference(tiny):
         tokens, parent, dep, anc = decode.draft_tree(target, draft, dcache, torch.arange(dcache.k.shape[2]),
                                                      torch.tensor([n]), x[0, n:n + 1], depth, top_k, keep)
         want = ref_tree(target, draft, h, n, x[0, n].item(), depth, top_k, keep)
-        assert (tokens.tolist(), parent.tolist(), dep.tolist()) == want
-        ref = torch.eye(len(want[0]), dtype=torch.bool)
+        ref = torch.eye(len(want[0]), dtype=torch.bool)  # the ancestor mask: a node's row is its parent's + itself
         for i, p in enumerate(want[1][1:], 1):
             ref[i] |= ref[p]
-        assert torch.equal(anc, ref)
-    target = tiny_target(vocab=8)  # uniform draft (and target) distributions: every node at a depth ties
+        assert (tokens.tolist(), parent.tolist(), dep.tolist()) == want and torch.equal(anc, ref)
+    target = tiny_target(vocab=8, sharp=0.0)  # a zero head: uniform draft (and target) distributions, every node ties
     draft = tiny_draft(target, seed=1)
-    target.output.weight.zero_()
     dcache = DraftCache(draft, 64)
     dcache.write(0, *draft.kv(torch.randn(1, 4, 64), torch.arange(4)))
     for keep in (1, 5, 9, 20):
-        tree = lambda: decode.draft_tree(target, draft, dcache, torch.arange(64), torch.tensor([4]), torch.tensor([2]),
-                                         3, 3, keep)
-        (tokens, parent, dep, _), again = tree(), tree()
+        (tokens, parent, dep, _), again = [decode.draft_tree(target, draft, dcache, torch.arange(64), torch.tensor([4]),
+                                                             torch.tensor([2]), 3, 3, keep) for _ in range(2)]
         assert all(p < i for i, p in enumerate(parent.tolist()) if i)  # parents kept and listed first
         assert dep.tolist() == sorted(dep.tolist())  # uniform: shallower nodes always score higher
         assert torch.equal(tokens, again[0]) and torch.equal(parent, again[1])
@@ -1713,8 +1697,7 @@ def test_decode_draft_tree_equals_reference(tiny):
 def test_decode_verification_logits_and_kv_compaction(tiny, monkeypatch):
     """Each tree node's verification logits == a plain forward of its path; caches after a step == a fresh prefill."""
     target, prompts, _, draft, _ = tiny
-    forward = target.forward
-    calls = spy(monkeypatch, target, "forward")
+    forward, calls = target.forward, spy(monkeypatch, target, "forward")
     close = lambda a, b, tol=1e-5: torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     cfg, seq = decode_cfg(depth=4, top_k=3, tree_tokens=12), list(prompts[1])
     n, moved = len(seq), 0
@@ -1724,29 +1707,24 @@ def test_decode_verification_logits_and_kv_compaction(tiny, monkeypatch):
         dcache.write(0, *draft.kv(h, torch.arange(n)))
         root = logits[0, -1].argmax()
         for _ in range(8):
-            found, _, _ = decode.iterate(target, draft, cache, dcache, cfg, torch.arange(cache.max_len),
-                                         torch.tensor([n]), root.view(1))
-            m, *found = found.tolist()
+            m, *found = decode.iterate(target, draft, cache, dcache, cfg, torch.arange(cache.max_len),
+                                       torch.tensor([n]), root.view(1))[0].tolist()
             new = found[:m] + found[-1:]
             tokens, positions, _, mask, _, (vlogits, _) = calls[-1]
-            for i in range(1, tokens.shape[1]):  # parent = the deepest other visible tree node
+            for i in range(1, tokens.shape[1]):  # node i's path: up through the deepest other visible tree node
                 path, j = [], i
                 while j:
-                    path.append(tokens[0, j].item())
-                    j = [p for p in range(j) if mask[j, n + p]][-1]
-                path = seq + [root.item()] + path[::-1]
-                assert positions[i].item() == len(path) - 1
-                close(vlogits[0, i], forward(torch.tensor([path]))[0][0, -1], 1e-4)
+                    path, j = [tokens[0, j].item()] + path, [p for p in range(j) if mask[j, n + p]][-1]
+                assert positions[i].item() == n + len(path)
+                close(vlogits[0, i], forward(torch.tensor([seq + [root.item()] + path]))[0][0, -1], 1e-4)
             seq = seq + [root.item()] + new[:-1]  # greedy: the accepted path the target's argmax follows
             moved += any(t != tokens[0, i + 1].item() for i, t in enumerate(new[:-1]))
-            n = len(seq)
+            n, fresh = len(seq), KVCache(target.args, 1, 200)
             full_logits, full_h = forward(torch.tensor([seq]))
             assert new[-1] == full_logits[0, -1].argmax().item()
-            fresh = KVCache(target.args, 1, 200)
             forward(torch.tensor([seq]), torch.arange(n), fresh, torch.ones(n, n, dtype=torch.bool).tril())
-            close(cache.kv[..., :n, :], fresh.kv[..., :n, :])
-            for cached, want in zip((dcache.k, dcache.v), draft.kv(full_h, torch.arange(n))):
-                close(cached[:, :, :n], want)
+            close((cache.kv[..., :n, :], dcache.k[:, :, :n], dcache.v[:, :, :n]),
+                  (fresh.kv[..., :n, :], *draft.kv(full_h, torch.arange(n))))
             root = torch.tensor(new[-1])
     assert moved  # some accepted path was not already in place
 
@@ -1757,27 +1735,24 @@ def tv(a, b):  # total-variation distance
 
 def test_decode_sampling_pieces():
     """probs_from_logits, draw (the inverse CDF) and accept_sampled (tokens distributed as p; a biased rule caught)."""
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    close, logits = torch.testing.assert_close, torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
     p = lambda **kw: decode.probs_from_logits(logits, DecodeConfig(**kw))[0]
     full = logits.softmax(-1)[0]  # [0.644, 0.237, 0.087, 0.032, ...]
-    torch.testing.assert_close(p(temperature=0.5), (logits[0] / 0.5).softmax(-1))
-    torch.testing.assert_close(p(temperature=1.0, top_k_sample=2),
-                               torch.cat([logits[0, :2].softmax(-1), torch.zeros(3)]))
-    torch.testing.assert_close(p(temperature=1.0, top_p=0.85), torch.cat([full[:2] / full[:2].sum(), torch.zeros(3)]))
-    torch.testing.assert_close(p(temperature=1.0, top_p=0.5), torch.tensor([1.0, 0, 0, 0, 0]))  # the top token alone
-    top3 = torch.cat([logits[0, :3].softmax(-1), torch.zeros(2)])  # top_p just above p0 + p1: three tokens
-    torch.testing.assert_close(p(temperature=1.0, top_p=float(full[:2].sum()) + 1e-3), top3)
-    q = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
-    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    close(p(temperature=0.5), (logits[0] / 0.5).softmax(-1))
+    close(p(temperature=1.0, top_k_sample=2), torch.cat([logits[0, :2].softmax(-1), torch.zeros(3)]))
+    close(p(temperature=1.0, top_p=0.85), torch.cat([full[:2] / full[:2].sum(), torch.zeros(3)]))
+    close(p(temperature=1.0, top_p=0.5), torch.tensor([1.0, 0, 0, 0, 0]))  # the top token alone
+    close(p(temperature=1.0, top_p=float(full[:2].sum()) + 1e-3),  # top_p just above p0 + p1: three tokens
+          torch.cat([logits[0, :3].softmax(-1), torch.zeros(2)]))
+    q, u = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0]), torch.rand(20000, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(decode.draw(q.expand(20000, -1), u), minlength=6).double() / 20000
     assert tv(counts, q) < 0.015 and counts[[0, 2, 5]].sum() == 0
     assert decode.draw(q.expand(3, -1), torch.tensor([0.0, 0.5, 1 - 2 ** -24])).tolist() == [1, 3, 4]  # u=0, u->1
     assert decode.draw(q * 7, torch.tensor(0.6)).item() == 3
     p = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15], [0.2, 0.2, 0.2, 0.2, 0.2]])
     tokens, parent = torch.tensor([0, 3, 0, 1]), torch.tensor([0, 0, 0, 0])  # root's children: 3, 0, 1
-    gen, counts, biased = torch.Generator().manual_seed(0), torch.zeros(5), torch.zeros(5)
-    for _ in range(4000):
-        u = torch.rand(4, generator=gen)  # depth 1 x top-k 3, + 1 for the bonus token
+    counts, biased = torch.zeros(5), torch.zeros(5)
+    for u in torch.rand(4000, 4, generator=torch.Generator().manual_seed(0)):  # depth 1 x top-k 3, + 1: the bonus
         for c, v in ((counts, u), (biased, u * 0.7)):  # (a sampler that accepts the draft's tokens too often)
             path, m, bonus = decode.accept_sampled(p[[0, 1, 1, 1]], tokens, parent, 1, 3, v)
             c[tokens[path[1]] if m else bonus] += 1
@@ -1789,39 +1764,34 @@ def test_decode_sampling_pieces():
 @pytest.mark.parametrize("kind,setting,temperature,top_p,top_k_sample,runs,bound", [
     ("beagle", ("tree", 2, 3, 5), 1.0, 1.0, 0, 2000, 0.07), ("beagle", ("chain", 2, 0, 0), 0.8, 0.9, 6, 1000, 0.09),
     ("eagle2", ("tree", 2, 3, 5), 1.0, 1.0, 0, 2000, 0.07)])
+@torch.no_grad()
 def test_decode_sampling_follows_target(kind, setting, temperature, top_p, top_k_sample, runs, bound):
     """Sampled speculative output follows the target's exact joint over 3 tokens (V = 8), not the far draft's."""
-    V, prompt = 8, [1, 2, 3]
-    target = tiny_target(vocab=V, seed=3, sharp=2.0)
+    V, prompt, target = 8, [1, 2, 3], tiny_target(vocab=8, seed=3, sharp=2.0)
     draft = tiny_draft(target, seed=4, cls=beagle.DRAFTS[kind])
-    with torch.no_grad():
-        draft.wo.weight.mul_(200)
-        draft.feed_forward.w2.weight.mul_(200)
+    draft.wo.weight.mul_(200)
+    draft.feed_forward.w2.weight.mul_(200)
     kw = dict(max_new_tokens=3, temperature=temperature, top_p=top_p, top_k_sample=top_k_sample)
     exact, cfg = torch.ones(1), decode_cfg(**kw)  # the target's distribution over its first 3 tokens, by enumeration
-    with torch.no_grad():
-        for step in range(3):
-            ctx = torch.cartesian_prod(*[torch.arange(V)] * step).view(-1, step) if step else torch.zeros(1, 0).long()
-            x = torch.cat([torch.tensor(prompt).expand(ctx.shape[0], -1), ctx], 1)
-            exact = (exact[:, None] * decode.probs_from_logits(target(x)[0][:, -1], cfg).double()).flatten()
+    for step in range(3):
+        ctx = torch.cartesian_prod(*[torch.arange(V)] * step).view(-1, step) if step else torch.zeros(1, 0).long()
+        x = torch.cat([torch.tensor(prompt).expand(ctx.shape[0], -1), ctx], 1)
+        exact = (exact[:, None] * decode.probs_from_logits(target(x)[0][:, -1], cfg).double()).flatten()
     exact, gen = exact.view(V, V, V), torch.Generator().manual_seed(0)
     counts, accepted = torch.zeros(V, V, V, dtype=torch.float64), []
     for _ in range(runs):
         r = spec(target, draft, prompt, setting, (), gen, **kw)
         counts[tuple(r.tokens)] += 1
         accepted += r.accepted_lengths
-    emp = counts / runs
-    with torch.no_grad():  # what draft tokens taken as they come would follow: p(t1) q(t2 | t1)
-        n, x = len(prompt), torch.tensor([prompt])
-        _, h = target(x)
-        dcache = DraftCache(draft, n + V)  # every t1 as a root of its own, side by side (the draft interface)
-        draft.commit(dcache, 0, h, target.tok_embeddings(x[:, 1:]))
-        hat = draft.propose(dcache, torch.tensor([n]), torch.tensor([n]).expand(V),
-                            target.tok_embeddings(torch.arange(V))[None], None, (torch.arange(n + V) < n).expand(V, -1))
-        draft_joint = exact.sum((1, 2))[:, None] * target.output(hat[0]).softmax(-1).double()
+    n, x = len(prompt), torch.tensor([prompt])  # what draft tokens taken as they come would follow: p(t1) q(t2 | t1)
+    dcache = DraftCache(draft, n + V)  # every t1 as a root of its own, side by side (the draft interface)
+    draft.commit(dcache, 0, target(x)[1], target.tok_embeddings(x[:, 1:]))
+    hat = draft.propose(dcache, torch.tensor([n]), torch.tensor([n]).expand(V),
+                        target.tok_embeddings(torch.arange(V))[None], None, (torch.arange(n + V) < n).expand(V, -1))
+    draft_joint = exact.sum((1, 2))[:, None] * target.output(hat[0]).softmax(-1).double()
     assert tv(draft_joint, exact.sum(2)) > 0.3  # the draft is clearly not the target
-    assert tv(emp.sum(2), exact.sum(2)) < bound  # (t1, t2), 64 cells
-    assert tv(emp.sum(0), exact.sum(0)) < bound  # (t2, t3): the depth-2 acceptances and the bonus tokens
+    # (t1, t2): 64 cells; (t2, t3): the depth-2 acceptances and the bonus tokens
+    assert tv(counts.sum(2) / runs, exact.sum(2)) < bound and tv(counts.sum(0) / runs, exact.sum(0)) < bound
     assert sum(m > 0 for m in accepted) > 0.2 * len(accepted) and 2 in accepted  # acceptance is exercised
 
 
@@ -1830,10 +1800,9 @@ def test_decode_real_greedy_spec_equals_plain(real, real_hf, real_answers):
     (target, tok), (ids, answers) = real, real_answers
     stop = tok.stop_ids
     assert answers[0][-1] in stop and len(answers[0]) < 30 and len(answers[1]) == 30  # a stop, and the length limit
-    for x, want in zip(ids, answers):
-        with torch.no_grad():
-            out = real_hf.generate(torch.tensor([x]), max_new_tokens=30, do_sample=False,
-                                   eos_token_id=sorted(stop), pad_token_id=tok.pad_id)
+    for x, want in zip(ids, answers):  # (generate runs under no_grad)
+        out = real_hf.generate(torch.tensor([x]), max_new_tokens=30, do_sample=False, eos_token_id=sorted(stop),
+                               pad_token_id=tok.pad_id)
         assert want == out[0, len(x):].tolist()
     trained, accepted = tiny_draft(target, [torch.tensor(x + a) for x, a in zip(ids, answers)], seed=1), []
     for setting, (x, want) in itertools.product((("chain", 4, 0, 0), ("tree", 5, 4, 16)), zip(ids, answers)):
@@ -1864,8 +1833,8 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
     assert ">>> Say hi." in out and "[ar] " in out and "tokens/s" in out
     prompts = write(tmp_path / "p.jsonl", json.dumps({"turns": ["Name a fruit.", "And a vegetable?"]}) + "\n" +
                     json.dumps({"prompt": "Say hi."}) + "\n")
-    main("--prompt-file", prompts, "--draft", str(draft_path), "--mode", "tree", "--depth", "2", "--top-k", "2",
-         "--tree-tokens", "3", "--max-new-tokens", "8", "--json", "--compare", "--cuda-graph", "--device", "cpu")
+    main("--prompt-file", prompts, "--draft", str(draft_path), *"--mode tree --depth 2 --top-k 2 --tree-tokens 3 "
+         "--max-new-tokens 8 --json --compare --cuda-graph --device cpu".split())
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["turn"] for r in rows] == [1, 2, 1] and all(r["identical"] for r in rows) and rows[2]["new_tokens"] == 8
     for r in rows:
@@ -1874,7 +1843,7 @@ def test_decode_real_cli(real, real_answers, tmp_path, monkeypatch, capsys):
         assert r["text"] == tok.decode([t for t in r["tokens"] if t not in tok.stop_ids])
     questions = write(tmp_path / "bench.jsonl", json.dumps({"category": "writing", "turns": ["Name a fruit.",
                       "And a vegetable?"]}) + "\n" + json.dumps({"category": "math", "turns": ["What is 2+2?"]}) + "\n")
-    main("--bench", questions, "--draft", str(draft_path), "--mode", "chain", "--depth", "2", "--max-new-tokens", "6",
+    main("--bench", questions, "--draft", str(draft_path), *"--mode chain --depth 2 --max-new-tokens 6".split(),
          "--bench-out", str(tmp_path / "b"))
     out, result = capsys.readouterr().out, json.loads((tmp_path / "b" / "bench.json").read_text())
     assert list(result["results"]) == ["writing", "math", "overall"]
@@ -1910,17 +1879,13 @@ def test_decode_prompts_streamer_loops_and_bench_report(tmp_path, capsys):
     for i in range(1, len(ids) + 1):
         stream(ids[:i])
     assert capsys.readouterr().out == text
-    loop = list(range(50)) + [7, 8, 9] * 30  # ends in a loop of period 3
-    assert bench.loops(loop, set()) and not bench.loops(loop + [99], {99})  # a stop token: the answer ended
-    assert bench.loops([5] * 64, set()) and not bench.loops([5] * 63, set())  # too short to tell
-    g = torch.Generator().manual_seed(0)
-    assert not bench.loops(torch.randint(0, 1000, (200,), generator=g).tolist(), set())
-    sentence = torch.randint(0, 1000, (bench.LOOP_PERIOD,), generator=g).tolist()
-    assert bench.loops(sentence * 5, set())  # the longest period detected...
-    assert not bench.loops((sentence + [1]) * 5, set())  # ...and one token longer: not a loop by the definition
-    noisy = [7, 8, 9] * 30
-    noisy[-10] = 1  # a break inside the tail
-    assert not bench.loops(noisy, set())
+    g, loop = torch.Generator().manual_seed(0), list(range(50)) + [7, 8, 9] * 30  # ends in a loop of period 3
+    noise, sentence = (torch.randint(0, 1000, (k,), generator=g).tolist() for k in (200, bench.LOOP_PERIOD))
+    assert bench.loops(loop, set()) and bench.loops([5] * 64, set()) and bench.loops(sentence * 5, set())  # (longest)
+    assert not bench.loops(loop + [99], {99})  # a stop token: the answer ended
+    # not loops: too short to tell, noise, one token longer than the longest period, a break inside the tail
+    assert not any(bench.loops(x, set()) for x in ([5] * 63, noise, (sentence + [1]) * 5,
+                                                  [7, 8, 9] * 26 + [7, 8, 1] + [7, 8, 9] * 3))
     rec = lambda cat, acc, looping: dict(category=cat, plain_tokens=10, plain_seconds=1.0, tokens=10, seconds=0.5,
                                          accepted=acc, identical=True, looping=looping, plain_looping=looping)
     table, md = bench.bench_report([rec("a", [1, 3], False), rec("a", [4, 4, 4], True), rec("b", [0], True)], {}, 4)
@@ -1950,8 +1915,8 @@ def test_decode_head_is_part_of_the_step(tiny, monkeypatch):
         fwd.clear()
         assert generate_spec(target, draft, prompts[1], cfg, set()).tokens == want
         proposed[n] = {t for c in fwd[1:] for t in c[0][0, 1:].tolist()}  # the verified draft tokens
-    assert proposed[16] <= set(draft.vocab[:16].tolist()) and proposed[8] <= set(draft.vocab[:8].tolist())
-    assert not proposed[0] <= set(draft.vocab[:16].tolist())  # the whole head proposes other tokens
+    first = lambda k: set(draft.vocab[:k].tolist())
+    assert proposed[16] <= first(16) and proposed[8] <= first(8) and not proposed[0] <= first(16)  # 0: the whole head
     assert len([k for k in target.decode_static if k[1] is draft]) == 3  # full, 16, 8: the full one again reused
 
 
@@ -1960,10 +1925,9 @@ def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
     target, prompts, _, draft, _ = tiny
     made, first, init, call = [], [], Graphed.__init__, Graphed.__call__
 
-    def counting_call(self, *inputs):
-        if not getattr(self, "called", False):
-            first.append(1)
-            self.called = True
+    def counting_call(self, *inputs):  # first: True for a step's first call
+        first.append(not getattr(self, "called", False))
+        self.called = True
         return call(self, *inputs)
     monkeypatch.setattr(Graphed, "__init__", lambda self, *a, **k: (made.append(1), init(self, *a, **k))[1])
     monkeypatch.setattr(Graphed, "__call__", counting_call)
@@ -1972,11 +1936,11 @@ def test_decode_warm_up_covers_the_timed_steps(tiny, monkeypatch):
                          seed=int(temperature > 0), cuda_graph=True)  # (on the CPU: every width made ahead)
         target.__dict__.pop("decode_static", None), target.__dict__.pop("generate_static", None)
         bench.warm_up(target, draft, prompts[0], cfg, ("ar", "tree", "chain"))
-        assert len(made) == len(first) == 6  # plain, tree and chain steps at widths 128 and 200 (or 256), each called
+        assert len(made) == sum(first) == 6  # plain, tree and chain steps at widths 128 and 200 (or 256), each called
         made.clear(), first.clear()
         for prompt, mode in itertools.product(prompts[:3], ("ar", "tree", "chain")):
             decode.run(target, draft, prompt, cfg, {prompt[0]}, mode=mode)
-        assert not made and not first and {k[0] for k in target.decode_static} == {200}
+        assert not made and not any(first) and {k[0] for k in target.decode_static} == {200}
 
 
 def test_decode_slow_compiled_step_equals_eager(capsys, monkeypatch):
@@ -1987,11 +1951,10 @@ def test_decode_slow_compiled_step_equals_eager(capsys, monkeypatch):
     target = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, hidden_dim=64,
                                    max_seq_len=96)).eval()
     draft, runs = tiny_draft(target), []
-    for compile in (False, True):
+    for compile, prompt in itertools.product((False, True), ([1, 2, 3], [4, 5, 6, 7, 8])):  # the 2nd replays
         cfg = DecodeConfig(mode="chain", depth=2, max_new_tokens=40, compile=compile, compile_mode="default")
-        for prompt in ([1, 2, 3], [4, 5, 6, 7, 8]):  # the second replays what was compiled
-            r = generate_spec(target, draft, prompt, cfg, set())
-            runs.append((r.tokens, r.accepted_lengths, decode.run(target, None, prompt, cfg, set(), mode="ar").tokens))
+        r = generate_spec(target, draft, prompt, cfg, set())
+        runs.append((r.tokens, r.accepted_lengths, decode.run(target, None, prompt, cfg, set(), mode="ar").tokens))
     assert runs[:2] == runs[2:] and len(runs[0][0]) == 40  # widths 16 .. 64
     err = capsys.readouterr().err.splitlines()
     assert len([line for line in err if line.startswith("torch.compile (mode default): first call")]) == 2
@@ -2006,22 +1969,21 @@ CPU_NOTHING_PAYS = dict(forward_ms=[20, 30, 40, 50, 60, 70, 80, 90], draft_ms={"
 
 def test_decode_cpu_choice_follows_the_machines_costs():
     """The CPU tree follows the machine's costs: 2/2/3 where 1-4 tokens cost one forward, else 1/1/1; explicit kept."""
-    assert calibrate.expected_tau(2, 2, 3) == pytest.approx(1 + 0.42 + 0.10 + 0.42 ** 2 * 0.95)  # measured: 1.70
-    a2 = 0.42 ** 2 * 0.95  # a path of two rank-1 nodes
-    assert calibrate.expected_tau(3, 1, 3) == pytest.approx(1 + 0.42 + a2 + a2 * 0.42 * 0.95 ** 2)  # a chain
-    flat, shape, vocab = calibrate.choose(CPU_FLAT, DecodeConfig(), [4096, 49152])
-    assert (shape, vocab) == ((2, 2, 3), 4096) and flat == pytest.approx(calibrate.expected_tau(2, 2, 3) * 25 / 31)
-    other, shape, vocab = calibrate.choose(CPU_OTHER, DecodeConfig(), [4096, 49152])
-    assert (shape, vocab) == ((1, 1, 1), 4096) and other == pytest.approx(1.42 * 39 / (38 + 1.5 + 2))
-    assert calibrate.choose(CPU_OTHER, DecodeConfig(), [49152])[1] == (1, 1, 1)  # (no ranking: all tokens)
-    assert calibrate.expected_tau(1, 2, 2, sampled=True) == pytest.approx(1 + 0.22 + 0.11)  # sampling's model
-    sampled, shape, _ = calibrate.choose(CPU_FLAT, DecodeConfig(temperature=0.7), [4096])  # at any temperature > 0
+    tau, choose, a2 = calibrate.expected_tau, calibrate.choose, 0.42 ** 2 * 0.95  # a2: a path of two rank-1 nodes
+    assert tau(2, 2, 3) == pytest.approx(1 + 0.42 + 0.10 + a2)  # measured: 1.70
+    assert tau(3, 1, 3) == pytest.approx(1 + 0.42 + a2 + a2 * 0.42 * 0.95 ** 2)  # a chain
+    assert tau(1, 2, 2, sampled=True) == pytest.approx(1 + 0.22 + 0.11)  # sampling's model
+    assert choose(CPU_FLAT, DecodeConfig(), [4096, 49152]) == (pytest.approx(tau(2, 2, 3) * 25 / 31), (2, 2, 3), 4096)
+    other = pytest.approx(1.42 * 39 / (38 + 1.5 + 2))
+    assert choose(CPU_OTHER, DecodeConfig(), [4096, 49152]) == (other, (1, 1, 1), 4096)
+    assert choose(CPU_OTHER, DecodeConfig(), [49152])[1] == (1, 1, 1)  # (no ranking: all tokens)
+    sampled, shape, _ = choose(CPU_FLAT, DecodeConfig(temperature=0.7), [4096])  # at any temperature > 0
     assert shape == (1, 3, 3) and sampled == pytest.approx((1 + 0.22 + 0.11 + 0.088) * 25 / (26 + 1.5 + 2))  # wider
-    assert calibrate.choose(CPU_FLAT, DecodeConfig(mode="chain"), [4096])[1] == (2, 1, 2)
+    assert choose(CPU_FLAT, DecodeConfig(mode="chain"), [4096])[1] == (2, 1, 2)
     for fixed in (dict(depth=3), dict(top_k=4), dict(tree_tokens=6), dict(depth=1, top_k=3, tree_tokens=2)):
-        chosen = calibrate.choose(CPU_OTHER, DecodeConfig(**fixed), [4096])[1]
+        chosen = choose(CPU_OTHER, DecodeConfig(**fixed), [4096])[1]
         assert fixed.items() <= dict(zip(("depth", "top_k", "tree_tokens"), chosen)).items(), (fixed, chosen)
-    assert calibrate.choose(CPU_FLAT, DecodeConfig(tree_tokens=20), [4096])[1][2] == 20  # beyond 8: extrapolated
+    assert choose(CPU_FLAT, DecodeConfig(tree_tokens=20), [4096])[1][2] == 20  # beyond 8: extrapolated
     assert calibrate.draft_step_ms(CPU_FLAT, 8192, 1) == pytest.approx(1.5 + 4.5 * 4096 / 45056)  # linear in vocab
 
 
@@ -2029,22 +1991,21 @@ def test_decode_cpu_costs_measured_once_cached_and_followed(tmp_path, monkeypatc
     """CPU costs measured once, cached per machine and target, overridable; where no tree pays: plain decoding."""
     monkeypatch.setenv("BEAGLE_CACHE", str(tmp_path))
     monkeypatch.delenv("BEAGLE_CPU_COSTS", raising=False)
-    calls = []
+    calls, target = [], tiny_target()
+    saved = lambda: json.loads((tmp_path / "cpu-costs.json").read_text())  # the cache file's entries
     monkeypatch.setattr(calibrate, "median_ms", lambda fn, reps=5: (fn(), calls.append(1), 10.0 + len(calls))[-1])
-    target = tiny_target()
     draft = tiny_draft(target, seed=1)
     costs, source = calibrate.cpu_costs(target, draft, 64)
     assert source == "measured now" and len(calls) == 8 + 8 + 1  # forwards 1..8, draft steps 1..8 (vocab 48), 2/2/3
     assert len(costs["forward_ms"]) == 8 and list(costs["draft_ms"]) == ["48"] and costs["overhead_ms"] >= 0
     assert draft.head is None  # restored
-    err = capsys.readouterr().err
+    err, [(key, costs_saved)] = capsys.readouterr().err, saved().items()
     assert err.startswith("calibrating the CPU tree shape once for ") and str(tmp_path / "cpu-costs.json") in err
-    [(key, saved)] = json.loads((tmp_path / "cpu-costs.json").read_text()).items()
-    assert saved == costs and bench.hardware("cpu") in key and torch.__version__ in key and "64 slots" in key
+    assert costs_saved == costs and bench.hardware("cpu") in key and torch.__version__ in key and "64 slots" in key
     assert calibrate.cpu_costs(target, draft, 64) == (costs, "cached") and len(calls) == 17
     assert capsys.readouterr().err == ""
     calibrate.cpu_costs(tiny_target(vocab=50), draft, 64)  # another target shape: measured for itself
-    assert len(calls) == 34 and len(json.loads((tmp_path / "cpu-costs.json").read_text())) == 2
+    assert len(calls) == 34 and len(saved()) == 2
     monkeypatch.setenv("BEAGLE_CPU_COSTS", json.dumps({"forward_ms": [1] * 8}))  # forced in part: over the cached
     forced = ({**costs, "forward_ms": [1] * 8}, "partly forced by BEAGLE_CPU_COSTS")
     assert calibrate.cpu_costs(target, draft, 64) == forced
@@ -2060,16 +2021,15 @@ def test_decode_cpu_costs_measured_once_cached_and_followed(tmp_path, monkeypatc
     monkeypatch.setenv("BEAGLE_CPU_COSTS", json.dumps(CPU_NOTHING_PAYS))
     monkeypatch.setattr(calibrate, "median_ms", lambda *a: pytest.fail("forced costs: nothing is timed"))
 
-    def load(**kw):
+    def load(**kw):  # decode.py's resolve + load: (cfg, draft)
         cfg = DecodeConfig(draft=str(tmp_path / "d.safetensors"), device="cpu", **{"max_len": 64, **kw})
         decode.resolve(cfg)
         return cfg, decode.load(cfg)[2]
     cfg, draft = load()
-    assert cfg.mode == "ar" and draft is None
     [note] = capsys.readouterr().err.splitlines()
+    assert cfg.mode == "ar" and draft is None and load(mode="chain")[0].mode == "ar"
     assert note.startswith("note: CPU: tree 1 / 1 / 1, draft vocabulary 48: predicted 0.75x plain decoding's")
     assert note.endswith("below 1.05x: plain decoding (--depth N: speculative anyway)")
-    assert load(mode="chain")[0].mode == "ar"
     cfg, draft = load(depth=3)
     assert cfg.mode == "tree" and draft is not None and cfg.depth == 3 and "predicted" in capsys.readouterr().err
     cfg, draft = load(bench="questions.jsonl")
@@ -2082,14 +2042,12 @@ def test_decode_cpu_costs_measured_once_cached_and_followed(tmp_path, monkeypatc
         cfg, draft = load(draft_vocab=0, max_len=0, **shape)
         assert draft is not None and all(getattr(cfg, k) == v for k, v in shape.items())
     monkeypatch.setattr(common, "device_and_dtype", lambda device, dtype: ("cuda", torch.bfloat16))
-    for temperature, tree in ((0.0, decode.GPU_TREE), (0.7, decode.GPU_TREE_SAMPLED)):
-        cfg = DecodeConfig(device="cuda", temperature=temperature)
-        decode.resolve(cfg)
-        assert (cfg.depth, cfg.top_k, cfg.tree_tokens) == tree and cfg.cuda_graph is True
-        assert decode.compiled(cfg, "tree") == "default" and decode.compiled(cfg, "ar") is None  # (measured no faster)
-    cfg = DecodeConfig(device="cuda", temperature=0.7, depth=5, compile=False)
-    decode.resolve(cfg)  # what is given is kept
-    assert (cfg.depth, cfg.top_k, cfg.tree_tokens) == (5, 6, 20) and decode.compiled(cfg, "tree") is None
+    for given, tree, compiled in [({}, decode.GPU_TREE, "default"), (dict(temperature=0.7), decode.GPU_TREE_SAMPLED,
+                                   "default"), (dict(temperature=0.7, depth=5, compile=False), (5, 6, 20), None)]:
+        cfg = DecodeConfig(device="cuda", **given)
+        decode.resolve(cfg)  # what is given is kept
+        assert (cfg.depth, cfg.top_k, cfg.tree_tokens) == tree and decode.compiled(cfg, "tree") == compiled
+        assert cfg.cuda_graph is True and decode.compiled(cfg, "ar") is None  # (plain: measured no faster)
     cfg = DecodeConfig(device="cuda", mode="ar", compile=True)
     decode.resolve(cfg)
     assert decode.compiled(cfg, "ar") == "default"
@@ -2101,18 +2059,16 @@ def test_graph_static_steps_one_per_setting_and_seeded(tiny):
     """Sampled answers are a function of the seed, --cuda-graph changes nothing; one static bundle per setting."""
     target, prompts, _, draft, _ = tiny  # (the fitted draft: both rejections and deep acceptances)
     target.__dict__.pop("decode_static", None)  # (the shared target: only this test's steps counted below)
-    settings, accepted = [("ar", 0, 0, 0)] + SETTINGS[:1] + [("chain", 4, 0, 0), ("tree", 1, 3, 3), ("tree", 3, 2, 5),
-                                                            ("tree", 4, 3, 10), ("tree", 5, 10, 60)], []
+    settings, accepted = [("ar", 0, 0, 0), ("chain", 1, 0, 0), ("chain", 4, 0, 0), ("tree", 1, 3, 3), ("tree", 3, 2, 5),
+                          ("tree", 4, 3, 10), ("tree", 5, 10, 60)], []
     for prompt, temperature in [(p, 0.8) for p in prompts] + [(prompts[3], 0.0)]:
-        runs = {}
-        for graph in (False, True):
-            cfg = DecodeConfig(max_new_tokens=37, temperature=temperature, top_p=0.9, cuda_graph=graph, seed=1)
-            runs[graph] = []
-            for mode, depth, top_k, tree_tokens in settings:
-                c = dataclasses.replace(cfg, mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens)
-                r = decode.run(target, draft, prompt, c, set())
-                runs[graph].append((r.tokens, r.accepted_lengths))
-                accepted += r.accepted_lengths
+        runs = {False: [], True: []}
+        for graph, (mode, depth, top_k, tree_tokens) in itertools.product(runs, settings):
+            cfg = DecodeConfig(mode=mode, depth=depth, top_k=top_k, tree_tokens=tree_tokens, max_new_tokens=37,
+                               temperature=temperature, top_p=0.9, cuda_graph=graph, seed=1)
+            r = decode.run(target, draft, prompt, cfg, set())
+            runs[graph].append((r.tokens, r.accepted_lengths))
+            accepted += r.accepted_lengths
         assert runs[True] == runs[False], (prompt, temperature)
     assert all(tokens == runs[True][0][0] for tokens, _ in runs[True])  # (greedy: speculative == plain)
     assert 0 in accepted and max(accepted) >= 3  # rejections and deep acceptances (KV moves) happened
@@ -2123,10 +2079,9 @@ def test_graph_static_steps_one_per_setting_and_seeded(tiny):
 def test_graph_widths_and_shapes(tiny, monkeypatch):
     """The tree mask and reads stop at width W (NaN past it unread); one set of shapes per width, the narrowest."""
     target, prompts, _, draft, _ = tiny
-    x = torch.tensor([prompts[2] + [3, 4, 5]])
-    n, L = x.shape[1] - 1, 64
+    x, n, L = torch.tensor([prompts[2] + [3, 4, 5]]), len(prompts[2]) + 2, 64  # x[0, n]: the root
     W = n + 14  # the tree's 14 slots (1 + 10 nodes, 1 + 3 x 3 draft queries) fit, nothing more
-    fwd, att = spies = [spy(monkeypatch, target, "forward"), spy(monkeypatch, draft, "attend")]
+    fwd, att = spy(monkeypatch, target, "forward"), spy(monkeypatch, draft, "attend")
     cache, dcache = KVCache(target.args, 1, L), DraftCache(draft, L)
     with torch.no_grad():
         _, h = target.forward(x[:, :n], torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
@@ -2149,8 +2104,7 @@ def test_graph_widths_and_shapes(tiny, monkeypatch):
         cfg = DecodeConfig(mode=mode, depth=3, top_k=2, tree_tokens=5, max_new_tokens=30, cuda_graph=True)
         by_width, ns = {}, set()
         for prompt in prompts[1:]:
-            for calls in spies:
-                calls.clear()
+            fwd.clear(), att.clear()
             r = decode.run(target, draft, prompt, cfg, set())
             assert len(r.tokens) == 30 and fwd[0][0].shape[1] == len(prompt)  # the first forward is the prefill
             acc = r.accepted_lengths or [0] * (len(r.tokens) - 1)  # plain: one token per step
@@ -2158,8 +2112,8 @@ def test_graph_widths_and_shapes(tiny, monkeypatch):
             ns |= set(steps)
             per_step = len(att) // len(steps) if mode == "tree" else 0  # the draft's attends per iteration
             for i, call in enumerate(fwd[1:]):
-                width = call[3].shape[-1]  # the mask's width
-                assert width % 16 == 0 and steps[i] + extra <= width < steps[i] + extra + 16  # the narrowest
+                width = call[3].shape[-1]  # the mask's width: a multiple of 16, the narrowest that fits
+                assert width % 16 == 0 and steps[i] + extra <= width < steps[i] + extra + 16
                 seen = {shape(call), *(shape(c) for c in att[i * per_step:(i + 1) * per_step])}
                 assert by_width.setdefault(width, seen) == seen  # one set of shapes per width
         assert len(ns) > 20 and len(by_width) >= 3  # many prefix lengths, several widths
@@ -2199,11 +2153,10 @@ def test_graph_graphed_captures_once_and_replays(monkeypatch):
     x = torch.tensor([1.0, 2.0])
     assert torch.equal(Graphed(fn, on=False)(x, torch.tensor(3))[0], x * 2) and calls[0][0] is x  # off: eager
     stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-    monkeypatch.setattr(torch.cuda, "Stream", stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", type("CUDAGraph", (), {"replay": lambda self: replays.append(1)}))
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: (pools.append(pool), contextlib.nullcontext())[1])
+    for name, fake in dict(Stream=stream, current_stream=stream, stream=lambda s: contextlib.nullcontext(),
+                           CUDAGraph=type("CUDAGraph", (), {"replay": lambda self: replays.append(1)}),
+                           graph=lambda graph, pool=None: (pools.append(pool), contextlib.nullcontext())[1]).items():
+        monkeypatch.setattr(torch.cuda, name, fake)
     g, calls[:] = Graphed(fn, on=True, pool="POOL"), []
     out1 = g(x, torch.tensor(3))
     assert pools == ["POOL"] and len(replays) == 1 and torch.equal(out1[0], x * 2) and out1 is g.outputs
@@ -2267,78 +2220,75 @@ MISUSE_FILES = {  # name -> content (bytes), written into the test's working dir
     "number_turn.jsonl": b'{"prompt": "ok"}\n\n{"turns": ["a", 3]}\n', "latin1.txt": "caf\xe9\n".encode("latin-1"),
     "no_prompt.jsonl": b'{"prompt": "ok"}\n{"text": "hi"}\n', "not_json.jsonl": b'{"prompt": "ok"}\n{oops\n',
     "a_file": b"x", "b.jsonl": b'{"category": "x", "turns": ["Hi"]}\n'}
-MISUSE = [  # (script, argv, what the one line says)
-    ("decode.py", "--prompt hi --max-new-tokens 0", "--max-new-tokens must be >= 1, got 0"),
-    ("decode.py", "--prompt hi --depth -1", "--depth must be >= 0 (0: chosen by device), got -1"),
-    ("decode.py", "--prompt hi --top-k -2", "--top-k must be >= 0 (0: chosen by device), got -2"),
-    ("decode.py", "--prompt hi --tree-tokens -1", "--tree-tokens must be >= 0"),
-    ("decode.py", "--prompt hi --draft-vocab -2", "--draft-vocab must be >= -1"),
-    ("decode.py", "--prompt hi --max-len -1", "--max-len must be >= 0"),
-    ("decode.py", "--prompt hi --temperature nan", "--temperature must be a finite number >= 0"),
-    ("decode.py", "--prompt hi --temperature inf", "--temperature must be a finite number >= 0"),
-    ("decode.py", "--prompt hi --temperature -1", "--temperature must be a finite number >= 0"),
-    ("decode.py", "--prompt hi --top-p 0", "--top-p must be in (0, 1], got 0.0"),
-    ("decode.py", "--prompt hi --top-p nan", "--top-p must be in (0, 1]"),
-    ("decode.py", "--prompt hi --top-k-sample -1", "--top-k-sample must be >= 0 (0: no top-k filter), got -1"),
-    ("decode.py", "--bench b.jsonl --bench-limit -1", "--bench-limit must be >= 0 (0: every question), got -1"),
-    ("decode.py", "--prompt hi --device foo", "--device must be auto, cpu, cuda or cuda:N (got 'foo')"),
-    ("decode.py", "--prompt hi --device cpu:1", "--device must be auto, cpu, cuda or cuda:N"),
-    ("decode.py", "--prompt hi --dtype int8", "--dtype must be auto or one of float32"),
-    ("decode.py", "--prompt hi --mode fast", "--mode must be one of ar | chain | tree (got 'fast')"),
-    ("decode.py", "--prompt hi --compile-mode fastest", "--compile-mode must be one of default"),
-    ("decode.py", "--prompt hi --seed -1", "--seed must be in [0, 2^32), got -1"),
-    ("decode.py", "--prompt hi --prompt-file blank.txt", "give one of --prompt, --prompt-file or --bench"),
-    ("decode.py", "--mode ar", "give one of --prompt, --prompt-file or --bench"),
-    ("decode.py", ["--prompt", " "], "--prompt must be non-blank UTF-8 text"),
-    ("decode.py", ["--prompt", "caf\udce9"], "--prompt must be non-blank UTF-8 text"),  # what argv makes of Latin-1
-    ("decode.py", "--prompt-file empty.jsonl --compare", "empty.jsonl: no prompts (the file is empty)"),
-    ("decode.py", "--prompt-file blank.txt", "blank.txt: no prompts (the file is blank lines only)"),
-    ("decode.py", "--prompt-file no_turns.jsonl", 'no_turns.jsonl:1: "turns" must be a non-empty list of strings'),
-    ("decode.py", "--prompt-file string_turns.jsonl", "string_turns.jsonl:1: \"turns\" must be a non-empty list"),
-    ("decode.py", "--prompt-file number.jsonl", 'number.jsonl:1: "prompt" must be a non-blank string, got 42'),
-    ("decode.py", "--prompt-file number_turn.jsonl", "number_turn.jsonl:3: turn 2 must be a non-blank string, got 3"),
-    ("decode.py", "--prompt-file latin1.txt", "latin1.txt:1: not UTF-8 text (byte 0xe9)"),
-    ("decode.py", "--prompt-file no_prompt.jsonl", 'no_prompt.jsonl:2: expected a JSON object with "prompt"'),
-    ("decode.py", "--prompt-file not_json.jsonl", "not_json.jsonl:2: not JSON (Expecting property name"),
-    ("decode.py", "--prompt-file missing.jsonl", "cannot read prompts"),
-    ("decode.py", "--bench missing.jsonl", "cannot read prompts"),
-    ("decode.py", "--bench b.jsonl --bench-out a_file", "--bench-out a_file is a file; give a directory"),
-    ("decode.py", "--bench b.jsonl --bench-out a_file/x", "--bench-out a_file/x: a_file is a file, not a directory"),
-    ("decode.py", "--bench b.jsonl --bench-out taken", "--bench-out taken/bench.json is a directory"),
-    ("generate.py", "--conversations 0", "--conversations must be >= 1, got 0"),
-    ("generate.py", "--batch-size 0", "--batch-size must be >= 1, got 0"),
-    ("generate.py", "--turns -1", "--turns must be >= 1"),
-    ("generate.py", "--max-reply-tokens 0", "--max-reply-tokens must be >= 1"),
-    ("generate.py", "--user-temperature nan", "--user-temperature must be a finite number >= 0"),
-    ("generate.py", "--reply-temperature -0.5", "--reply-temperature must be a finite number >= 0"),
-    ("generate.py", "--top-p 1.5", "--top-p must be in (0, 1], got 1.5"),
-    ("generate.py", "--top-k -1", "--top-k must be >= 0"),
-    ("generate.py", "--seed 5000000000", "--seed must be in [0, 2^32)"),
-    ("generate.py", "--compile reduce-overhead", "--compile must be default or max-autotune-no-cudagraphs"),
-    ("generate.py", "--out taken", "--out taken is a directory; give a file name"),
-    ("generate.py", "--out a_file/x.jsonl", "--out a_file/x.jsonl: a_file is a file, not a directory"),
-    ("generate.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
-    ("generate.py", "--dtype fp8", "--dtype must be auto or one of"),
-    ("beagle.py", f"--draft {MISUSE_DRAFT} --out taken", "--out taken is a directory; give a file name"),
-    ("beagle.py", f"--draft {MISUSE_DRAFT} --out a_file/x.safetensors", "a_file is a file, not a directory"),
-    ("beagle.py", f"--draft {MISUSE_DRAFT} --out x.safetensors --dtype int8", "--dtype must be one of"),
-    ("beagle.py", "--draft missing.safetensors --out x.safetensors", "no draft checkpoint at missing.safetensors"),
-    ("beagle.py", f"--draft {MISUSE_DRAFT} --out x.safetensors --vocab-data none.jsonl",
-     "data file none.jsonl not found"),
-    ("train.py", "--batch-size 0", "--batch-size must be >= 1, got 0"),
-    ("train.py", "--lr -1", "--lr must be a finite number >= 0, got -1.0"),
-    ("train.py", "--lr nan", "--lr must be a finite number >= 0, got nan"),
-    ("train.py", "--eval-frac 1", "--eval-frac must be a finite number in [0, 1), got 1.0"),
-    ("train.py", "--stage 3", "need --stage 1|2"),
-    ("train.py", "--draft eagle3", "--draft must be one of beagle | eagle2 (got 'eagle3')"),
-    ("train.py", "--schedule linear", "--schedule must be constant | cosine (got 'linear')"),
-    ("train.py", "--draft eagle2", "--draft eagle2 trains next-token only, as EAGLE-2 does: give --stage 1 --window 1"),
-    ("train.py", "--out a_file", "--out a_file is a file; give a directory"),
-    ("train.py", "--device foo", "--device must be auto, cpu, cuda or cuda:N"),
-    ("convert.py", "--convert missing.gguf --out x", "missing.gguf: no such file"),
-    ("convert.py", "--convert DEFAULT_GGUF --out a_file", "--out a_file is a file; give a directory"),
-    ("convert.py", "--convert DEFAULT_GGUF --out taken", "taken already exists and is not empty"),
-]
+MISUSE = [(script, argv, message) for script, cases in {  # script: [(argv, what the one line says)]
+    "decode.py": [
+        ("--prompt hi --max-new-tokens 0", "--max-new-tokens must be >= 1, got 0"),
+        ("--prompt hi --depth -1", "--depth must be >= 0 (0: chosen by device), got -1"),
+        ("--prompt hi --top-k -2", "--top-k must be >= 0 (0: chosen by device), got -2"),
+        ("--prompt hi --tree-tokens -1", "--tree-tokens must be >= 0"),
+        ("--prompt hi --max-len -1", "--max-len must be >= 0"),
+        ("--prompt hi --top-p nan", "--top-p must be in (0, 1]"),
+        ("--prompt hi --draft-vocab -2", "--draft-vocab must be >= -1"),
+        *[(f"--prompt hi --temperature {x}", "--temperature must be a finite number >= 0")
+          for x in ("nan", "inf", "-1")],
+        ("--prompt hi --top-p 0", "--top-p must be in (0, 1], got 0.0"),
+        ("--prompt hi --top-k-sample -1", "--top-k-sample must be >= 0 (0: no top-k filter), got -1"),
+        ("--bench b.jsonl --bench-limit -1", "--bench-limit must be >= 0 (0: every question), got -1"),
+        ("--prompt hi --device foo", "--device must be auto, cpu, cuda or cuda:N (got 'foo')"),
+        ("--prompt hi --device cpu:1", "--device must be auto, cpu, cuda or cuda:N"),
+        ("--prompt hi --dtype int8", "--dtype must be auto or one of float32"),
+        ("--prompt hi --mode fast", "--mode must be one of ar | chain | tree (got 'fast')"),
+        ("--prompt hi --compile-mode fastest", "--compile-mode must be one of default"),
+        ("--prompt hi --seed -1", "--seed must be in [0, 2^32), got -1"),
+        ("--prompt hi --prompt-file blank.txt", "give one of --prompt, --prompt-file or --bench"),
+        ("--mode ar", "give one of --prompt, --prompt-file or --bench"),
+        (["--prompt", " "], "--prompt must be non-blank UTF-8 text"),
+        (["--prompt", "caf\udce9"], "--prompt must be non-blank UTF-8 text"),  # what argv makes of Latin-1
+        ("--prompt-file empty.jsonl --compare", "empty.jsonl: no prompts (the file is empty)"),
+        ("--prompt-file blank.txt", "blank.txt: no prompts (the file is blank lines only)"),
+        ("--prompt-file no_turns.jsonl", 'no_turns.jsonl:1: "turns" must be a non-empty list of strings'),
+        ("--prompt-file string_turns.jsonl", "string_turns.jsonl:1: \"turns\" must be a non-empty list"),
+        ("--prompt-file number.jsonl", 'number.jsonl:1: "prompt" must be a non-blank string, got 42'),
+        ("--prompt-file number_turn.jsonl", "number_turn.jsonl:3: turn 2 must be a non-blank string, got 3"),
+        ("--prompt-file latin1.txt", "latin1.txt:1: not UTF-8 text (byte 0xe9)"),
+        ("--prompt-file no_prompt.jsonl", 'no_prompt.jsonl:2: expected a JSON object with "prompt"'),
+        ("--prompt-file not_json.jsonl", "not_json.jsonl:2: not JSON (Expecting property name"),
+        ("--prompt-file missing.jsonl", "cannot read prompts"), ("--bench missing.jsonl", "cannot read prompts"),
+        ("--bench b.jsonl --bench-out a_file", "--bench-out a_file is a file; give a directory"),
+        ("--bench b.jsonl --bench-out a_file/x", "--bench-out a_file/x: a_file is a file, not a directory"),
+        ("--bench b.jsonl --bench-out taken", "--bench-out taken/bench.json is a directory")],
+    "generate.py": [
+        ("--conversations 0", "--conversations must be >= 1, got 0"), ("--turns -1", "--turns must be >= 1"),
+        ("--batch-size 0", "--batch-size must be >= 1, got 0"), ("--top-k -1", "--top-k must be >= 0"),
+        ("--max-reply-tokens 0", "--max-reply-tokens must be >= 1"), ("--dtype fp8", "--dtype must be auto or one of"),
+        ("--top-p 1.5", "--top-p must be in (0, 1], got 1.5"), ("--seed 5000000000", "--seed must be in [0, 2^32)"),
+        ("--user-temperature nan", "--user-temperature must be a finite number >= 0"),
+        ("--reply-temperature -0.5", "--reply-temperature must be a finite number >= 0"),
+        ("--compile reduce-overhead", "--compile must be default or max-autotune-no-cudagraphs"),
+        ("--out taken", "--out taken is a directory; give a file name"),
+        ("--out a_file/x.jsonl", "--out a_file/x.jsonl: a_file is a file, not a directory"),
+        ("--device foo", "--device must be auto, cpu, cuda or cuda:N")],
+    "beagle.py": [
+        (f"--draft {MISUSE_DRAFT} --out taken", "--out taken is a directory; give a file name"),
+        (f"--draft {MISUSE_DRAFT} --out a_file/x.safetensors", "a_file is a file, not a directory"),
+        (f"--draft {MISUSE_DRAFT} --out x.safetensors --dtype int8", "--dtype must be one of"),
+        ("--draft missing.safetensors --out x.safetensors", "no draft checkpoint at missing.safetensors"),
+        (f"--draft {MISUSE_DRAFT} --out x.safetensors --vocab-data none.jsonl", "data file none.jsonl not found")],
+    "train.py": [
+        ("--batch-size 0", "--batch-size must be >= 1, got 0"), ("--stage 3", "need --stage 1|2"),
+        ("--lr -1", "--lr must be a finite number >= 0, got -1.0"),
+        ("--lr nan", "--lr must be a finite number >= 0, got nan"),
+        ("--eval-frac 1", "--eval-frac must be a finite number in [0, 1), got 1.0"),
+        ("--draft eagle3", "--draft must be one of beagle | eagle2 (got 'eagle3')"),
+        ("--schedule linear", "--schedule must be constant | cosine (got 'linear')"),
+        ("--draft eagle2", "--draft eagle2 trains next-token only, as EAGLE-2 does: give --stage 1 --window 1"),
+        ("--out a_file", "--out a_file is a file; give a directory"),
+        ("--device foo", "--device must be auto, cpu, cuda or cuda:N")],
+    "convert.py": [
+        ("--convert missing.gguf --out x", "missing.gguf: no such file"),
+        ("--convert DEFAULT_GGUF --out a_file", "--out a_file is a file; give a directory"),
+        ("--convert DEFAULT_GGUF --out taken", "taken already exists and is not empty")],
+}.items() for argv, message in cases]
 
 
 @pytest.fixture
@@ -2370,39 +2320,37 @@ def test_misuse_real_entry_points(misuse_dir):
     cases = [([b"decode.py", b"--prompt", "caf\xe9".encode("latin-1")], "--prompt must be non-blank UTF-8 text"),
              (["generate.py", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
-             (["decode.py", "--prompt", "hi", "--mode", "ar", "--max-new-tokens", "100000"], "longer than the context"),
-             (["decode.py", "--prompt", "hi", "--draft-vocab", "5", "--top-k", "10", "--device", "cpu"],
+             ("decode.py --prompt hi --mode ar --max-new-tokens 100000".split(), "longer than the context"),
+             ("decode.py --prompt hi --draft-vocab 5 --top-k 10 --device cpu".split(),
               "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, HERE / os.fsdecode(argv[0]), *argv[1:]], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv, _ in cases]
     for p, (argv, message) in zip(procs, cases):
         out, err = p.communicate(timeout=300)
-        assert p.returncode == 1 and out == "", (argv, err)
-        assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, (argv, err)
+        assert p.returncode == 1 and out == "" and len(err.splitlines()) == 1, (argv, err)
+        assert err.startswith("error: ") and message in err, (argv, err)
     assert not [p for p in misuse_dir.rglob("*") if p.name.endswith(".tmp")]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the EAGLE-2 baseline: the same draft interface, tree decoder and training loop (see the tests above), and
 
+@torch.no_grad()
 def test_eagle2_decoding_equals_its_training_forward_on_own_states():
     """EAGLE-2's propose() after commit gives, step by step, the training forward's hat_h on its own states."""
     target = tiny_target()
     draft = tiny_draft(target, seed=2, cls=beagle.Eagle2)
     x, n, L = torch.randint(0, 48, (1, 12), generator=torch.Generator().manual_seed(0)), 7, 32
-    pos, slot = torch.arange(12), torch.arange(L)
-    with torch.no_grad():
-        _, h = target(x)
-        emb, dcache = target.tok_embeddings(x), DraftCache(draft, L)
-        dcache.k.normal_(), dcache.v.normal_()  # unwritten slots hold junk that must never be read
-        draft.commit(dcache, 0, h[:, :n], emb[:, 1:n])
-        states, parent = h.clone(), None
-        for d in range(4):  # the chain's node d at position n + d queries from scratch slot n + d
-            p = n + d
-            hat = draft.propose(dcache, torch.tensor([p]), torch.tensor([p]), emb[:, p:p + 1], parent,
-                                (slot < p)[None])  # the prefix + the scratch slots of the node's ancestors
-            want = draft(emb, pos, states, pos, (pos[None, :] < pos[:, None])[None, None])[:, p]
-            torch.testing.assert_close(hat[:, 0], want, atol=1e-5, rtol=1e-5)
-            states[:, p], parent = hat[:, 0], hat
-        torch.testing.assert_close(dcache.last, h[:, n - 1:n])
+    pos, slot, h = torch.arange(12), torch.arange(L), target(x)[1]
+    emb, dcache = target.tok_embeddings(x), DraftCache(draft, L)
+    dcache.k.normal_(), dcache.v.normal_()  # unwritten slots hold junk that must never be read
+    draft.commit(dcache, 0, h[:, :n], emb[:, 1:n])
+    states, parent = h.clone(), None
+    for p in range(n, n + 4):  # the chain's node at position p queries from scratch slot p
+        hat = draft.propose(dcache, torch.tensor([p]), torch.tensor([p]), emb[:, p:p + 1], parent,
+                            (slot < p)[None])  # the prefix + the scratch slots of the node's ancestors
+        want = draft(emb, pos, states, pos, (pos[None, :] < pos[:, None])[None, None])[:, p]
+        torch.testing.assert_close(hat[:, 0], want, atol=1e-5, rtol=1e-5)
+        states[:, p], parent = hat[:, 0], hat
+    torch.testing.assert_close(dcache.last, h[:, n - 1:n])
