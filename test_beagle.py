@@ -384,8 +384,7 @@ def test_llama_rope_table_equals_hf_rotation():
     pos = torch.tensor([0, 1, 7, 150, 299])
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(2, 5, 4, 16).to(dtype)  # (B, T, H, D)
-        cos, sin = hf_rope(x, pos[None])
-        want, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+        want, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), *hf_rope(x, pos[None]))  # (cos, sin)
         table = llama.rope_table(args, 300).to(dtype)
         got = llama.apply_rope(x, *table[pos, None].unbind(-2))
         torch.testing.assert_close(got.transpose(1, 2), want, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-2)
