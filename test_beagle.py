@@ -8,47 +8,20 @@ The tests of Beagle, on the CPU in fp32, offline: tiny random models for most ch
 
 transformers is a test-only dependency: our model, tokenizer, chat template and GGUF loader are checked against it.
 """
-import contextlib
-import copy
-import dataclasses
-import functools
-import importlib.util
-import io
-import itertools
-import json
-import math
-import os
-import random
-import runpy
-import shutil
-import signal
-import socket
-import subprocess
-import sys
+import contextlib, copy, dataclasses, functools, importlib.util, io, itertools, json, math, os, random, runpy, shutil
+import signal, socket, subprocess, sys
 from collections import Counter
 from pathlib import Path
 
-import gguf
+import gguf, pytest, sentencepiece, torch
 import numpy as np
-import pytest
-import sentencepiece
-import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-import beagle
-import bench
-import calibrate
-import common
-import convert
-import data
-import decode
-import generate
-import llama
-import train
+import beagle, bench, calibrate, common, convert, data, decode, generate, llama, train
 from beagle import Beagle, DraftArgs, DraftCache, block_mask, load_draft, save_draft, simulation_mask
 from common import BeagleError
 from decode import DecodeConfig, generate_spec
@@ -109,9 +82,8 @@ def tiny_draft(target, seqs=(), steps=60, seed=None, cls=Beagle):
         emb, h = batches[step % len(batches)]
         pos = torch.arange(h.shape[1])
         hat = draft(emb, pos, h, pos, (pos[None, :] < pos[:, None])[None, None])  # query i sees keys j < i
-        loss = F.mse_loss(hat[:, 1:], h[:, 1:])  # query 0 sees no key
         opt.zero_grad()
-        loss.backward()
+        F.mse_loss(hat[:, 1:], h[:, 1:]).backward()  # query 0 sees no key
         opt.step()
     return draft.eval()
 
@@ -212,8 +184,7 @@ def real_loads(monkeypatch, target, tok=None):  # convert.load_target (as decode
 
 class HostReads(TorchDispatchMode):
     """Fails on a device->host read (.item(), nonzero...) or a new host tensor (lift_fresh: torch.tensor, t[i] = x)."""
-    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "equal", "is_nonzero",
-               "lift_fresh")
+    SYNCING = "_local_scalar_dense nonzero masked_select unique _unique equal is_nonzero lift_fresh".split()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -283,15 +254,12 @@ def spawn_two_ranks(fn, *args):  # fn(rank, *args) in each rank of a 2-process g
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}
-HF_CASES = {
-    "mha": dict(),
-    "gqa": dict(num_key_value_heads=2, rope_theta=500000.0),
-    "tied-mqa": dict(num_key_value_heads=1, tie_word_embeddings=True),
-    "llama3-rope": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3),
-    "linear-rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "head-dim": dict(num_key_value_heads=2, head_dim=32),
-    "legacy": dict(rope_theta=500000.0, rope_scaling=LLAMA3),  # config rewritten in transformers 4's keys
-}
+HF_CASES = {"mha": dict(), "gqa": dict(num_key_value_heads=2, rope_theta=500000.0),
+            "tied-mqa": dict(num_key_value_heads=1, tie_word_embeddings=True),
+            "llama3-rope": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3),
+            "linear-rope": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+            "head-dim": dict(num_key_value_heads=2, head_dim=32),
+            "legacy": dict(rope_theta=500000.0, rope_scaling=LLAMA3)}  # config rewritten in transformers 4's keys
 
 
 def llama_close(ours, ref, rel=1e-4):
@@ -302,12 +270,10 @@ def llama_close(ours, ref, rel=1e-4):
 def hf_model(seed=0, **overrides):  # transformers' tiny random Llama; random norms catch swapped attention/ffn norms
     cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                intermediate_size=96, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
-    cfg.update(json.loads(json.dumps(overrides)))  # a copy: transformers writes rope_theta into rope dicts
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().requires_grad_(False)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.uniform_(0.5, 1.5)
+    torch.manual_seed(seed)  # (overrides copied: transformers writes rope_theta into rope dicts)
+    model = LlamaForCausalLM(LlamaConfig(**(cfg | json.loads(json.dumps(overrides))))).eval().requires_grad_(False)
+    for p in [p for name, p in model.named_parameters() if "norm" in name]:
+        p.uniform_(0.5, 1.5)
     return model
 
 
@@ -319,10 +285,9 @@ def test_llama_hf_dir_matches_transformers(case, tmp_path):
     assert len(list(d.glob("model-*.safetensors"))) > 2
     if case == "legacy":  # transformers-4 configs keep rope_theta / rope_scaling at the top level, may omit kv heads
         cfg = json.loads((d / "config.json").read_text())
-        rope = cfg.pop("rope_parameters")
-        cfg.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
         del cfg["num_key_value_heads"], cfg["head_dim"]
-        (d / "config.json").write_text(json.dumps(cfg))
+        rope = cfg.pop("rope_parameters")
+        (d / "config.json").write_text(json.dumps({**cfg, "rope_theta": rope.pop("rope_theta"), "rope_scaling": rope}))
     model = llama.load_hf(d)
     assert model.args.tie_embeddings == HF_CASES[case].get("tie_word_embeddings", False)
     assert not model.args.tie_embeddings or model.output.weight is model.tok_embeddings.weight  # still one tensor
@@ -340,50 +305,28 @@ def test_llama_hf_dir_matches_transformers(case, tmp_path):
         llama_close(half(tokens)[0].float(), expected, rel=0.05)
 
 
-def test_llama_fused_kv_cache_and_the_cpu_few_row_path():
-    """k, v view one buffer; the CPU few-row linear == F.linear, taken for few rows by the fused projections."""
-    model = tiny_target(hidden_dim=96)
-    cache = KVCache(model.args, 1, 8)
-    assert cache.k.shape == cache.v.shape == (2, 1, 2, 8, 16)
-    cache.kv.fill_(0)
-    cache.update(1, torch.tensor([3]), torch.arange(4 * 16.0).view(1, 4, 1, 16))  # k heads 0, 1 then v heads
-    assert torch.equal(cache.k[1, 0, :, 3].flatten(), torch.arange(32.0))
-    assert torch.equal(cache.v[1, 0, :, 3].flatten(), torch.arange(32.0, 64.0)) and cache.k.abs().sum() == 496
-    torch.manual_seed(0)
-    w, b = torch.randn(96, 40), torch.randn(96)
-    for shape, bias in itertools.product([(1, 40), (1, 1, 40), (3, 40), (2, 4, 40), (1, 9, 40), (0, 40)], (None, b)):
-        x = torch.randn(shape)
-        with torch.no_grad():
-            got = llama.linear(x, w, bias)
-        assert got.shape == (*shape[:-1], 96) and torch.allclose(got, F.linear(x, w, bias), atol=1e-5)
-    calls, matmul = [], torch.Tensor.__matmul__
-    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
-        m.setattr(torch.Tensor, "__matmul__", lambda a, c: (calls.append((a.shape, c.shape)), matmul(a, c))[1])
-        for rows in ((1, 1, 40), (5, 40), (9, 40)):  # (9 rows: F.linear)
-            llama.linear(torch.randn(rows), w)
-        assert [c for _, c in calls] == [(40, 2), (40, 5)]
-        model(torch.tensor([[5]]))
-    assert {(4 * 16 + 2 * 2 * 16, 64), (2 * 96, 64)} <= {tuple(a) for a, _ in calls}
-    layer = llama.Linear(40, 96, bias=False)
-    layer(torch.randn(1, 40)).sum().backward()  # (with autograd: F.linear)
-    assert layer.weight.grad is not None
+class OpCount(TorchDispatchMode):  # counts the aten ops a forward dispatches, views (no kernel launched) apart
+    ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 @torch.no_grad()
-def test_llama_cache_and_grouped_attention():
-    """Cached steps and last-only prefill: the full forward's numbers; grouped attention == repeated kv heads."""
+def test_llama_cache_attention_few_row_linear_and_ops_per_layer():
+    """Cached steps and last-only prefill == the full forward; grouped attention == repeated kv heads; k, v view one
+    buffer; the CPU few-row linear == F.linear; the (launch-bound) GPU decode step stays <= 34 ops a layer."""
     model = tiny_target(97, sharp=1.0)
     close = functools.partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)
-    ones = lambda *shape: torch.ones(*shape, dtype=torch.bool)
     tokens = torch.randint(0, 97, (2, 24))
-    full, h_full = model(tokens)
-    last, h_last = model(tokens, last_only=True)
+    (full, h_full), (last, h_last) = model(tokens), model(tokens, last_only=True)
     assert last.shape == (2, 1, full.shape[-1]) and torch.equal(h_last, h_full)
     close(last[:, 0], full[:, -1])
     cache = KVCache(model.args, 2, 32)
     steps = [model(tokens[:, :10], torch.arange(10), cache)[0]]  # prefill, causal over the cache
     for t in range(10, 24):  # one token at a time; mask width t+1 = the live slots
-        steps.append(model(tokens[:, t:t + 1], torch.tensor([t]), cache, ones(1, 1, 1, t + 1))[0])
+        steps.append(model(tokens[:, t:t + 1], torch.tensor([t]), cache, torch.ones(1, 1, 1, t + 1, dtype=bool))[0])
     close(torch.cat(steps, 1), full)
     g = torch.Generator().manual_seed(0)  # grouped attention: one row, a tree of rows, rows with few visible keys
     for B, H, Hkv, T, S in ((1, 9, 3, 1, 40), (2, 4, 2, 7, 30), (3, 6, 6, 5, 12)):
@@ -393,6 +336,43 @@ def test_llama_cache_and_grouped_attention():
         got = llama.attention(q, k, v, mask)
         k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)  # each query head: its kv head
         torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    model = tiny_target(hidden_dim=96)  # the fused kv cache: k heads 0, 1 then v heads, in one buffer
+    cache = KVCache(model.args, 1, 8)
+    assert cache.k.shape == cache.v.shape == (2, 1, 2, 8, 16)
+    cache.kv.fill_(0)
+    cache.update(1, torch.tensor([3]), torch.arange(4 * 16.0).view(1, 4, 1, 16))
+    assert torch.equal(cache.k[1, 0, :, 3].flatten(), torch.arange(32.0))
+    assert torch.equal(cache.v[1, 0, :, 3].flatten(), torch.arange(32.0, 64.0)) and cache.k.abs().sum() == 496
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 40), torch.randn(96)
+    for shape, bias in itertools.product([(1, 40), (1, 1, 40), (3, 40), (2, 4, 40), (1, 9, 40), (0, 40)], (None, b)):
+        x = torch.randn(shape)
+        got = llama.linear(x, w, bias)
+        assert got.shape == (*shape[:-1], 96) and torch.allclose(got, F.linear(x, w, bias), atol=1e-5)
+    calls, matmul = [], torch.Tensor.__matmul__
+    with pytest.MonkeyPatch.context() as m:  # the few-row path: for few rows, and in the fused projections
+        m.setattr(torch.Tensor, "__matmul__", lambda a, c: (calls.append((a.shape, c.shape)), matmul(a, c))[1])
+        for rows in ((1, 1, 40), (5, 40), (9, 40)):  # (9 rows: F.linear)
+            llama.linear(torch.randn(rows), w)
+        assert [c for _, c in calls] == [(40, 2), (40, 5)]
+        model(torch.tensor([[5]]))
+    assert {(4 * 16 + 2 * 2 * 16, 64), (2 * 96, 64)} <= {tuple(a) for a, _ in calls}
+    layer = llama.Linear(40, 96, bias=False)
+    with torch.enable_grad():
+        layer(torch.randn(1, 40)).sum().backward()  # (with autograd: F.linear)
+    assert layer.weight.grad is not None
+    # 2 norms, 4 matrices (3 ops each: few-row path), rotation, cache write, attention (+1: mask tiled), SwiGLU, 2 adds
+    for T in (1, 61):  # a decode step; a tree (grouped query rows: q copied, the mask tiled)
+        ops = []
+        for n_layers in (4, 2):
+            model, n = tiny_target(97, sharp=1.0, n_layers=n_layers), 20
+            cache = KVCache(model.args, 1, 128)
+            model(torch.randint(0, 97, (1, n)), torch.arange(n), cache)
+            with OpCount() as count:  # a tree: positions n + depth
+                model(torch.randint(0, 97, (1, T)), n + torch.arange(T) % 6, cache, torch.rand(1, 1, T, 128) < 0.5,
+                      slots=n + torch.arange(T))
+            ops.append(count.ops)
+        assert (ops[0] - ops[1]) / 2 <= 34, ops  # (4 layers minus 2, over 2)
 
 
 def test_llama_rope_table_equals_hf_rotation():
@@ -404,44 +384,17 @@ def test_llama_rope_table_equals_hf_rotation():
     pos = torch.tensor([0, 1, 7, 150, 299])
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(2, 5, 4, 16).to(dtype)  # (B, T, H, D)
-        cos, sin = hf_rope(x, pos[None])
-        want, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)
+        want, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), *hf_rope(x, pos[None]))  # (cos, sin)
         table = llama.rope_table(args, 300).to(dtype)
         got = llama.apply_rope(x, *table[pos, None].unbind(-2))
         torch.testing.assert_close(got.transpose(1, 2), want, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-2)
     assert torch.equal(llama.apply_rope(x, *table[[0]][:, None].unbind(-2)), x)
 
 
-class OpCount(TorchDispatchMode):  # counts the aten ops a forward dispatches, views (no kernel launched) apart
-    ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("T", [1, 61])  # a decode step; a tree (grouped query rows: q copied, the mask tiled)
-def test_llama_ops_per_layer_bounded(T):
-    """The GPU decode step is launch-bound: a cached forward stays <= 34 ops a layer (4 layers minus 2, over 2)."""
-    ops = []
-    for n_layers in (4, 2):
-        model, n = tiny_target(97, sharp=1.0, n_layers=n_layers), 20
-        cache = KVCache(model.args, 1, 128)
-        with torch.no_grad():
-            model(torch.randint(0, 97, (1, n)), torch.arange(n), cache)
-            with OpCount() as count:  # a tree: positions n + depth
-                model(torch.randint(0, 97, (1, T)), n + torch.arange(T) % 6, cache, torch.rand(1, 1, T, 128) < 0.5,
-                      slots=n + torch.arange(T))
-        ops.append(count.ops)
-    # 2 norms, 4 matrices (3 ops each: few-row path), rotation, cache write, attention (+1: mask tiled), SwiGLU, 2 adds
-    assert (ops[0] - ops[1]) / 2 <= 34, ops
-
-
 # sentencepiece (Llama-2 / Vicuna style) tokenizers, GGUF files written the way llama.cpp writes them
 
 @pytest.fixture(scope="module")
-def sp_model():
-    """A tiny sentencepiece BPE model with Llama-2's settings (byte fallback, identity normalisation)."""
+def sp_model():  # a tiny sentencepiece BPE model with Llama-2's settings (byte fallback, identity normalisation)
     rng = random.Random(0)
     words = "the quick brown fox jumps over lazy dog hello world llama vicuna user assistant chat model".split()
     lines = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice([".", "!", " 12", " 3.5", "\n\tx"])
@@ -458,8 +411,7 @@ SP_TEXTS = ["hello world", " hello  world ", "<s>hello</s>the dog", "hello</s> U
             "", "  ", "a\tb", "hello  ", "<unk>x", "llama\n\n\nvicuna"]
 
 
-def sp_ref_ids(ref, text):
-    """transformers' ids, but a BOS string starts a new sequence as in Meta's and FastChat's prompts."""
+def sp_ref_ids(ref, text):  # transformers' ids, but a BOS string starts a new sequence as in Meta's and FastChat's
     first, *rest = text.split("<s>")
     return ref.encode(first, add_special_tokens=False) + sum(([1] + ref.encode(p, add_special_tokens=False)
                                                               for p in rest), [])
@@ -468,7 +420,6 @@ def sp_ref_ids(ref, text):
 @pytest.mark.parametrize("legacy", [False, True])
 def test_llama_sentencepiece_tokenizer_matches_transformers(sp_model, legacy, tmp_path):
     """Ids and decoding equal transformers' LlamaTokenizer; templates: Vicuna's (warned), named, file; errors."""
-    from transformers import LlamaTokenizer
     from transformers.tokenization_utils_base import generate_merges
     (tmp_path / "tokenizer.model").write_bytes(sp_model)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": legacy}))
@@ -496,14 +447,12 @@ def test_llama_sentencepiece_tokenizer_matches_transformers(sp_model, legacy, tm
     (tmp_path / "t.jinja").write_text(template)
     assert convert.Tokenizer(tmp_path, template=str(tmp_path / "t.jinja")).render(msgs[:1]) == '[user] "hi"\n'
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}"
-    raises([(("llama9", msgs), "unknown chat template 'llama9'"),
-            ((strict, msgs[1:]), "chat template: roles must alternate"),
-            (("{% for %}", msgs), "chat template: ")],
+    raises([(("llama9", msgs), "unknown chat template 'llama9'"), (("{% for %}", msgs), "chat template: "),
+            ((strict, msgs[1:]), "chat template: roles must alternate")],
            lambda template, m: convert.Tokenizer(tmp_path, template).render(m))
 
 
-def raw_blocks(w, qtype, rng):
-    """Random but valid blocks of a type gguf-py cannot quantize to: random nibbles, sane fp16 scales."""
+def raw_blocks(w, qtype, rng):  # random but valid blocks of a type gguf-py cannot quantize to: sane fp16 scales
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (w.shape[0], w.shape[1] // block, size), dtype=np.uint8)
     scale = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
@@ -540,28 +489,22 @@ def write_gguf(path, ref, sp_model, types, arch="llama", rope_freqs=None):
             heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
             t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
         qtype = next((q for key, q in types.items() if key in name), Q.F32)
-        if qtype in (Q.Q4_K, Q.Q6_K, Q.Q8_1):
-            w.add_tensor(inverse[name], raw_blocks(t, qtype, rng), raw_dtype=qtype)
-        elif qtype in (Q.F16, Q.F32):
+        if qtype in (Q.F16, Q.F32):
             w.add_tensor(inverse[name], t.astype(np.float16 if qtype == Q.F16 else np.float32))
         else:
-            w.add_tensor(inverse[name], gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+            raw = raw_blocks(t, qtype, rng) if qtype in (Q.Q4_K, Q.Q6_K, Q.Q8_1) else gguf.quants.quantize(t, qtype)
+            w.add_tensor(inverse[name], raw, raw_dtype=qtype)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
 
 
-@pytest.fixture(scope="module")
-def gguf_file(sp_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("gguf")
-    (d / "sp.model").write_bytes(sp_model)
+def test_llama_gguf_round_trip_llama31_rope_and_errors(sp_model, tmp_path, monkeypatch):
+    """Every quant type converts to what transformers loads from the GGUF; convert.py never overwrites; Llama-3.1;
+    every bad GGUF or HF directory is a one-line BeagleError naming what is wrong, and leaves nothing behind."""
+    (tmp_path / "sp.model").write_bytes(sp_model)
+    sp, path = str(tmp_path / "sp.model"), tmp_path / "tiny.gguf"
     ref = hf_model(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, vocab_size=400)
-    write_gguf(d / "tiny.gguf", ref, str(d / "sp.model"), {"embed": Q.Q8_0, "q_proj": Q.F16, "k_proj": Q.BF16,
-               "v_proj": Q.Q4_0, "o_proj": Q.Q4_1, "gate_proj": Q.Q4_K, "up_proj": Q.Q6_K, "down_proj": Q.Q8_0})
-    return d / "tiny.gguf", ref
-
-
-def test_llama_gguf_round_trip_and_llama31_rope(gguf_file, sp_model, tmp_path):
-    """Every quant type converts to what transformers loads from the GGUF; convert.py never overwrites; Llama-3.1."""
-    path, ref = gguf_file
+    write_gguf(path, ref, sp, {"embed": Q.Q8_0, "q_proj": Q.F16, "k_proj": Q.BF16, "v_proj": Q.Q4_0, "o_proj": Q.Q4_1,
+                               "gate_proj": Q.Q4_K, "up_proj": Q.Q6_K, "down_proj": Q.Q8_0})
     out = convert.convert_gguf(path, tmp_path / "conv")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "tokenizer.json", "tokenizer_config.json"]
@@ -587,27 +530,22 @@ def test_llama_gguf_round_trip_and_llama31_rope(gguf_file, sp_model, tmp_path):
     r = script("convert.py", "--convert", path, "--out", tmp_path / "m")  # (its one subprocess; errors: MISUSE)
     assert r.returncode == 0 and (tmp_path / "m" / "config.json").exists(), r.stderr
     scaling = {**LLAMA3, "original_max_position_embeddings": 8192}  # Llama-3.1: rope_freqs, one divisor a frequency
-    ref = hf_model(num_key_value_heads=2, vocab_size=400, rope_theta=500000.0, rope_scaling=scaling)
+    ref31 = hf_model(num_key_value_heads=2, vocab_size=400, rope_theta=500000.0, rope_scaling=scaling)
     args = ModelArgs(dim=64, n_heads=4, rope_theta=500000.0)
     divisors = llama.rope_frequencies(args) / llama.rope_frequencies(dataclasses.replace(args, rope_scaling=scaling))
     assert divisors.max() == 8.0 and divisors.min() == 1.0
-    write_gguf(tmp_path / "l31.gguf", ref, str(path.parent / "sp.model"), {}, rope_freqs=divisors.numpy())
+    write_gguf(tmp_path / "l31.gguf", ref31, sp, {}, rope_freqs=divisors.numpy())
     model = llama.load_hf(convert.convert_gguf(tmp_path / "l31.gguf", tmp_path / "conv31"))
     assert model.args.rope_scaling == scaling
     tokens = torch.randint(0, 400, (1, 64))
-    llama_close(model(tokens)[0], ref(tokens).logits)
-
-
-def test_llama_gguf_and_hf_errors(gguf_file, tmp_path, monkeypatch):
-    """Every bad GGUF or HF directory is a one-line BeagleError naming what is wrong, and leaves nothing behind."""
-    path, ref = gguf_file
+    llama_close(model(tokens)[0], ref31(tokens).logits)
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
     (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:-5000])
-    write_gguf(tmp_path / "qwen.gguf", ref, str(path.parent / "sp.model"), {}, arch="qwen2")
+    write_gguf(tmp_path / "qwen.gguf", ref, sp, {}, arch="qwen2")
     w = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
     w.add_embedding_length(64)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    write_gguf(tmp_path / "q81.gguf", ref, str(path.parent / "sp.model"), {"down_proj": Q.Q8_1})
+    write_gguf(tmp_path / "q81.gguf", ref, sp, {"down_proj": Q.Q8_1})
     conv = lambda name: convert.convert_gguf(tmp_path / f"{name}.gguf" if name else path, tmp_path / "out")
     raises([(("nope",), "no such file"), (("junk",), "not a readable GGUF file"), (("cut",), "not a readable GGUF"),
             (("qwen",), "is a 'qwen2' GGUF"), (("bare",), "bare.gguf lacks llama.block_count"),
@@ -707,8 +645,7 @@ DIGIT_TEXTS = ["  1", "x  12", "  123  456\n 7", "½ ² ³ ٣ ५", "version\t\t
 def test_llama_slow_smollm2_matches_transformers(real, real_hf, tmp_path, capsys):
     """The default target's logits, tokenizer and template equal transformers' (digits split first, as llama.cpp)."""
     from tokenizers import pre_tokenizers
-    (model, tok), path = real, convert.default_gguf()
-    target_dir = convert.default_target_dir()
+    (model, tok), path, target_dir = real, convert.default_gguf(), convert.default_target_dir()
     assert target_dir.name == "SmolLM2-135M-Instruct" and (target_dir / "config.json").exists()
     convert.load_target()  # second use: no conversion
     assert "converting" not in capsys.readouterr().err
@@ -784,7 +721,8 @@ class LlamaKnobs:
 
 
 def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
-    """common.cli: values coerced to the field's type, one-line errors, --help from the field comments."""
+    """common.cli: values coerced to the field's type, one-line errors, --help from the field comments; and
+    `import llama` for the model does not import the GGUF, tokenizer or template libraries."""
     (tmp_path / "knobs.py").write_text(KNOBS)
     monkeypatch.syspath_prepend(tmp_path)
     LlamaKnobs = importlib.import_module("knobs").LlamaKnobs
@@ -835,13 +773,8 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
     assert cfg.cuda_graph is False and decode.compiled(cfg, "tree") is None  # graphs and compile: for cuda only
-
-
-def test_llama_import_is_the_model_alone():
-    """`import llama` for the model does not import the GGUF, tokenizer or template libraries."""
-    code = ("import sys, llama; "
-            "print(sorted(m for m in ('gguf', 'jinja2', 'sentencepiece', 'tokenizers') if m in sys.modules))")
-    r = script("-c", code)
+    r = script("-c", "import sys, llama; "
+                     "print(sorted(m for m in ('gguf', 'jinja2', 'sentencepiece', 'tokenizers') if m in sys.modules))")
     assert r.stdout.strip() == "[]", r.stderr
 
 
