@@ -8,20 +8,47 @@ The tests of Beagle, on the CPU in fp32, offline: tiny random models for most ch
 
 transformers is a test-only dependency: our model, tokenizer, chat template and GGUF loader are checked against it.
 """
-import contextlib, copy, dataclasses, functools, importlib.util, io, itertools, json, math, os, random, runpy, shutil
-import signal, socket, subprocess, sys
+import contextlib
+import copy
+import dataclasses
+import functools
+import importlib.util
+import io
+import itertools
+import json
+import math
+import os
+import random
+import runpy
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
-import gguf, pytest, sentencepiece, torch
+import gguf
 import numpy as np
+import pytest
+import sentencepiece
+import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-import beagle, bench, calibrate, common, convert, data, decode, generate, llama, train
+import beagle
+import bench
+import calibrate
+import common
+import convert
+import data
+import decode
+import generate
+import llama
+import train
 from beagle import Beagle, DraftArgs, DraftCache, block_mask, load_draft, save_draft, simulation_mask
 from common import BeagleError
 from decode import DecodeConfig, generate_spec
