@@ -440,6 +440,49 @@ def first_prompts(examples, n):
     return out
 
 
+def resume(cfg, target, draft, opt, device, master):
+    """--resume: the run's draft and optimizer state loaded into `draft` and `opt`, after checking that the
+    checkpoint is whole and that it is the same run; its CSVs cut back to the checkpoint. -> (step, epoch, batch)"""
+    state_path = os.path.join(cfg.out, "state.pt")
+    if not os.path.exists(state_path):
+        raise BeagleError(f"--resume: no {state_path} to resume from")
+    tensors, meta = read_draft(os.path.join(cfg.out, "draft.safetensors"))
+    check_fingerprint(json.loads(meta["target"]), target)
+    st = torch.load(state_path, map_location=device, weights_only=True)
+    if json.loads(meta["extra"]).get("step") != st["step"]:  # a crash between the two atomic writes
+        raise BeagleError(f"{cfg.out}: draft.safetensors and state.pt are from different steps")
+    kept = ("draft", "stage", "window", "sim_steps", "batch_size", "batch_tokens", "seed", "noise", "vloss_weight",
+            "schedule")
+    changed = [k for k in kept if st["config"].get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
+    if changed:  # these change what the remaining steps compute: not a continuation any more
+        raise BeagleError(f"--resume with a different --{changed[0].replace('_', '-')} than the run in {cfg.out}")
+    tensors.pop("vocab", None)  # the token ranking: recomputed from the data
+    draft.load_state_dict(tensors)
+    opt.load_state_dict(st["opt"])
+    if master:
+        for f in ("train.csv", "eval.csv"):
+            trim_csv(os.path.join(cfg.out, f), st["step"])
+    return st["step"], st["epoch"], st["batch"]
+
+
+def log_evaluation(cfg, target, draft, tokenizer, sets, device, amp, say, step, epoch, frac):
+    """Agreement at draft steps 1..window on the held-out and the seen examples, the chain tau it implies and,
+    given prompts, the tau of a short tree decode on them: printed and appended to eval.csv. -> held-out agreement"""
+    (eval_ex, seen_ex, prompts), pad_id = sets, tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    acc = evaluate(target, draft, eval_ex, cfg, pad_id, device, amp)
+    seen = evaluate(target, draft, seen_ex, cfg, pad_id, device, amp)
+    tau = measured_tau(target, draft, prompts, tokenizer.stop_ids) if prompts else float("nan")
+    say(f"eval step {step} | top-1 agreement at draft steps 1..{cfg.window}: held-out "
+        + " ".join(f"{a:.3f}" for a in acc) + " | train " + " ".join(f"{a:.3f}" for a in seen)
+        + f" | chain tau {chain_tau(acc):.2f}" + (f" | tree tau {tau:.2f} on {len(prompts)} prompts" if tau == tau
+                                                  else ""))
+    append_csv(os.path.join(cfg.out, "eval.csv"), {
+        "step": step, "epoch": epoch, "epochs": round(epoch + frac, 3), **{f"acc{m + 1}": a for m, a in enumerate(acc)},
+        **{f"train_acc{m + 1}": a for m, a in enumerate(seen)}, "tau_chain": round(chain_tau(acc), 4),
+        "tau": round(tau, 4)})
+    return acc
+
+
 def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     """The training loop for an already loaded frozen target (tests call it with a tiny one)."""
     device = torch.device(device)
@@ -475,28 +518,8 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     draft.vocab = data.token_ranking(train_ex, target.args.vocab_size)  # saved with it (beagle.py, VOCAB)
     opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                             fused=cuda)
-    step, epoch, batch = 0, 0, 0  # batch: index (in optimizer steps) of the next step inside the epoch
-    state_path = os.path.join(cfg.out, "state.pt")
-    if cfg.resume:
-        if not os.path.exists(state_path):
-            raise BeagleError(f"--resume: no {state_path} to resume from")
-        tensors, meta = read_draft(os.path.join(cfg.out, "draft.safetensors"))
-        check_fingerprint(json.loads(meta["target"]), target)
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        if json.loads(meta["extra"]).get("step") != st["step"]:  # a crash between the two atomic writes
-            raise BeagleError(f"{cfg.out}: draft.safetensors and state.pt are from different steps")
-        kept = ("draft", "stage", "window", "sim_steps", "batch_size", "batch_tokens", "seed", "noise", "vloss_weight",
-                "schedule")
-        changed = [k for k in kept if st["config"].get(k, getattr(TrainConfig, k)) != getattr(cfg, k)]
-        if changed:  # these change what the remaining steps compute: not a continuation any more
-            raise BeagleError(f"--resume with a different --{changed[0].replace('_', '-')} than the run in {cfg.out}")
-        tensors.pop("vocab", None)  # the token ranking: recomputed from the data above
-        draft.load_state_dict(tensors)
-        opt.load_state_dict(st["opt"])
-        step, epoch, batch = st["step"], st["epoch"], st["batch"]
-        if master:
-            for f in ("train.csv", "eval.csv"):
-                trim_csv(os.path.join(cfg.out, f), step)
+    # batch: index (in optimizer steps) of the next step inside the epoch
+    step, epoch, batch = resume(cfg, target, draft, opt, device, master) if cfg.resume else (0, 0, 0)
     os.makedirs(cfg.out, exist_ok=True)
 
     cache = None
@@ -595,20 +618,10 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
                     if master:
                         if eval_ex:
                             n_evals += 1
-                            acc = evaluate(target, draft, eval_ex, cfg, pad_id, device, amp)
-                            seen = evaluate(target, draft, seen_ex, cfg, pad_id, device, amp)
-                            tau = float("nan")
-                            if prompts and cfg.tau_interval and (n_evals % cfg.tau_interval == 0 or step == total):
-                                tau = measured_tau(target, draft, prompts, tokenizer.stop_ids)
-                            say(f"eval step {step} | top-1 agreement at draft steps 1..{cfg.window}: held-out "
-                                + " ".join(f"{a:.3f}" for a in acc) + " | train " + " ".join(f"{a:.3f}" for a in seen)
-                                + f" | chain tau {chain_tau(acc):.2f}" + (f" | tree tau {tau:.2f} on {len(prompts)} "
-                                                                          f"prompts" if tau == tau else ""))
-                            append_csv(os.path.join(cfg.out, "eval.csv"), {
-                                "step": step, "epoch": epoch, "epochs": round(epoch + batch / per_epoch[epoch], 3),
-                                **{f"acc{m + 1}": a for m, a in enumerate(acc)},
-                                **{f"train_acc{m + 1}": a for m, a in enumerate(seen)},
-                                "tau_chain": round(chain_tau(acc), 4), "tau": round(tau, 4)})
+                            tau_now = cfg.tau_interval and (n_evals % cfg.tau_interval == 0 or step == total)
+                            sets = eval_ex, seen_ex, prompts if tau_now else []
+                            acc = log_evaluation(cfg, target, draft, tokenizer, sets, device, amp, say, step, epoch,
+                                                 batch / per_epoch[epoch])
                         save_checkpoint(cfg, draft, target, opt, step, epoch, batch)
                         saved_at = time.time()
                         plot(cfg.out)
