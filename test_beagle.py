@@ -341,9 +341,8 @@ class OpCount(TorchDispatchMode):  # counts the aten ops a forward dispatches, v
 
 
 @torch.no_grad()
-def test_llama_cache_attention_few_row_linear_and_ops_per_layer():
-    """Cached steps and last-only prefill == the full forward; grouped attention == repeated kv heads; k, v view one
-    buffer; the CPU few-row linear == F.linear; the (launch-bound) GPU decode step stays <= 34 ops a layer."""
+def test_llama_cache_and_grouped_attention():
+    """Cached steps and last-only prefill == the full forward; grouped attention == repeated kv heads."""
     model = tiny_target(97, sharp=1.0)
     close = functools.partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)
     tokens = torch.randint(0, 97, (2, 24))
@@ -363,6 +362,10 @@ def test_llama_cache_attention_few_row_linear_and_ops_per_layer():
         got = llama.attention(q, k, v, mask)
         k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)  # each query head: its kv head
         torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_llama_fused_kv_cache_and_the_cpu_few_row_path():
+    """k, v view one buffer; the CPU few-row linear == F.linear, taken for few rows by the fused projections."""
     model = tiny_target(hidden_dim=96)  # the fused kv cache: k heads 0, 1 then v heads, in one buffer
     cache = KVCache(model.args, 1, 8)
     assert cache.k.shape == cache.v.shape == (2, 1, 2, 8, 16)
@@ -388,18 +391,22 @@ def test_llama_cache_attention_few_row_linear_and_ops_per_layer():
     with torch.enable_grad():
         layer(torch.randn(1, 40)).sum().backward()  # (with autograd: F.linear)
     assert layer.weight.grad is not None
-    # 2 norms, 4 matrices (3 ops each: few-row path), rotation, cache write, attention (+1: mask tiled), SwiGLU, 2 adds
-    for T in (1, 61):  # a decode step; a tree (grouped query rows: q copied, the mask tiled)
-        ops = []
-        for n_layers in (4, 2):
-            model, n = tiny_target(97, sharp=1.0, n_layers=n_layers), 20
-            cache = KVCache(model.args, 1, 128)
-            model(torch.randint(0, 97, (1, n)), torch.arange(n), cache)
-            with OpCount() as count:  # a tree: positions n + depth
-                model(torch.randint(0, 97, (1, T)), n + torch.arange(T) % 6, cache, torch.rand(1, 1, T, 128) < 0.5,
-                      slots=n + torch.arange(T))
-            ops.append(count.ops)
-        assert (ops[0] - ops[1]) / 2 <= 34, ops  # (4 layers minus 2, over 2)
+
+
+@pytest.mark.parametrize("T", [1, 61])  # a decode step; a tree (grouped query rows: q copied, the mask tiled)
+def test_llama_ops_per_layer_bounded(T):
+    """The (launch-bound) GPU decode step stays <= 34 ops a layer: 2 norms, 4 matrices (3 ops each: few-row path),
+    rotation, cache write, attention (+1: mask tiled), SwiGLU, 2 adds."""
+    ops = []
+    for n_layers in (4, 2):
+        model, n = tiny_target(97, sharp=1.0, n_layers=n_layers), 20
+        cache = KVCache(model.args, 1, 128)
+        model(torch.randint(0, 97, (1, n)), torch.arange(n), cache)
+        with OpCount() as count:  # a tree: positions n + depth
+            model(torch.randint(0, 97, (1, T)), n + torch.arange(T) % 6, cache, torch.rand(1, 1, T, 128) < 0.5,
+                  slots=n + torch.arange(T))
+        ops.append(count.ops)
+    assert (ops[0] - ops[1]) / 2 <= 34, ops  # (4 layers minus 2, over 2)
 
 
 def test_llama_rope_table_equals_hf_rotation():
@@ -800,6 +807,9 @@ def test_llama_cli_types_values_errors_and_help(capsys, monkeypatch, tmp_path):
     assert cfg.cuda_graph is None  # auto: on for cuda, off for cpu
     decode.resolve(cfg)
     assert cfg.cuda_graph is False and decode.compiled(cfg, "tree") is None  # graphs and compile: for cuda only
+
+
+def test_llama_import_is_the_model_alone():  # no GGUF, tokenizer or template library comes with the model
     r = script("-c", "import sys, llama; "
                      "print(sorted(m for m in ('gguf', 'jinja2', 'sentencepiece', 'tokenizers') if m in sys.modules))")
     assert r.stdout.strip() == "[]", r.stderr
@@ -1068,14 +1078,14 @@ def test_train_cli_end_to_end(real, tmp_path):
     train.check_config(train.TrainConfig(stage=1, window=1))  # stage 1 ignores --sim-steps (k = 1: next token only)
 
 
-def ref_loss(output, outs, logits, h, labels, stage):  # the loss the plain way: (N, V) target logits, all rows at once
+def ref_loss(output, outs, logits, h, labels, window, stage):  # the plain way: (N, V) target logits, all rows at once
     total, w_sum = 0.0, 0.0
-    for m, (idx, hat) in enumerate(outs, 1):  # draft step m: weight 1 in stage 1, window - m + 1 in stage 2 (window 3)
+    for m, (idx, hat) in enumerate(outs, 1):  # draft step m: weight 1 in stage 1, window - m + 1 in stage 2
         b, j = labels[:, idx].nonzero(as_tuple=True)
         hh, i = hat[b, j], idx[j]
         ce = -(logits[b, i].float().softmax(-1) * output(hh).float().log_softmax(-1)).sum(-1).mean()
         vl = F.smooth_l1_loss(hh.float(), h[b, i].float(), reduction="none").mean(-1).mean()
-        w = 1.0 if stage == 1 else 4.0 - m
+        w = 1.0 if stage == 1 else window - m + 1.0
         total, w_sum = total + w * (ce + 10.0 * vl), w_sum + w  # value-loss weight 10
     return total / w_sum
 
@@ -1090,7 +1100,7 @@ def test_train_chunked_loss_and_recompute_equal_references(stage, steps, offset)
     loss_mask[0, :7] = False  # a user turn: no labels there
     (logits, h), emb = target(ids), target.tok_embeddings(ids)
     ref = grads_of(draft, ref_loss(target.output, train.DraftStep(draft)(emb, h, 3, offset, steps), logits, h,
-                                   train.label_positions(loss_mask, valid, 3, offset), stage))
+                                   train.label_positions(loss_mask, valid, 3, offset), 3, stage))
     loss, ce, vl = draft_outs(target, draft, batch, steps, offset, chunk=5)
     assert not ce.requires_grad and torch.allclose(loss, ce + 10.0 * vl, atol=1e-5)
     got = grads_of(draft, loss)
