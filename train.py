@@ -20,14 +20,15 @@ masks (loss_plan), the loss and token counts stay on the device until a log line
 exists in the forward or the backward.
 
 Stage 1 trains all k window positions at once through the inverse block mask. Stage 2 runs s simulation steps
-over the same windows with one extra key/value buffer of sequence length that holds the draft's own states:
-step m only computes the queries at window position m (the only ones the loss reads; the others' outputs
-would be discarded), so step m costs ~T/k queries against 2T keys. Gradients DO flow through the buffer: the
-state written at step m is a function of the draft's weights, and the exact gradient of "draft m steps from
-its own states" includes how those states change, as in autoregressive drafting itself (EAGLE-3 / HASS also
-backpropagate through their unrolled steps). So that memory does not grow with s, each step's draft-layer
-activations are not kept but recomputed in the backward pass (--recompute, about one more draft forward a step);
-what a step keeps is its inputs, two (B, Hkv, T, D) key/value buffers, and the loss keeps an (N, dim) gradient.
+over the same windows: step m only computes the queries at window position m (the only ones the loss reads; the
+others' outputs would be discarded), and their keys are the T true states plus the draft's own states of steps
+1..m-1, ~T/k of each (no key is made for a state not made yet), so step m costs ~T/k queries against
+T (1 + (m-1)/k) keys. Gradients DO flow through the draft's own states: a state made at step m is a function
+of the draft's weights, and the exact gradient of "draft m steps from its own states" includes how those states
+change, as in autoregressive drafting itself (EAGLE-3 / HASS also backpropagate through their unrolled steps).
+So that memory does not grow with s, each step's draft-layer activations are not kept but recomputed in the
+backward pass (--recompute, about one more draft forward a step); what a step keeps is its inputs and its own
+(B, Hkv, ~T/k, D) keys and values, and the loss an (N, dim) gradient.
 """
 import csv
 import json
@@ -119,29 +120,29 @@ class DraftStep(nn.Module):
         if steps == 0:
             return [(pos, self.draft(emb, pos, states, pos, block_mask(T, window, offset, dev)[None, None]))]
         k_true, v_true = self.draft.kv(states, pos)  # (B, Hkv, T, D), computed once for all steps
-        k_buf, v_buf = torch.zeros_like(k_true), torch.zeros_like(v_true)  # draft-state keys, filled step by step
         wp = None if queries else window_positions(T, window, offset)  # host: the index lists need no device sync
-        outs = []
+        own, outs = [], []  # own: (idx, k, v) per step so far, the draft's states as keys and values (B, Hkv, n, D)
         for m in range(1, steps + 1):
             # queries at window position m: (n,), found on the host (no device sync)
             idx = queries[m - 1] if queries else to_device((wp == m).nonzero().squeeze(1), dev)
-            mask = simulation_mask(T, window, offset, m, dev)[idx][None, None]  # (1, 1, n, 2T)
-            args = emb[:, idx], idx, k_true, k_buf, v_true, v_buf, mask, m < steps
-            # recompute: keep only the step's inputs for backward and rerun it there, so that the steps keep one
-            # pair of (B, Hkv, T, D) buffers each, not also the draft layer's activations
-            hat, k_buf, v_buf = (checkpoint(self.sim_step, *args, use_reentrant=False)
+            # the keys this step has: the T true states, then the earlier steps' own states (column T + position
+            # of simulation_mask's draft half); a key of a state not written yet is never needed, so never made
+            cols = torch.cat([pos] + [T + i for i, _, _ in own])
+            mask = simulation_mask(T, window, offset, m, dev)[idx][:, cols][None, None]  # (1, 1, n, T + rows so far)
+            args = emb, idx, mask, m < steps, [k_true] + [k for _, k, _ in own], [v_true] + [v for _, _, v in own]
+            # recompute: keep only the step's inputs for backward and rerun it there, so that a step adds only its
+            # own (B, Hkv, n, D) keys and values (and its output, which the loss reads), no layer activations
+            hat, k_new, v_new = (checkpoint(self.sim_step, *args, use_reentrant=False)
                                  if self.recompute and torch.is_grad_enabled() else self.sim_step(*args))
+            own.append((idx, k_new, v_new))
             outs.append((idx, hat))  # hat (B, n, dim)
         return outs
 
-    def sim_step(self, emb, idx, k_true, k_buf, v_true, v_buf, mask, write):
-        """One simulation step: its queries over the true states' keys and the draft-state buffer's; with write,
-        the buffers with the step's own states written at their positions (out of place) for the next step."""
-        hat = self.draft.attend(emb, idx, torch.cat([k_true, k_buf], 2), torch.cat([v_true, v_buf], 2), mask)
-        if write:
-            k_new, v_new = self.draft.kv(hat, idx)
-            k_buf, v_buf = k_buf.index_copy(2, idx, k_new), v_buf.index_copy(2, idx, v_new)
-        return hat, k_buf, v_buf
+    def sim_step(self, emb, idx, mask, write, ks, vs):
+        """One simulation step: the queries at positions idx over the keys and values ks, vs (lists, joined along
+        the sequence); with write, also the step's own states as keys and values for the next steps (else None)."""
+        hat = self.draft.attend(emb[:, idx], idx, torch.cat(ks, 2), torch.cat(vs, 2), mask)
+        return (hat, *self.draft.kv(hat, idx)) if write else (hat, None, None)
 
 
 def to_device(x, device):

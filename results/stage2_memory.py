@@ -1,12 +1,14 @@
 """
-Peak GPU memory of one training step (forward + backward) on one batch of real conversations: stage 1, then stage 2
-at s = 1..6 simulation steps, the draft fresh (its weights do not change what a step keeps). Takes train.py's
-options (the data, --batch-size / --batch-tokens, --window, --recompute, --loss-chunk, --target).
+Peak GPU memory and time of one training step (forward + backward) on one batch of real conversations: stage 1,
+then stage 2 at s = 1..6 simulation steps, the draft fresh (its weights do not change what a step keeps); on a CPU
+the time only. Takes train.py's options (the data, --batch-size / --batch-tokens, --window, --recompute,
+--loss-chunk, --target).
 
     python results/stage2_memory.py --data data/probe.jsonl --batch-size 32 --device cuda [--recompute false]
 """
 import os
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -21,9 +23,9 @@ from convert import load_target  # noqa: E402
 
 def measure_memory(cfg, target, tokenizer, device):
     """Peak memory of one training step (forward + backward) on one batch: stage 1, then stage 2 at s = 1..6.
-    The attention keys are 2T (true states + the draft-state buffer) whatever s is. With --recompute a step keeps
-    only its inputs, of which the out-of-place (B, Hkv, T, D) key/value buffers are new (written out of place so
-    gradients can flow through the draft states); without it, also the draft layer's activations. The loss keeps
+    Step m's keys are the T true states plus the ~T/k own states of each earlier step. With --recompute a step
+    keeps only its inputs, of which its queries' embeddings and its own (B, Hkv, ~T/k, D) keys and values are new;
+    without it, also the draft layer's activations. The loss keeps
     no logits: SoftCrossEntropy holds a (rows, V) block for `--loss-chunk` rows at a time and keeps
     only an (N, dim) gradient, so the peak should stay nearly flat in s. A self-attention training-time-test
     draft (EAGLE-3 / HASS) would in addition attend over T * s keys at step s."""
@@ -41,27 +43,33 @@ def measure_memory(cfg, target, tokenizer, device):
         _, h = target(ids_d, last_only=True)
         emb = target.tok_embeddings(ids_d)
     B, T = ids.shape
-    print(f"batch {B} x {T} tokens, window {window}; attention keys per query: 2T = {2 * T} in stage 2")
-    if not cuda:
-        print("peak memory is measured on cuda only (torch has no allocator statistics on cpu)")
-        return
+    print(f"batch {B} x {T} tokens, window {window}; stage 2 step m attends over T + the earlier steps' own states")
     mib = lambda x: f"{x / 2**20:8.1f} MiB"
+    sync = torch.cuda.synchronize if cuda else (lambda device: None)
     for s in [0] + list(range(1, 7)):
         plan = train.loss_plan(loss_mask, valid, window, 0, s, device)
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        with amp:
-            outs = model(emb, h, window, 0, s, [q for q, _, _, _ in plan] if s else None)
-            layer = torch.cuda.memory_allocated(device) - base  # what the draft layer keeps for backward
-            loss, _, _ = train.draft_loss(target.output, outs, h, plan, cfg.vloss_weight, cfg.loss_chunk)
-        kept = torch.cuda.memory_allocated(device) - base  # ... plus what the loss keeps
-        loss.backward()
-        peak = torch.cuda.max_memory_allocated(device) - base
-        draft.zero_grad(set_to_none=True)
-        del outs, loss
-        print(f"{'stage 1 (all queries)' if s == 0 else f'stage 2, s = {s}':>22}: kept for backward: draft "
-              f"{mib(layer)}, draft + loss {mib(kept)}; peak {mib(peak)}")
+        times = []
+        for _ in range(3):  # the time of the fastest of three steps (the memory of the last)
+            sync(device)
+            base = torch.cuda.memory_allocated(device) if cuda else 0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            with amp:
+                outs = model(emb, h, window, 0, s, [q for q, _, _, _ in plan] if s else None)
+                layer = torch.cuda.memory_allocated(device) - base if cuda else 0  # what the draft layer keeps
+                loss, _, _ = train.draft_loss(target.output, outs, h, plan, cfg.vloss_weight, cfg.loss_chunk)
+            kept = torch.cuda.memory_allocated(device) - base if cuda else 0  # ... plus what the loss keeps
+            loss.backward()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated(device) - base if cuda else 0
+            draft.zero_grad(set_to_none=True)
+            del outs, loss
+        memory = (f"kept for backward: draft {mib(layer)}, draft + loss {mib(kept)}; peak {mib(peak)}; " if cuda
+                  else "")
+        print(f"{'stage 1 (all queries)' if s == 0 else f'stage 2, s = {s}':>22}: {memory}"
+              f"forward + backward {min(times) * 1000:.0f} ms", flush=True)
 
 
 def main(cfg):
