@@ -1125,8 +1125,8 @@ def test_train_chunked_loss_and_recompute_equal_references(stage, steps, offset)
         torch.testing.assert_close(results[True, steps][0], results[False, steps][0])
         torch.testing.assert_close(results[True, steps][1], results[False, steps][1], atol=1e-6, rtol=1e-5)
     B, T, elt, a = *ids.shape, emb.element_size(), draft.args  # (plan: the last one, 3 steps)
-    per_query = B * a.dim * elt + 2 * B * a.n_kv_heads * a.head_dim * elt + 2 * T + 8  # embedding, own
-    inputs = sum(per_query * len(q) for q, _, _, _ in plan[1:])  # key and value, a mask row, a position; no (T,) buffer
+    per_query = 2 * B * a.n_kv_heads * a.head_dim * elt + 2 * T + 8  # its own key and value, a mask row, a position
+    inputs = sum(per_query * len(q) for q, _, _, _ in plan[1:])  # (no (T,)-long buffer, no embeddings)
     assert kept[True, 3] - kept[True, 1] <= inputs < kept[False, 3] - kept[False, 1]
 
 

@@ -121,20 +121,20 @@ class DraftStep(nn.Module):
             return [(pos, self.draft(emb, pos, states, pos, block_mask(T, window, offset, dev)[None, None]))]
         k_true, v_true = self.draft.kv(states, pos)  # (B, Hkv, T, D), computed once for all steps
         wp = None if queries else window_positions(T, window, offset)  # host: the index lists need no device sync
-        own, outs = [], []  # own: (idx, k, v) per step so far, the draft's states as keys and values (B, Hkv, n, D)
+        # the keys so far: the T true states, then each step's own states (B, Hkv, n, D), and their columns in
+        # simulation_mask (the draft half's column of position i is T + i); a state not made yet gets no key
+        ks, vs, cols, outs = [k_true], [v_true], [pos], []
         for m in range(1, steps + 1):
             # queries at window position m: (n,), found on the host (no device sync)
             idx = queries[m - 1] if queries else to_device((wp == m).nonzero().squeeze(1), dev)
-            # the keys this step has: the T true states, then the earlier steps' own states (column T + position
-            # of simulation_mask's draft half); a key of a state not written yet is never needed, so never made
-            cols = torch.cat([pos] + [T + i for i, _, _ in own])
-            mask = simulation_mask(T, window, offset, m, dev)[idx][:, cols][None, None]  # (1, 1, n, T + rows so far)
-            args = emb, idx, mask, m < steps, [k_true] + [k for _, k, _ in own], [v_true] + [v for _, _, v in own]
+            mask = simulation_mask(T, window, offset, m, dev)[idx][:, torch.cat(cols)][None, None]  # (1, 1, n, keys)
+            # copies of the lists: a recomputed step must see the keys it saw, not the ones appended after it
+            args = emb, idx, mask, m < steps, list(ks), list(vs)
             # recompute: keep only the step's inputs for backward and rerun it there, so that a step adds only its
-            # own (B, Hkv, n, D) keys and values (and its output, which the loss reads), no layer activations
+            # own keys and values (and its output, which the loss reads), no layer activations
             hat, k_new, v_new = (checkpoint(self.sim_step, *args, use_reentrant=False)
                                  if self.recompute and torch.is_grad_enabled() else self.sim_step(*args))
-            own.append((idx, k_new, v_new))
+            ks.append(k_new), vs.append(v_new), cols.append(T + idx)
             outs.append((idx, hat))  # hat (B, n, dim)
         return outs
 

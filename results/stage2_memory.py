@@ -24,10 +24,9 @@ from convert import load_target  # noqa: E402
 def measure_memory(cfg, target, tokenizer, device):
     """Peak memory of one training step (forward + backward) on one batch: stage 1, then stage 2 at s = 1..6.
     Step m's keys are the T true states plus the ~T/k own states of each earlier step. With --recompute a step
-    keeps only its inputs, of which its queries' embeddings and its own (B, Hkv, ~T/k, D) keys and values are new;
-    without it, also the draft layer's activations. The loss keeps
-    no logits: SoftCrossEntropy holds a (rows, V) block for `--loss-chunk` rows at a time and keeps
-    only an (N, dim) gradient, so the peak should stay nearly flat in s. A self-attention training-time-test
+    keeps only its inputs, of which only its own (B, Hkv, ~T/k, D) keys and values are new; without it, also the
+    draft layer's activations. The loss keeps no logits: SoftCrossEntropy holds a (rows, V) block for
+    `--loss-chunk` rows at a time and keeps only an (N, dim) gradient, so the peak should stay nearly flat in s. A self-attention training-time-test
     draft (EAGLE-3 / HASS) would in addition attend over T * s keys at step s."""
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -46,20 +45,21 @@ def measure_memory(cfg, target, tokenizer, device):
     print(f"batch {B} x {T} tokens, window {window}; stage 2 step m attends over T + the earlier steps' own states")
     mib = lambda x: f"{x / 2**20:8.1f} MiB"
     sync = torch.cuda.synchronize if cuda else (lambda device: None)
+    allocated = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)  # (no statistics on a CPU)
     for s in [0] + list(range(1, 7)):
         plan = train.loss_plan(loss_mask, valid, window, 0, s, device)
         times = []
         for _ in range(3):  # the time of the fastest of three steps (the memory of the last)
             sync(device)
-            base = torch.cuda.memory_allocated(device) if cuda else 0
+            base = allocated()
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             with amp:
                 outs = model(emb, h, window, 0, s, [q for q, _, _, _ in plan] if s else None)
-                layer = torch.cuda.memory_allocated(device) - base if cuda else 0  # what the draft layer keeps
+                layer = allocated() - base  # what the draft layer keeps for backward
                 loss, _, _ = train.draft_loss(target.output, outs, h, plan, cfg.vloss_weight, cfg.loss_chunk)
-            kept = torch.cuda.memory_allocated(device) - base if cuda else 0  # ... plus what the loss keeps
+            kept = allocated() - base  # ... plus what the loss keeps
             loss.backward()
             sync(device)
             times.append(time.perf_counter() - t0)
