@@ -136,7 +136,7 @@ class Beagle(nn.Module):
             first[..., 0].fill_(True)  # (not `= True`: that copies a host scalar, a GPU sync)
             mask = mask | (first & ~seen)
             y = torch.where(seen, llama.attention(q, k, v, mask), 0.0)  # (B, H, T, D)
-        y = self.wo(y.transpose(1, 2).reshape(B, T, -1)) + emb
+        y = self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)) + emb  # (T may be 0)
         return self.feed_forward(self.ffn_norm(y)) + y
 
     def forward(self, emb, q_positions, states, k_positions, mask):

@@ -1219,6 +1219,10 @@ def test_train_evaluate_equals_step_by_step_drafting(tiny):
     got = train.evaluate(target, draft, examples, cfg, 0, torch.device("cpu"), contextlib.nullcontext())
     assert got == pytest.approx([a / b for a, b in zip(hits, counts)], abs=1e-9), (got, hits, counts)
     assert got[0] > 0.3 and len(set(hits)) > 1  # the fitted draft agrees often, and differently per step
+    short = [(ids[:10], [False] * 5 + [True] * 5) for ids, _ in examples]  # windows past the end: at some offsets
+    wide = train.evaluate(target, draft, short, train.TrainConfig(window=8, batch_size=3), 0, torch.device("cpu"),
+                          contextlib.nullcontext())  # a step has no query at all (that once crashed in attend)
+    assert len(wide) == 8 and wide[0] == wide[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
