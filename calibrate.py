@@ -78,7 +78,7 @@ def choose(costs, cfg, vocabs):
     (chain mode: top-k 1) and the vocabularies `vocabs`; the smaller on a tie."""
     chain, best = cfg.mode == "chain", None
     for depth in [cfg.depth] if cfg.depth else range(1, 5):
-        for top_k in [1] if chain else [cfg.top_k] if cfg.top_k else range(1, 5):
+        for top_k in [1] if chain else [cfg.top_k] if cfg.top_k else range(1, min(5, min(vocabs) + 1)):
             pool = tree_sizes(depth, top_k, 1)[0]
             for keep in [depth] if chain else [cfg.tree_tokens] if cfg.tree_tokens else range(1, min(pool, 7) + 1):
                 for vocab in vocabs:
@@ -175,7 +175,8 @@ def cpu_defaults(target, draft, cfg):
     V, auto = target.args.vocab_size, cfg.draft_vocab < 0
     ranked = draft.vocab is not None  # (without a token ranking, no subset)
     vocabs = sorted({min(CPU_DRAFT_VOCAB, V), V} if ranked else {V}) if auto else [draft.vocab_size()]
-    costs, source = cpu_costs(target, draft, cache_slots(target, cfg))
+    # (at WIDTH slots at least, or the target's context: the measurement's own steps need them, whatever --max-len)
+    costs, source = cpu_costs(target, draft, max(cache_slots(target, cfg), min(WIDTH, target.args.max_seq_len)))
     speedup, shape, vocab = choose(costs, cfg, vocabs)
     line = (f"CPU: {f'chain {shape[0]}' if cfg.mode == 'chain' else 'tree ' + ' / '.join(map(str, shape))}, draft "
             f"vocabulary {vocab}: predicted {speedup:.2f}x plain decoding's tokens/s (a forward of 1..8 tokens "

@@ -1958,6 +1958,7 @@ def test_decode_cpu_choice_follows_the_machines_costs():
         chosen = choose(CPU_OTHER, DecodeConfig(**fixed), [4096])[1]
         assert fixed.items() <= dict(zip(("depth", "top_k", "tree_tokens"), chosen)).items(), (fixed, chosen)
     assert choose(CPU_FLAT, DecodeConfig(tree_tokens=20), [4096])[1][2] == 20  # beyond 8: extrapolated
+    assert choose(CPU_FLAT, DecodeConfig(), [1])[1][1] == 1  # --draft-vocab 1: no top-k wider than it
     assert calibrate.draft_step_ms(CPU_FLAT, 8192, 1) == pytest.approx(1.5 + 4.5 * 4096 / 45056)  # linear in vocab
 
 
@@ -1980,6 +1981,8 @@ def test_decode_cpu_costs_measured_once_cached_and_followed(tmp_path, monkeypatc
     assert capsys.readouterr().err == ""
     calibrate.cpu_costs(tiny_target(vocab=50), draft, 64)  # another target shape: measured for itself
     assert len(calls) == 34 and len(saved()) == 2
+    cfg = DecodeConfig(max_len=5, device="cpu")  # a tiny --max-len: measured at 128 slots (5 ran past the caches)
+    assert calibrate.cpu_defaults(target, draft, cfg) in (True, False) and "128 slots" in list(saved())[-1]
     monkeypatch.setenv("BEAGLE_CPU_COSTS", json.dumps({"forward_ms": [1] * 8}))  # forced in part: over the cached
     forced = ({**costs, "forward_ms": [1] * 8}, "partly forced by BEAGLE_CPU_COSTS")
     assert calibrate.cpu_costs(target, draft, 64) == forced
