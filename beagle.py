@@ -333,6 +333,9 @@ def read_draft(path):
     """-> (tensors, metadata) with BeagleError one-liners for everything a user can get wrong. Old checkpoints get
     their separate projections concatenated into the fused ones (OLD_NAMES), so everything reads one format."""
     from safetensors import safe_open
+    if os.path.isdir(path):  # (a training run's directory: its draft is a file in it)
+        raise BeagleError(f"{path} is a directory; give a draft checkpoint, e.g. "
+                          f"{os.path.join(path, 'draft.safetensors')}")
     if not os.path.isfile(path):
         raise BeagleError(f"no draft checkpoint at {path}")
     try:

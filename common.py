@@ -169,6 +169,8 @@ def ranks(device, backend=None):
 def check_output(path, option, directory=False):
     """Before any work: `path` (given as `option`) can be written as a file (or, with directory, a directory), so a
     wrong kind of path is one line at the start, not a traceback after the work."""
+    if not str(path).strip():  # (Path("") is ".": the current directory)
+        raise BeagleError(f"{option} is empty; give {'a directory' if directory else 'a file name'}")
     path = Path(path)
     if path.exists() and path.is_dir() != directory:
         raise BeagleError(f"{option} {path} is {'a file' if directory else 'a directory'}; "

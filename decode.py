@@ -508,10 +508,10 @@ def run(target, draft, prompt, cfg, stop_ids, on_tokens=None, mode=None):
 def main(cfg):
     import bench  # the harness: conversations, warm-up, the benchmark (bench.py imports this file)
     resolve(cfg)
-    if cfg.bench:
-        return bench.bench(cfg)
-    if (cfg.prompt is None) == (cfg.prompt_file is None):
+    if [cfg.prompt, cfg.prompt_file, cfg.bench].count(None) != 2:  # (--bench with a prompt: it would be ignored)
         raise BeagleError("give one of --prompt, --prompt-file or --bench")
+    if cfg.bench is not None:
+        return bench.bench(cfg)
     # [(user turns, category)]: each answer is carried into the next turn
     convs = [([cfg.prompt], "prompt")] if cfg.prompt is not None else common.read_prompt_file(cfg.prompt_file)
     target, tokenizer, draft = load(cfg)

@@ -2233,7 +2233,11 @@ MISUSE = [(script, argv, message) for script, cases in {  # script: [(argv, what
         ("--prompt-file missing.jsonl", "cannot read prompts"), ("--bench missing.jsonl", "cannot read prompts"),
         ("--bench b.jsonl --bench-out a_file", "--bench-out a_file is a file; give a directory"),
         ("--bench b.jsonl --bench-out a_file/x", "--bench-out a_file/x: a_file is a file, not a directory"),
-        ("--bench b.jsonl --bench-out taken", "--bench-out taken/bench.json is a directory")],
+        ("--bench b.jsonl --bench-out taken", "--bench-out taken/bench.json is a directory"),
+        (["--bench", "b.jsonl", "--bench-out", ""], "--bench-out is empty; give a directory"),
+        ("--bench b.jsonl --prompt hi", "give one of --prompt, --prompt-file or --bench"),  # (not: prompt ignored)
+        ("--bench b.jsonl --prompt-file b.jsonl", "give one of --prompt, --prompt-file or --bench"),
+        ("--prompt hi --draft taken", "taken is a directory; give a draft checkpoint, e.g. taken/draft.safetensors")],
     "generate.py": [
         ("--conversations 0", "--conversations must be >= 1, got 0"), ("--turns -1", "--turns must be >= 1"),
         ("--batch-size 0", "--batch-size must be >= 1, got 0"), ("--top-k -1", "--top-k must be >= 0"),
