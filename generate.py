@@ -316,6 +316,22 @@ def check_config(cfg):
     if cfg.compile not in ("", "default", "max-autotune-no-cudagraphs"):  # (the others make graphs of their own)
         raise BeagleError(f"--compile must be default or max-autotune-no-cudagraphs (or empty), got {cfg.compile!r}")
     common.check_output(cfg.out, "--out")
+    check_own(cfg.out)
+
+
+OWN = b'{"conversations": '  # how every line this script writes starts (json.dumps of its records)
+
+
+def check_own(path):
+    """An existing --out is continued (appended to, a half-written last line cut): it must hold lines this script
+    wrote, nothing else; a user's other file is refused, never cut nor appended to."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        bad = next((i for i, line in enumerate(f, 1) if line.strip() and not line.startswith(OWN)), None)
+    if bad is not None:
+        raise BeagleError(f"--out {path} exists and line {bad} is not one generate.py writes: give a new file "
+                          "(a restarted run continues only its own file)")
 
 
 def user_prefix(tokenizer, conv):
@@ -431,6 +447,10 @@ def generate_conversations(cfg, model, tokenizer, verbose=True, rank=0, world=1)
     # one cache size for every phase and turn (a bound on the longest prompt + cap; a longer one gets its own)
     header = len(tokenizer.chat([{"role": "user", "content": "x"}], add_generation_prompt=True))
     cache_len = cfg.turns * (header + cfg.max_user_tokens + cfg.max_reply_tokens)
+    if cache_len > model.args.max_seq_len:  # (a longer conversation would run past the positions RoPE knows)
+        raise BeagleError(f"--turns {cfg.turns} x ({header} template tokens + --max-user-tokens {cfg.max_user_tokens} "
+                          f"+ --max-reply-tokens {cfg.max_reply_tokens}) = {cache_len} tokens, more than the target's "
+                          f"context ({model.args.max_seq_len}): lower them")
     if rank == 0:
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     drops, barren = Counter(), 0

@@ -2248,7 +2248,10 @@ MISUSE = [(script, argv, message) for script, cases in {  # script: [(argv, what
         ("--compile reduce-overhead", "--compile must be default or max-autotune-no-cudagraphs"),
         ("--out taken", "--out taken is a directory; give a file name"),
         ("--out a_file/x.jsonl", "--out a_file/x.jsonl: a_file is a file, not a directory"),
-        ("--device foo", "--device must be auto, cpu, cuda or cuda:N")],
+        ("--device foo", "--device must be auto, cpu, cuda or cuda:N"),
+        (["--out", ""], "--out is empty; give a file name"),
+        ("--out a_file", "--out a_file exists and line 1 is not one generate.py writes"),  # (not cut, appended to)
+        ("--out latin1.txt", "--out latin1.txt exists and line 1 is not one generate.py writes")],
     "beagle.py": [
         (f"--draft {MISUSE_DRAFT} --out taken", "--out taken is a directory; give a file name"),
         (f"--draft {MISUSE_DRAFT} --out a_file/x.safetensors", "a_file is a file, not a directory"),
@@ -2303,7 +2306,8 @@ def test_misuse_real_entry_points(misuse_dir):
              (["beagle.py", "--draft", MISUSE_DRAFT, "--out", "taken"], "--out taken is a directory"),
              ("decode.py --prompt hi --mode ar --max-new-tokens 100000".split(), "longer than the context"),
              ("decode.py --prompt hi --draft-vocab 5 --top-k 10 --device cpu".split(),
-              "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)")]
+              "error: --top-k 10 must be in [1, 5], the draft's vocabulary (--draft-vocab)"),
+             ("generate.py --turns 20 --out g.jsonl --device cpu".split(), "more than the target's context (8192)")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, HERE / os.fsdecode(argv[0]), *argv[1:]], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv, _ in cases]
