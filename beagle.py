@@ -405,6 +405,12 @@ if __name__ == "__main__":
         if cfg.dtype not in DTYPES:
             raise BeagleError(f"--dtype must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})")
         check_output(cfg.out, "--out")  # before the ranking's minutes of tokenizing
+        if os.path.isfile(cfg.out) and os.path.getsize(cfg.out):  # replaced only if it is a draft too
+            try:
+                read_draft(cfg.out)
+            except BeagleError:
+                raise BeagleError(f"--out {cfg.out} exists and is not a draft checkpoint: give a new file "
+                                  "name") from None
         read_draft(cfg.draft)  # (likewise a wrong --draft)
         vocab = None
         if cfg.vocab_data:

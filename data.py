@@ -96,8 +96,13 @@ def norm_text(s):  # whitespace runs as one space: how first user turns and MT-b
 
 def _read_records(path):
     """-> (records, lines that are not JSON) of one ShareGPT JSON list or JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise BeagleError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
     if text.lstrip().startswith("["):  # one JSON list; else JSONL, one object per line (bad lines skipped)
         try:
             return json.loads(text), 0

@@ -2257,7 +2257,11 @@ MISUSE = [(script, argv, message) for script, cases in {  # script: [(argv, what
         (f"--draft {MISUSE_DRAFT} --out a_file/x.safetensors", "a_file is a file, not a directory"),
         (f"--draft {MISUSE_DRAFT} --out x.safetensors --dtype int8", "--dtype must be one of"),
         ("--draft missing.safetensors --out x.safetensors", "no draft checkpoint at missing.safetensors"),
-        (f"--draft {MISUSE_DRAFT} --out x.safetensors --vocab-data none.jsonl", "data file none.jsonl not found")],
+        (f"--draft {MISUSE_DRAFT} --out x.safetensors --vocab-data none.jsonl", "data file none.jsonl not found"),
+        (f"--draft {MISUSE_DRAFT} --out x.safetensors --vocab-data latin1.txt",
+         "latin1.txt:1: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
+        (f"--draft {MISUSE_DRAFT} --out a_file", "--out a_file exists and is not a draft checkpoint"),
+        ("--draft taken --out x.safetensors", "taken is a directory; give a draft checkpoint")],
     "train.py": [
         ("--batch-size 0", "--batch-size must be >= 1, got 0"), ("--stage 3", "need --stage 1|2"),
         ("--lr -1", "--lr must be a finite number >= 0, got -1.0"),
