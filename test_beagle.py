@@ -1074,6 +1074,8 @@ def test_train_cli_end_to_end(real, tmp_path):
     raises([((train.TrainConfig(target=target, data=data_path, out=str(tmp_path / "s3"), stage=2,
                                 init="nowhere.safetensors", device="cpu", progress=False),),
              "no draft checkpoint at nowhere.safetensors"),
+            ((train.TrainConfig(target=target, data=data_path, out=str(tmp_path / "s4"), window=500, device="cpu",
+                                progress=False),), "--window 500 is longer than the longest example"),  # (k x k evals)
             ((train.TrainConfig(stage=2, sim_steps=4, window=3),), "--sim-steps")], train.main)
     train.check_config(train.TrainConfig(stage=1, window=1))  # stage 1 ignores --sim-steps (k = 1: next token only)
 
@@ -2271,11 +2273,18 @@ MISUSE = [(script, argv, message) for script, cases in {  # script: [(argv, what
         ("--schedule linear", "--schedule must be constant | cosine (got 'linear')"),
         ("--draft eagle2", "--draft eagle2 trains next-token only, as EAGLE-2 does: give --stage 1 --window 1"),
         ("--out a_file", "--out a_file is a file; give a directory"),
+        (["--out", ""], "--out is empty; give a directory"),
+        ("--grad-clip 0", "--grad-clip must be > 0"),  # (clipping to 0 zeroes every gradient)
+        ("--state-cache a_file", "--state-cache a_file is a file; give a directory"),
+        ("--out taken --resume", "--resume: no taken/state.pt to resume from"),
+        ("--stage 2 --init taken", "--init taken is a directory; give a draft checkpoint, e.g. taken/draft"),
+        ("--stage 2 --init missing.safetensors", "--init: no draft checkpoint at missing.safetensors"),
         ("--device foo", "--device must be auto, cpu, cuda or cuda:N")],
     "convert.py": [
         ("--convert missing.gguf --out x", "missing.gguf: no such file"),
         ("--convert DEFAULT_GGUF --out a_file", "--out a_file is a file; give a directory"),
-        ("--convert DEFAULT_GGUF --out taken", "taken already exists and is not empty")],
+        ("--convert DEFAULT_GGUF --out taken", "taken already exists and is not empty"),
+        ("--out x", "give --convert FILE.gguf --out DIR")],
 }.items() for argv, message in cases]
 
 

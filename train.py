@@ -404,7 +404,18 @@ def check_config(cfg):
         if not math.isfinite(value) or value < 0 or (name == "eval_frac" and value >= 1):
             raise BeagleError(f"--{name.replace('_', '-')} must be a finite number "
                               + ("in [0, 1)" if name == "eval_frac" else ">= 0") + f", got {value}")
+    if cfg.grad_clip == 0:  # clip_grad_norm_ to 0 zeroes every gradient: nothing would be learned
+        raise BeagleError("--grad-clip must be > 0 (the largest gradient norm a step applies), got 0.0")
     check_output(cfg.out, "--out", directory=True)
+    if cfg.state_cache not in ("", "memory"):
+        check_output(cfg.state_cache, "--state-cache", directory=True)
+    if cfg.resume and not os.path.exists(os.path.join(cfg.out, "state.pt")):
+        raise BeagleError(f"--resume: no {os.path.join(cfg.out, 'state.pt')} to resume from")
+    if cfg.init and os.path.isdir(cfg.init):  # (a run's directory: its draft is a file in it)
+        raise BeagleError(f"--init {cfg.init} is a directory; give a draft checkpoint, e.g. "
+                          f"{os.path.join(cfg.init, 'draft.safetensors')}")
+    if cfg.init and not os.path.isfile(cfg.init):
+        raise BeagleError(f"--init: no draft checkpoint at {cfg.init}")
     if cfg.stage == 2 and not cfg.init and not cfg.resume:
         print("warning: stage 2 without --init starts from a random draft (the paper starts from stage 1)")
 
@@ -505,6 +516,10 @@ def train(cfg, target, tokenizer, device="cpu", rank=0, world=1):
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     examples = data.tokenize_all(tokenizer, data.load_conversations(cfg.data, verbose=master), cfg.max_len,
                                  verbose=master)
+    longest = max(len(ids) for ids, _ in examples)
+    if cfg.window > longest:  # (its draft steps past the longest example: never trained, evaluated k x k times)
+        raise BeagleError(f"--window {cfg.window} is longer than the longest example ({longest} tokens): its last "
+                          "draft steps would never be trained; make it shorter (5: the default)")
     train_ex, eval_ex = data.split(examples, cfg.eval_frac, cfg.seed, cfg.eval_min)
     seen_ex = train_ex[:max(len(eval_ex), 16)]  # scored like the held-out split: the gap shows memorisation
     prompts = first_prompts(eval_ex, cfg.tau_prompts)
