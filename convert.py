@@ -359,7 +359,7 @@ def load_target(path=None, device="cpu", dtype=torch.float32, template=None):
 if __name__ == "__main__":
     cfg = cli(ConvertConfig)
     if not cfg.convert or not cfg.out:
-        sys.exit("usage: python convert.py --convert FILE.gguf --out DIR")
+        sys.exit("error: give --convert FILE.gguf --out DIR")
     try:
         print(f"wrote {convert_gguf(cfg.convert, cfg.out)}")
     except BeagleError as e:
